@@ -1,0 +1,69 @@
+"""Provider metadata read by Airflow's ProvidersManager (entry point ``apache_airflow_provider``).
+
+Kept free of imports so Airflow can list the provider without importing it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-flux",
+        "name": "FLUX (fal)",
+        "description": "Generate images with FLUX.1 Kontext [pro] on fal's queue API and copy them to S3.",
+        "versions": ["0.1.0"],
+        "integrations": [
+            {
+                "integration-name": "FLUX (fal)",
+                "external-doc-url": "https://fal.ai/models/fal-ai/flux-pro/kontext/text-to-image",
+                "tags": ["software"],
+            }
+        ],
+        "hooks": [{"integration-name": "FLUX (fal)", "python-modules": ["airflow_flux.hooks.flux"]}],
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_flux.hooks.flux.FluxHook",
+                "hook-name": "FLUX (fal queue API)",
+                "connection-type": "flux",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "login"],
+                    "relabeling": {"host": "Base URL", "password": "API token"},
+                    "placeholders": {
+                        "host": "https://queue.fal.run (fal direct) or your aggregator's base URL",
+                        "password": "fal key, or the aggregator's bearer token",
+                    },
+                },
+                "conn-fields": {
+                    "auth_scheme": {
+                        "label": "Auth scheme",
+                        "description": "'Key' for fal's own hosts, 'Bearer' for aggregators. "
+                        "Default: Key on *.fal.run, Bearer elsewhere.",
+                        "schema": {"type": ["string", "null"], "enum": ["Key", "Bearer", None]},
+                    },
+                    "endpoint": {
+                        "label": "Endpoint",
+                        "description": "fal model path. Default: fal-ai/flux-pro/kontext/text-to-image.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "rebase_urls": {
+                        "label": "Re-base returned URLs",
+                        "description": "Rewrite the status/result/cancel URLs the API returns onto this "
+                        "connection's base URL (aggregators). Default: on for non-fal hosts.",
+                        "schema": {"type": ["boolean", "null"]},
+                    },
+                    "trusted_hosts": {
+                        "label": "Trusted hosts",
+                        "description": "Extra hosts (comma separated) that may receive the token.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "timeout": {
+                        "label": "Timeout (s)",
+                        "description": "Timeout of one HTTP call, in seconds. Default: 60.",
+                        "schema": {"type": ["number", "null"]},
+                    },
+                },
+            }
+        ],
+    }

@@ -1,0 +1,767 @@
+"""FluxHook: the provider's only HTTP client of fal's queue API.
+
+Sync methods (requests) serve workers; ``a``-prefixed twins (aiohttp) serve the
+triggerer and never block its event loop. Both go through the same URL guard (the token
+is only ever sent to the connection's host and its ``trusted_hosts``), the same error
+parsing and the same :class:`~airflow_flux.hooks.retry.RetryPolicy`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from airflow.sdk import BaseHook
+from pydantic import BaseModel, ValidationError
+
+from airflow_flux.exceptions import (
+    FluxAPIError,
+    FluxAuthError,
+    FluxConfigError,
+    FluxError,
+    FluxResultExpiredError,
+    FluxTransportError,
+    FluxUntrustedURLError,
+)
+from airflow_flux.hooks.retry import RetryPolicy, is_retryable_status, parse_retry_after
+from airflow_flux.models import (
+    KONTEXT_TEXT_TO_IMAGE,
+    FluxRequestHandle,
+    FluxResult,
+    FluxStatus,
+    build_payload,
+)
+
+if TYPE_CHECKING:
+    import aiohttp
+    import requests
+    from airflow.sdk import Connection
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://queue.fal.run"
+#: fal's own queue hosts: a connection on one of them uses ``Key`` auth and trusts both.
+FAL_QUEUE_HOSTS: frozenset[str] = frozenset({"queue.fal.run", "queue.falrun.com"})
+DEFAULT_TIMEOUT = 60.0
+#: fal pings an SSE stream every 15 s; a stream silent for much longer than that is dead.
+STREAM_READ_TIMEOUT = 60.0
+_MAX_DETAIL_CHARS = 1000
+
+HandleLike = FluxRequestHandle | Mapping[str, Any] | str
+
+
+def _is_fal_host(hostname: str) -> bool:
+    return hostname in FAL_QUEUE_HOSTS or hostname.endswith((".fal.run", ".falrun.com"))
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    return bool(value)
+
+
+def _host_key(url: str) -> tuple[str, int | None]:
+    parts = urlsplit(url)
+    return (parts.hostname or "").lower(), parts.port
+
+
+@dataclass(frozen=True)
+class FluxConnectionSettings:
+    """Everything the hook needs from a ``flux`` connection, resolved once.
+
+    Build it with :meth:`from_connection`; ``token`` is excluded from ``repr`` so the
+    settings can be logged.
+    """
+
+    base_url: str
+    token: str = field(repr=False)
+    auth_scheme: str
+    endpoint: str
+    rebase_urls: bool
+    trusted_hosts: frozenset[str]
+    timeout: float
+
+    @classmethod
+    def from_connection(cls, conn: Connection) -> FluxConnectionSettings:
+        extra = conn.extra_dejson or {}
+
+        def opt(name: str, default: Any = None) -> Any:
+            # The connection form stores declarative fields with or without the prefix.
+            for key in (name, f"extra__flux__{name}"):
+                if extra.get(key) not in (None, ""):
+                    return extra[key]
+            return default
+
+        base_url = cls._base_url(conn)
+        hostname = (urlsplit(base_url).hostname or "").lower()
+        fal = _is_fal_host(hostname)
+
+        scheme = str(opt("auth_scheme", "Key" if fal else "Bearer")).strip()
+        normalized = {"key": "Key", "bearer": "Bearer"}.get(scheme.lower())
+        if normalized is None:
+            raise FluxConfigError(
+                f"Connection {conn.conn_id!r}: extra auth_scheme must be 'Bearer' or 'Key', got {scheme!r}"
+            )
+
+        trusted = opt("trusted_hosts", [])
+        if isinstance(trusted, str):
+            trusted = [h for h in trusted.replace(",", " ").split() if h]
+        hosts = {urlsplit(base_url).netloc.lower()}
+        if fal:
+            hosts |= FAL_QUEUE_HOSTS
+        hosts |= {str(h).strip().lower() for h in trusted}
+
+        try:
+            timeout = float(opt("timeout", DEFAULT_TIMEOUT))
+        except (TypeError, ValueError):
+            raise FluxConfigError(f"Connection {conn.conn_id!r}: extra timeout must be a number of seconds") from None
+
+        return cls(
+            base_url=base_url,
+            token=conn.password or "",
+            auth_scheme=normalized,
+            endpoint=str(opt("endpoint", KONTEXT_TEXT_TO_IMAGE)).strip("/"),
+            rebase_urls=_as_bool(opt("rebase_urls", not fal)),
+            trusted_hosts=frozenset(hosts),
+            timeout=timeout,
+        )
+
+    @staticmethod
+    def _base_url(conn: Connection) -> str:
+        host = (conn.host or "").strip()
+        if not host:
+            return DEFAULT_BASE_URL
+        if "://" not in host:
+            # URI-style connections split the URL: rebuild it (schema carries the scheme,
+            # as in the http provider).
+            scheme = (conn.schema or "https").strip()
+            host = f"{scheme}://{host}" + (f":{conn.port}" if conn.port else "")
+        parts = urlsplit(host)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FluxConfigError(f"Connection {conn.conn_id!r}: host must be an http(s) base URL, got {host!r}")
+        return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"{self.auth_scheme} {self.token}", "Accept": "application/json"}
+
+    def is_trusted(self, url: str) -> bool:
+        parts = urlsplit(url)
+        base = urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https"):
+            return False
+        # Never downgrade to plain http on a host the base reaches over https.
+        if parts.scheme == "http" and base.scheme == "https":
+            return False
+        hostname, port = _host_key(url)
+        return parts.netloc.lower() in self.trusted_hosts or (port is None and hostname in self.trusted_hosts)
+
+    def rebase(self, url: str) -> str:
+        """Move ``url`` onto the connection's base URL, keeping path and query."""
+        parts = urlsplit(url)
+        base = urlsplit(self.base_url)
+        path = parts.path
+        if base.path and not (parts.netloc.lower() == base.netloc.lower() and path.startswith(base.path + "/")):
+            path = base.path + path
+        return urlunsplit((base.scheme, base.netloc, path, parts.query, ""))
+
+    def resolve(self, url: str) -> str:
+        """The URL to call with the token, or :class:`FluxUntrustedURLError`.
+
+        With ``rebase_urls`` every returned URL is re-based (aggregators return fal's
+        hosts and ask callers to rewrite them); without it, a URL on an untrusted host is
+        refused rather than called, so the token cannot leak there.
+        """
+        if self.rebase_urls:
+            return self.rebase(url)
+        if not self.is_trusted(url):
+            host = urlsplit(url).netloc or url
+            raise FluxUntrustedURLError(
+                f"Refusing to send the API token to {host!r}: it is not the connection's host "
+                f"({urlsplit(self.base_url).netloc}) nor in its trusted_hosts. Set extra "
+                "'rebase_urls': true for an aggregator, or add the host to 'trusted_hosts'."
+            )
+        return url
+
+
+class FluxHook(BaseHook):
+    """Talks to fal's queue API (or an aggregator reselling it) for FLUX.1 Kontext [pro].
+
+    The connection's ``host`` is the base URL (default ``https://queue.fal.run``),
+    ``password`` the API token; ``extra`` may set ``auth_scheme`` (``Key`` | ``Bearer``),
+    ``endpoint``, ``rebase_urls``, ``trusted_hosts`` and ``timeout``.
+
+    :param flux_conn_id: the ``flux`` connection to use.
+    :param retry_policy: overrides the default :class:`RetryPolicy`.
+    """
+
+    conn_name_attr = "flux_conn_id"
+    default_conn_name = "flux_default"
+    conn_type = "flux"
+    hook_name = "FLUX (fal queue API)"
+
+    def __init__(
+        self,
+        flux_conn_id: str = default_conn_name,
+        *,
+        retry_policy: RetryPolicy | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.flux_conn_id = flux_conn_id
+        self.retry_policy = retry_policy or RetryPolicy()
+        self._asettings: FluxConnectionSettings | None = None
+        self._asession: aiohttp.ClientSession | None = None
+
+    # -- connection -----------------------------------------------------------------
+
+    @cached_property
+    def settings(self) -> FluxConnectionSettings:
+        """Settings of the connection, read with the sync API (workers only)."""
+        settings = FluxConnectionSettings.from_connection(self.get_connection(self.flux_conn_id))
+        if settings.token:
+            from airflow.sdk.log import mask_secret
+
+            mask_secret(settings.token)
+        return settings
+
+    async def aget_settings(self) -> FluxConnectionSettings:
+        """Settings of the connection, read without blocking the event loop (triggerer)."""
+        if self._asettings is None:
+            conn = await BaseHook.aget_connection(self.flux_conn_id)
+            settings = FluxConnectionSettings.from_connection(conn)
+            if settings.token:
+                from airflow.sdk.log import amask_secret
+
+                await amask_secret(settings.token)
+            self._asettings = settings
+        return self._asettings
+
+    def get_conn(self) -> requests.Session:
+        """The requests session used for sync calls."""
+        return self._session
+
+    @cached_property
+    def _session(self) -> requests.Session:
+        import requests
+        from requests.adapters import HTTPAdapter
+
+        session = requests.Session()
+        # Retries are the RetryPolicy's job: keep urllib3's own retries out of the way.
+        session.mount("https://", HTTPAdapter(max_retries=0))
+        session.mount("http://", HTTPAdapter(max_retries=0))
+        return session
+
+    def resolve_handle(self, handle: HandleLike) -> FluxRequestHandle:
+        """A full handle from a handle, a dict or a bare request id (URLs built from the connection)."""
+        return self._handle(handle, self.settings)
+
+    # -- helpers shared by sync and async ---------------------------------------------
+
+    def _handle(self, handle: HandleLike, settings: FluxConnectionSettings) -> FluxRequestHandle:
+        if isinstance(handle, FluxRequestHandle):
+            return handle
+        if isinstance(handle, str):
+            return FluxRequestHandle.for_request_id(handle, base_url=settings.base_url, endpoint=settings.endpoint)
+        data = dict(handle)
+        if not data.get("status_url") and data.get("request_id"):
+            endpoint = data.get("endpoint") or settings.endpoint
+            return FluxRequestHandle.for_request_id(
+                str(data["request_id"]), base_url=settings.base_url, endpoint=endpoint
+            )
+        try:
+            return FluxRequestHandle.model_validate(data)
+        except ValidationError as exc:
+            raise FluxError(
+                f"Not a FLUX request handle (needs request_id and its URLs): {exc.errors(include_url=False)}"
+            ) from None
+
+    @staticmethod
+    def _parse_json(raw: bytes) -> Any:
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return None
+
+    def _check(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        raw: bytes,
+        *,
+        what: str,
+        request_id: str | None,
+        retry_malformed: bool,
+    ) -> Any:
+        """Return the JSON body of a successful response or raise the typed API error."""
+        body = self._parse_json(raw)
+        if 200 <= status < 300:
+            if raw and body is None:
+                raise FluxAPIError(
+                    f"{what}: the API answered HTTP {status} with a body that is not valid JSON",
+                    status_code=status,
+                    request_id=request_id,
+                    retryable=retry_malformed,
+                )
+            return body
+        raise self._error(status, headers, body, raw, what=what, request_id=request_id)
+
+    @staticmethod
+    def _error(
+        status: int,
+        headers: Mapping[str, str],
+        body: Any,
+        raw: bytes,
+        *,
+        what: str,
+        request_id: str | None,
+    ) -> FluxAPIError:
+        detail: str | None = None
+        error_type = headers.get("X-Fal-Error-Type")
+        if isinstance(body, Mapping):
+            raw_detail = body.get("detail", body.get("error", body.get("status")))
+            error_type = body.get("error_type") or error_type
+            if isinstance(raw_detail, list):
+                # fal's validation errors: [{"loc": [...], "msg": ..., "type": ...}, ...]
+                parts = []
+                for item in raw_detail:
+                    if isinstance(item, Mapping):
+                        loc = [str(p) for p in item.get("loc", []) if p != "body"]
+                        parts.append(f"{'.'.join(loc) or 'request'}: {item.get('msg', '')}".strip())
+                        error_type = error_type or item.get("type")
+                    else:
+                        parts.append(str(item))
+                detail = "; ".join(parts)
+            elif raw_detail is not None:
+                detail = str(raw_detail)
+        elif raw:
+            detail = raw[:_MAX_DETAIL_CHARS].decode("utf-8", "replace")
+        if detail and len(detail) > _MAX_DETAIL_CHARS:
+            detail = detail[:_MAX_DETAIL_CHARS] + "..."
+
+        retryable = is_retryable_status(status, headers)
+        retry_after = parse_retry_after(headers.get("Retry-After")) if retryable else None
+        message = f"{what} failed: HTTP {status}"
+        if error_type:
+            message += f" ({error_type})"
+        if detail:
+            message += f": {detail}"
+        if request_id:
+            message += f" [request_id={request_id}]"
+
+        cls: type[FluxAPIError] = FluxAPIError
+        if status in (401, 403):
+            cls = FluxAuthError
+        return cls(
+            message,
+            status_code=status,
+            detail=detail,
+            error_type=error_type,
+            request_id=request_id,
+            retryable=retryable,
+            retry_after=retry_after,
+            body=body,
+        )
+
+    @staticmethod
+    def _result_error(exc: FluxAPIError, handle: FluxRequestHandle) -> FluxAPIError:
+        # A 404 for a request we hold the handle of means fal dropped the result: it keeps
+        # results for one hour after completion only.
+        if exc.status_code == 404:
+            return FluxResultExpiredError(
+                f"The result of request {handle.request_id} is no longer available (HTTP 404): fal keeps "
+                "results for 1 hour after completion (6 minutes for results of 10 KB or more). "
+                "Fetch results as soon as requests complete.",
+                status_code=404,
+                detail=exc.detail,
+                error_type=exc.error_type or "result_expired",
+                request_id=handle.request_id,
+            )
+        return exc
+
+    @staticmethod
+    def _parse_handle(body: Any, settings: FluxConnectionSettings, endpoint: str) -> FluxRequestHandle:
+        if not isinstance(body, Mapping) or not body.get("request_id"):
+            raise FluxAPIError(
+                f"Submit to {endpoint}: the API's answer has no request_id: {str(body)[:_MAX_DETAIL_CHARS]}",
+                status_code=200,
+            )
+        request_id = str(body["request_id"])
+        handle = FluxRequestHandle.for_request_id(request_id, base_url=settings.base_url, endpoint=endpoint)
+        # Keep the API's own URLs when it gives them (re-based when so configured), so a
+        # handle in XCom is what later calls use; fall back to the built ones.
+        urls = {}
+        for key in ("status_url", "response_url", "cancel_url"):
+            url = body.get(key) or getattr(handle, key)
+            urls[key] = settings.rebase(url) if settings.rebase_urls else url
+        return FluxRequestHandle(request_id=request_id, endpoint=endpoint, **urls)
+
+    # -- sync API (workers) --------------------------------------------------------------
+
+    def _call(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        request_id: str | None = None,
+        json_body: Any = None,
+        params: Mapping[str, str] | None = None,
+        idempotent: bool = True,
+    ) -> Any:
+        import requests
+
+        settings = self.settings
+        target = settings.resolve(url)
+
+        def attempt() -> Any:
+            try:
+                resp = self._session.request(
+                    method,
+                    target,
+                    json=json_body,
+                    params=params,
+                    headers=settings.headers,
+                    timeout=settings.timeout,
+                    # A redirect could carry the token elsewhere: treat it as an error.
+                    allow_redirects=False,
+                )
+            except requests.ConnectionError as exc:
+                # Connection refused/reset: the request may not have arrived; retry only
+                # where repeating it cannot pay twice (or where it never left: connect errors).
+                raise self._transport_error(what, exc, request_id, idempotent or _connect_failed(exc)) from exc
+            except requests.Timeout as exc:
+                raise self._transport_error(
+                    what, exc, request_id, idempotent or isinstance(exc, requests.ConnectTimeout)
+                ) from exc
+            return self._check(
+                resp.status_code,
+                resp.headers,
+                resp.content,
+                what=what,
+                request_id=request_id,
+                retry_malformed=idempotent,
+            )
+
+        return self.retry_policy.retrying()(attempt)
+
+    @staticmethod
+    def _transport_error(what: str, exc: BaseException, request_id: str | None, retryable: bool) -> FluxTransportError:
+        err = FluxTransportError(
+            f"{what}: could not reach the API ({type(exc).__name__}: {exc})", request_id=request_id
+        )
+        err.retryable = retryable
+        return err
+
+    def submit(
+        self,
+        request: BaseModel | Mapping[str, Any],
+        *,
+        endpoint: str | None = None,
+        webhook_url: str | None = None,
+    ) -> FluxRequestHandle:
+        """Validate ``request`` and queue it; return the handle of the new request.
+
+        :param request: a request model or a plain mapping, validated the same way first.
+        :param endpoint: fal model path; defaults to the connection's ``endpoint``.
+        :param webhook_url: optional ``fal_webhook`` to notify on completion.
+        :raises FluxValidationError: before any call, when the request is invalid.
+        """
+        settings = self.settings
+        endpoint = (endpoint or settings.endpoint).strip("/")
+        payload = build_payload(request, endpoint)
+        body = self._call(
+            "POST",
+            f"{settings.base_url}/{endpoint}",
+            what=f"Submit to {endpoint}",
+            json_body=payload,
+            params={"fal_webhook": webhook_url} if webhook_url else None,
+            # Not idempotent: a resend after an ambiguous failure could pay for two images.
+            idempotent=False,
+        )
+        handle = self._parse_handle(body, settings, endpoint)
+        log.info("Submitted FLUX request %s to %s", handle.request_id, endpoint)
+        return handle
+
+    def get_status(self, handle: HandleLike, *, logs: bool = True) -> FluxStatus:
+        """Current status of a request (``IN_QUEUE``, ``IN_PROGRESS`` or ``COMPLETED``)."""
+        h = self._handle(handle, self.settings)
+        body = self._call(
+            "GET", h.status_url, what="Status check", request_id=h.request_id, params={"logs": "1" if logs else "0"}
+        )
+        return self._parse_status(body, h)
+
+    def get_result(self, handle: HandleLike) -> FluxResult:
+        """The result of a completed request (images, seed, NSFW flags, timings)."""
+        h = self._handle(handle, self.settings)
+        try:
+            body = self._call("GET", h.response_url, what="Fetching the result", request_id=h.request_id)
+        except FluxAPIError as exc:
+            raise self._result_error(exc, h) from None
+        return self._parse_result(body, h)
+
+    def cancel(self, handle: HandleLike) -> str:
+        """Ask the API to cancel a request; returns ``CANCELLATION_REQUESTED``,
+        ``ALREADY_COMPLETED`` or ``NOT_FOUND``.
+        """
+        h = self._handle(handle, self.settings)
+        try:
+            body = self._call("PUT", h.cancel_url, what="Cancel", request_id=h.request_id)
+        except FluxAPIError as exc:
+            return self._cancel_outcome(exc, h)
+        return str((body or {}).get("status", "CANCELLATION_REQUESTED"))
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Make one cheap authenticated call and say whether the token was accepted.
+
+        Asks for the status of a request id that cannot exist: an accepted token gets
+        "not found" (or another non-auth answer), a refused one gets 401/403.
+        """
+        try:
+            settings = self.settings
+            probe = FluxRequestHandle.for_request_id(
+                "00000000-0000-0000-0000-000000000000", base_url=settings.base_url, endpoint=settings.endpoint
+            )
+            self._call("GET", probe.status_url, what="Connection test")
+        except FluxAuthError as exc:
+            return False, f"The API at {self.settings.base_url} refused the token: {exc}"
+        except FluxTransportError as exc:
+            return False, str(exc)
+        except FluxAPIError as exc:
+            if exc.status_code < 500:
+                return True, f"Token accepted by {self.settings.base_url} (probe answered HTTP {exc.status_code})."
+            return False, str(exc)
+        except FluxError as exc:
+            return False, str(exc)
+        return True, f"Token accepted by {self.settings.base_url}."
+
+    # -- parsing shared by sync and async ---------------------------------------------------
+
+    @staticmethod
+    def _parse_status(body: Any, h: FluxRequestHandle) -> FluxStatus:
+        try:
+            return FluxStatus.model_validate(body)
+        except ValidationError:
+            raise FluxAPIError(
+                f"Status check: unexpected answer from the API: {str(body)[:_MAX_DETAIL_CHARS]}",
+                status_code=200,
+                request_id=h.request_id,
+                retryable=True,
+            ) from None
+
+    @staticmethod
+    def _parse_result(body: Any, h: FluxRequestHandle) -> FluxResult:
+        try:
+            result = FluxResult.model_validate(body)
+        except ValidationError as exc:
+            raise FluxAPIError(
+                f"Fetching the result: unexpected answer from the API: {exc.errors(include_url=False)}",
+                status_code=200,
+                request_id=h.request_id,
+            ) from None
+        if result.request_id is None:
+            result = result.model_copy(update={"request_id": h.request_id})
+        return result
+
+    @staticmethod
+    def _cancel_outcome(exc: FluxAPIError, h: FluxRequestHandle) -> str:
+        # 400 ALREADY_COMPLETED / 404 NOT_FOUND are answers, not failures of the call.
+        if exc.status_code in (400, 404) and isinstance(exc.body, Mapping) and exc.body.get("status"):
+            return str(exc.body["status"])
+        raise exc
+
+    # -- async API (triggerer) ----------------------------------------------------------
+
+    async def __aenter__(self) -> FluxHook:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the aiohttp session, if one was opened."""
+        if self._asession is not None and not self._asession.closed:
+            await self._asession.close()
+        self._asession = None
+
+    async def _aget_session(self) -> aiohttp.ClientSession:
+        import aiohttp
+
+        if self._asession is None or self._asession.closed:
+            self._asession = aiohttp.ClientSession()
+        return self._asession
+
+    async def _acall(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        request_id: str | None = None,
+        json_body: Any = None,
+        params: Mapping[str, str] | None = None,
+        idempotent: bool = True,
+    ) -> Any:
+        import asyncio
+
+        import aiohttp
+
+        settings = await self.aget_settings()
+        target = settings.resolve(url)
+        session = await self._aget_session()
+        timeout = aiohttp.ClientTimeout(total=settings.timeout)
+
+        async def attempt() -> Any:
+            try:
+                async with session.request(
+                    method,
+                    target,
+                    json=json_body,
+                    params=params,
+                    headers=settings.headers,
+                    timeout=timeout,
+                    allow_redirects=False,
+                ) as resp:
+                    raw = await resp.read()
+                    return self._check(
+                        resp.status, resp.headers, raw, what=what, request_id=request_id, retry_malformed=idempotent
+                    )
+            except aiohttp.ClientConnectorError as exc:
+                raise self._transport_error(what, exc, request_id, True) from exc
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise self._transport_error(what, exc, request_id, idempotent) from exc
+
+        return await self.retry_policy.aretrying()(attempt)
+
+    async def asubmit(
+        self, request: BaseModel | Mapping[str, Any], *, endpoint: str | None = None, webhook_url: str | None = None
+    ) -> FluxRequestHandle:
+        """Async twin of :meth:`submit`."""
+        settings = await self.aget_settings()
+        endpoint = (endpoint or settings.endpoint).strip("/")
+        payload = build_payload(request, endpoint)
+        body = await self._acall(
+            "POST",
+            f"{settings.base_url}/{endpoint}",
+            what=f"Submit to {endpoint}",
+            json_body=payload,
+            params={"fal_webhook": webhook_url} if webhook_url else None,
+            idempotent=False,
+        )
+        return self._parse_handle(body, settings, endpoint)
+
+    async def aget_status(self, handle: HandleLike, *, logs: bool = True) -> FluxStatus:
+        """Async twin of :meth:`get_status`."""
+        h = self._handle(handle, await self.aget_settings())
+        body = await self._acall(
+            "GET", h.status_url, what="Status check", request_id=h.request_id, params={"logs": "1" if logs else "0"}
+        )
+        return self._parse_status(body, h)
+
+    async def aget_result(self, handle: HandleLike) -> FluxResult:
+        """Async twin of :meth:`get_result`."""
+        h = self._handle(handle, await self.aget_settings())
+        try:
+            body = await self._acall("GET", h.response_url, what="Fetching the result", request_id=h.request_id)
+        except FluxAPIError as exc:
+            raise self._result_error(exc, h) from None
+        return self._parse_result(body, h)
+
+    async def acancel(self, handle: HandleLike) -> str:
+        """Async twin of :meth:`cancel`."""
+        h = self._handle(handle, await self.aget_settings())
+        try:
+            body = await self._acall("PUT", h.cancel_url, what="Cancel", request_id=h.request_id)
+        except FluxAPIError as exc:
+            return self._cancel_outcome(exc, h)
+        return str((body or {}).get("status", "CANCELLATION_REQUESTED"))
+
+    async def astream_status(self, handle: HandleLike, *, logs: bool = True) -> AsyncIterator[FluxStatus]:
+        """Follow a request over Server-Sent Events (``{status_url}/stream``).
+
+        Yields each status the API pushes and returns after ``COMPLETED``. Opening the
+        stream follows the retry policy; a refusal (e.g. an aggregator that does not proxy
+        SSE) raises :class:`FluxAPIError` and a stream that ends or stalls before
+        ``COMPLETED`` raises :class:`FluxTransportError`, so the caller can fall back to polling.
+        """
+        import asyncio
+
+        import aiohttp
+
+        settings = await self.aget_settings()
+        h = self._handle(handle, settings)
+        target = settings.resolve(h.status_url.rstrip("/") + "/stream")
+        session = await self._aget_session()
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.timeout, sock_read=STREAM_READ_TIMEOUT)
+        what = "Status stream"
+
+        async def open_stream() -> aiohttp.ClientResponse:
+            try:
+                resp = await session.get(
+                    target,
+                    params={"logs": "1" if logs else "0"},
+                    headers={**settings.headers, "Accept": "text/event-stream"},
+                    timeout=timeout,
+                    allow_redirects=False,
+                )
+            except aiohttp.ClientConnectorError as exc:
+                raise self._transport_error(what, exc, h.request_id, True) from exc
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise self._transport_error(what, exc, h.request_id, True) from exc
+            if resp.status != 200 or not resp.content_type.startswith("text/event-stream"):
+                raw = await resp.read()
+                resp.release()
+                if 200 <= resp.status < 300:
+                    raise FluxAPIError(
+                        f"{what}: the API answered {resp.content_type or 'no content type'}, not an event stream",
+                        status_code=resp.status,
+                        request_id=h.request_id,
+                    )
+                raise self._error(
+                    resp.status, resp.headers, self._parse_json(raw), raw, what=what, request_id=h.request_id
+                )
+            return resp
+
+        resp: aiohttp.ClientResponse = await self.retry_policy.aretrying()(open_stream)
+        try:
+            data: list[str] = []
+            try:
+                async for raw_line in resp.content:
+                    line = raw_line.decode("utf-8", "replace").rstrip("\r\n")
+                    if line.startswith(":"):
+                        continue  # comment (fal's ": ping" keep-alive)
+                    if line.startswith("data:"):
+                        data.append(line[5:].lstrip(" "))
+                        continue
+                    if line or not data:
+                        continue  # other fields (event:, id:, retry:) are unused by fal
+                    event, data = "\n".join(data), []
+                    try:
+                        status = FluxStatus.model_validate_json(event)
+                    except ValidationError:
+                        log.warning("Ignoring a malformed event on the status stream of %s", h.request_id)
+                        continue
+                    yield status
+                    if status.is_completed:
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise self._transport_error(what, exc, h.request_id, True) from exc
+            raise FluxTransportError(f"{what}: the stream ended before the request completed", request_id=h.request_id)
+        finally:
+            # close(), not release(): an unfinished event stream must not go back to the pool.
+            resp.close()
+
+
+def _connect_failed(exc: BaseException) -> bool:
+    """Whether a requests ConnectionError happened before anything was sent."""
+    import requests
+
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    text = repr(exc)
+    return "NewConnectionError" in text or "NameResolutionError" in text or "Connection refused" in text

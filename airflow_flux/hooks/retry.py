@@ -1,0 +1,107 @@
+"""The one retry policy of every API call, sync and async.
+
+Built on tenacity so both paths share the same stop/wait/predicate objects. What is worth
+retrying follows fal's documented behaviour: transport failures and 408, 409, 429, 502,
+503, 504 are transient; a 504 whose ``X-Fal-Request-Timeout-Type`` is ``user`` means the
+caller's own start deadline passed and is final; every other 4xx is final.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from time import time
+from typing import TYPE_CHECKING, Any
+
+import tenacity
+
+from airflow_flux.exceptions import FluxAPIError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS: frozenset[int] = frozenset({408, 409, 429, 502, 503, 504})
+
+
+def is_retryable_status(status: int, headers: Mapping[str, str]) -> bool:
+    """Whether a response with this status (and headers) is worth another attempt."""
+    if status == 504 and headers.get("X-Fal-Request-Timeout-Type", "").lower() == "user":
+        return False
+    return status in RETRYABLE_STATUS
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds or HTTP date), or None when absent/garbled."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time())
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff with jitter, honouring ``Retry-After``.
+
+    :param max_attempts: attempts in all, the first included.
+    :param initial_wait: first backoff, doubled each attempt (before jitter).
+    :param max_wait: cap of one backoff.
+    :param max_total: no new attempt starts when it would begin later than this many
+        seconds after the first one.
+    :param max_retry_after: cap on a server's ``Retry-After`` so a bad header cannot park a task.
+    """
+
+    max_attempts: int = 5
+    initial_wait: float = 0.5
+    max_wait: float = 20.0
+    max_total: float = 120.0
+    max_retry_after: float = 60.0
+
+    def should_retry(self, exc: BaseException) -> bool:
+        return isinstance(exc, FluxAPIError) and exc.retryable
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, FluxAPIError) and exc.retry_after is not None:
+            # The server said when to come back: do exactly that (capped), no earlier.
+            return min(exc.retry_after, self.max_retry_after)
+        backoff = tenacity.wait_exponential_jitter(
+            multiplier=self.initial_wait, max=self.max_wait, jitter=self.initial_wait
+        )
+        return float(backoff(state))
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "FLUX API call failed (%s); retrying in %.1fs (attempt %d of %d)",
+            exc,
+            wait,
+            state.attempt_number + 1,
+            self.max_attempts,
+        )
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {
+            "retry": tenacity.retry_if_exception(self.should_retry),
+            "wait": self._wait,
+            "stop": tenacity.stop_after_attempt(self.max_attempts) | tenacity.stop_before_delay(self.max_total),
+            "before_sleep": self._log_retry,
+            "reraise": True,
+        }
+
+    def retrying(self) -> tenacity.Retrying:
+        """A tenacity controller for blocking calls."""
+        return tenacity.Retrying(**self._kwargs())
+
+    def aretrying(self) -> tenacity.AsyncRetrying:
+        """The same policy for coroutines (sleeps with asyncio, never blocks the loop)."""
+        return tenacity.AsyncRetrying(**self._kwargs())
