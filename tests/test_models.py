@@ -122,7 +122,9 @@ def test_status_is_tolerant_and_knows_failed_completions():
 
 def test_result_parses_images_and_unwraps_the_legacy_wrapper():
     body = {
-        "images": [{"url": "https://v3.fal.media/files/a.jpg", "width": 1024, "height": 1024, "content_type": "image/jpeg"}],
+        "images": [
+            {"url": "https://v3.fal.media/files/a.jpg", "width": 1024, "height": 1024, "content_type": "image/jpeg"}
+        ],
         "timings": {"inference": 1.22},
         "seed": 920212137,
         "has_nsfw_concepts": [False],

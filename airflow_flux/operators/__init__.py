@@ -1,0 +1,7 @@
+"""Operators of the airflow-flux provider."""
+
+from __future__ import annotations
+
+from airflow_flux.operators.flux import FluxGenerateOperator, FluxRequestLink, FluxSubmitOperator
+
+__all__ = ["FluxGenerateOperator", "FluxRequestLink", "FluxSubmitOperator"]

@@ -1,0 +1,106 @@
+"""FluxStatusSensor: waits for a submitted FLUX request, deferred to the triggerer by default."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
+
+from airflow_flux.operators.flux import DEFAULT_WAIT_TIMEOUT, FluxRequestLink, FluxWaitMixin, coerce_handle
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from airflow.sdk import Context
+
+
+class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
+    """Wait until a FLUX request completes and return its result.
+
+    Checks once in the worker (a request may already be done), then defers: the wait runs
+    in the triggerer (SSE stream, or polling when the API has none) and holds no worker
+    slot. ``timeout`` is enforced while deferred; on timeout the remote request is
+    cancelled (``cancel_on_timeout``) and the task fails, or is skipped with ``soft_fail``.
+
+    Returns the result as XCom: ``images`` (url, width, height, content_type), ``seed``,
+    ``has_nsfw_concepts``, ``prompt``, ``timings``, ``request_id``, ``endpoint``.
+
+    :param request: the submit task's output (``request=submit.output``), or a dict with
+        ``request_id`` and the URLs, or a bare request id.
+    :param flux_conn_id: the ``flux`` connection.
+    :param deferrable: wait in the triggerer (default) or poke from the worker.
+    :param use_stream: follow the SSE status stream when available.
+    :param poll_interval: first polling interval of the polling fallback, seconds.
+    :param max_poll_interval: cap of the polling interval, seconds.
+    :param cancel_on_timeout: cancel the remote request when the wait times out.
+    """
+
+    template_fields: Sequence[str] = ("request", "flux_conn_id")
+    operator_extra_links = (FluxRequestLink(),)
+    ui_color = "#efe7fb"
+
+    def __init__(
+        self,
+        *,
+        request: Any,
+        flux_conn_id: str = "flux_default",
+        deferrable: bool = True,
+        use_stream: bool = True,
+        poll_interval: float = 1.0,
+        max_poll_interval: float = 30.0,
+        cancel_on_timeout: bool = True,
+        timeout: float = DEFAULT_WAIT_TIMEOUT,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("poke_interval", 5.0)
+        super().__init__(timeout=timeout, **kwargs)
+        self.request = request
+        self.flux_conn_id = flux_conn_id
+        self.deferrable = deferrable
+        self.use_stream = use_stream
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.cancel_on_timeout = cancel_on_timeout
+
+    def _wait_timeout(self) -> float:
+        return float(self.timeout)
+
+    def _timeout_error(self, message: str) -> BaseException:
+        from airflow.sdk.exceptions import AirflowSensorTimeout
+
+        # resume_execution turns this into a skip when soft_fail is set.
+        return AirflowSensorTimeout(message)
+
+    @property
+    def handle(self) -> dict[str, Any]:
+        return self.hook.resolve_handle(coerce_handle(self.request)).model_dump()
+
+    def poke(self, context: Context) -> PokeReturnValue:
+        handle = self.handle
+        status = self.hook.get_status(handle)
+        self.log.info("FLUX request %s is %s", handle["request_id"], status.status)
+        if status.is_failed:
+            raise self._failed(status, handle)
+        if status.is_completed:
+            return PokeReturnValue(is_done=True, xcom_value=self._result(handle))
+        return PokeReturnValue(is_done=False)
+
+    def execute(self, context: Context) -> Any:
+        handle = self.handle
+        context["ti"].xcom_push(key="flux_request_url", value=handle.get("response_url", ""))
+        if not self.deferrable:
+            from airflow.sdk.exceptions import AirflowSensorTimeout, AirflowSkipException
+
+            try:
+                return super().execute(context)
+            except (AirflowSensorTimeout, AirflowSkipException):
+                # Poke mode timed out (or soft-failed on it): stop paying for the request.
+                if self.cancel_on_timeout:
+                    self._cancel_quietly(handle)
+                raise
+        # One synchronous look first: a request that is already done needs no deferral.
+        first = self.poke(context)
+        if first.is_done:
+            return first.xcom_value
+        self._defer_wait(handle)
+        return None  # not reached: defer() raises

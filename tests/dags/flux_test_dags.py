@@ -1,0 +1,52 @@
+"""DAGs the tests run with dag.test() (which re-parses this folder, so they live at module level).
+
+They use the ``flux_default`` connection, which each test points at its own emulator, and
+take the prompt from ``params`` so a test picks an emulator fault scenario by prompt.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG, Param
+
+from airflow_flux.operators import FluxGenerateOperator, FluxSubmitOperator
+from airflow_flux.sensors import FluxStatusSensor
+
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+PARAMS = {"prompt": Param("a red fox in the snow", type="string")}
+
+
+class FlakySubmitOperator(FluxSubmitOperator):
+    """Dies right after submitting on its first try, as a worker killed at the worst moment would."""
+
+    def execute(self, context):
+        handle = super().execute(context)
+        if context["ti"].try_number == 1:
+            raise RuntimeError("worker lost right after submit")
+        return handle
+
+
+with DAG("flux_test_submit_sensor", schedule=None, start_date=START, params=PARAMS, catchup=False):
+    submit = FluxSubmitOperator(task_id="submit", prompt="{{ params.prompt }}", aspect_ratio="16:9", seed=11)
+    FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=60)
+
+with DAG("flux_test_generate", schedule=None, start_date=START, params=PARAMS, catchup=False):
+    FluxGenerateOperator(task_id="generate", prompt="{{ params.prompt }}", poll_interval=0.2, wait_timeout=60)
+
+with DAG("flux_test_expand", schedule=None, start_date=START, catchup=False):
+    prompts = [f"mapped prompt {i}" for i in range(5)]
+    submits = FluxSubmitOperator.partial(task_id="submit", output_format="png").expand(prompt=prompts)
+    FluxStatusSensor.partial(task_id="wait", poll_interval=0.2, timeout=60).expand(request=submits.output)
+
+with DAG("flux_test_timeout", schedule=None, start_date=START, params=PARAMS, catchup=False):
+    submit = FluxSubmitOperator(task_id="submit", prompt="{{ params.prompt }}")
+    FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=2)
+    FluxStatusSensor(task_id="wait_soft", request=submit.output, poll_interval=0.2, timeout=2, soft_fail=True)
+
+with DAG("flux_test_retry", schedule=None, start_date=START, params=PARAMS, catchup=False):
+    submit = FlakySubmitOperator(
+        task_id="submit", prompt="{{ params.prompt }}", retries=1, retry_delay=timedelta(seconds=0)
+    )
+    FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=60)

@@ -1,0 +1,157 @@
+"""Submit, sensor and generate operators run by dag.test() against the emulator (real sockets)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from airflow.dag_processing.dagbag import DagBag
+
+from airflow_flux.emulator import FluxEmulator, Scenario
+from airflow_flux.exceptions import FluxValidationError
+from airflow_flux.operators import FluxGenerateOperator, FluxSubmitOperator
+from tests.conftest import TOKEN, task_states
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+
+@pytest.fixture(scope="module")
+def dags() -> DagBag:
+    bag = DagBag()
+    assert not bag.import_errors, bag.import_errors
+    return bag
+
+
+@pytest.fixture
+def flux_default(emulator, monkeypatch) -> FluxEmulator:
+    """Point ``flux_default`` (the test DAGs' connection) at this test's emulator."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FLUX_DEFAULT", json.dumps({"conn_type": "flux", "host": emulator.base_url, "password": TOKEN})
+    )
+    return emulator
+
+
+def _xcom(dr, task_id: str, map_index: int = -1):
+    (ti,) = [ti for ti in dr.get_task_instances() if ti.task_id == task_id and ti.map_index == map_index]
+    return ti.xcom_pull(task_ids=task_id, map_indexes=map_index)
+
+
+def _api_calls(emu: FluxEmulator) -> list[str]:
+    return [r.kind for r in emu.requests if r.kind in ("submit", "status", "stream", "result", "cancel")]
+
+
+def test_submit_then_deferred_sensor(dags, flux_default, capfd):
+    dr = dags.get_dag("flux_test_submit_sensor").test(run_conf={"prompt": "a red fox"})
+    logs = capfd.readouterr()
+    assert dr.state == "success", task_states(dr)
+
+    handle = _xcom(dr, "submit")
+    result = _xcom(dr, "wait")
+    assert set(handle) == {"request_id", "status_url", "response_url", "cancel_url", "endpoint"}
+    assert result["request_id"] == handle["request_id"]
+    assert result["prompt"] == "a red fox" and result["seed"] == 11
+    assert result["images"][0]["width"] == 1392 and result["has_nsfw_concepts"] == [False]
+
+    # submit + one synchronous check + the SSE stream + the result.
+    assert _api_calls(flux_default) == ["submit", "status", "stream", "result"]
+    assert TOKEN not in logs.out + logs.err
+    assert f"FLUX request {handle['request_id']} is IN_PROGRESS" in logs.out + logs.err
+
+
+def test_generate_in_one_task_costs_three_calls(dags, flux_default, capfd):
+    dr = dags.get_dag("flux_test_generate").test(run_conf={"prompt": "a blue fox"})
+    logs = capfd.readouterr()
+    assert dr.state == "success", task_states(dr)
+    result = _xcom(dr, "generate")
+    assert result["prompt"] == "a blue fox" and len(result["images"]) == 1
+    assert _api_calls(flux_default) == ["submit", "stream", "result"]
+    assert TOKEN not in logs.out + logs.err
+
+
+def test_expand_over_five_prompts(dags, flux_default):
+    dr = dags.get_dag("flux_test_expand").test()
+    assert dr.state == "success", task_states(dr)
+    prompts = sorted(_xcom(dr, "wait", i)["prompt"] for i in range(5))
+    assert prompts == [f"mapped prompt {i}" for i in range(5)]
+    assert len(flux_default.calls(kind="submit")) == 5
+    assert len(flux_default.calls(kind="result")) == 5
+
+
+@pytest.mark.parametrize(
+    ("prompt", "scenario"),
+    [
+        ("busy fox", Scenario(submit_errors=[429], retry_after=0.3)),
+        ("flaky fox", Scenario(status_errors=[503, 503, "malformed"])),
+        ("nostream fox", Scenario(stream="refuse")),
+        ("dropped fox", Scenario(stream="drop", stream_drop_after=0.1, run_seconds=1.0)),
+    ],
+)
+def test_transient_faults_are_survived_with_one_submit(dags, flux_default, prompt, scenario):
+    flux_default.add_scenario(scenario, match=prompt)
+    dr = dags.get_dag("flux_test_generate").test(run_conf={"prompt": prompt})
+    assert dr.state == "success", task_states(dr)
+    assert len(flux_default.jobs) == 1, "paid for more than one request"
+    assert _xcom(dr, "generate")["prompt"] == prompt
+
+
+@pytest.mark.parametrize(
+    ("prompt", "scenario", "expected"),
+    [
+        (
+            "broken fox",
+            Scenario(complete_error={"error": "Internal error during inference", "error_type": "internal_error"}),
+            ["internal_error", "Internal error during inference"],
+        ),
+        (
+            "policy fox",
+            Scenario(result_error_always=422),
+            ["content_policy_violation", "flagged by a content checker"],
+        ),
+    ],
+)
+def test_remote_failures_fail_the_task_with_the_api_reason(dags, flux_default, capfd, prompt, scenario, expected):
+    flux_default.add_scenario(scenario, match=prompt)
+    dr = dags.get_dag("flux_test_submit_sensor").test(run_conf={"prompt": prompt})
+    logs = capfd.readouterr().out
+    assert dr.state == "failed"
+    assert task_states(dr) == {"submit": "success", "wait": "failed"}
+    for text in expected:
+        assert text in logs
+    assert len(flux_default.calls(kind="submit")) == 1
+
+
+def test_never_completing_request_times_out_and_is_cancelled(dags, flux_default):
+    flux_default.add_scenario(Scenario(never_complete=True), match="stuck fox")
+    dr = dags.get_dag("flux_test_timeout").test(run_conf={"prompt": "stuck fox"})
+    assert task_states(dr) == {"submit": "success", "wait": "failed", "wait_soft": "skipped"}
+    (rid,) = flux_default.jobs
+    cancels = flux_default.calls(kind="cancel")
+    assert cancels and all(c.request_id == rid for c in cancels)
+    assert len(flux_default.calls(kind="submit")) == 1
+
+
+def test_retry_of_a_submit_reuses_the_request_in_flight(dags, flux_default):
+    dr = dags.get_dag("flux_test_retry").test(run_conf={"prompt": "retried fox"})
+    assert dr.state == "success", task_states(dr)
+    assert len(flux_default.calls(kind="submit")) == 1, "the retry paid for a second request"
+    assert _xcom(dr, "wait")["request_id"] == next(iter(flux_default.jobs))
+
+
+def test_bad_values_known_at_parse_time_fail_the_dag_import():
+    with pytest.raises(FluxValidationError, match=r"Task 'bad': .*num_images: must be a number from 1 to 4 \(got 5\)"):
+        FluxSubmitOperator(task_id="bad", prompt="a fox", num_images=5)
+    with pytest.raises(FluxValidationError, match="aspect_ratio: must be one of"):
+        FluxGenerateOperator(task_id="bad2", prompt="{{ params.p }}", aspect_ratio="5:4")
+    with pytest.raises(FluxValidationError, match="strength: unknown field"):
+        FluxSubmitOperator(task_id="bad3", prompt="a fox", extra_input={"strength": 0.5})
+    # Templated values are checked after rendering, not at parse time.
+    FluxSubmitOperator(task_id="ok", prompt="{{ params.p }}", num_images="{{ params.n }}")
+    # Other endpoints take free-form input.
+    FluxSubmitOperator(task_id="ok2", prompt="x", endpoint="fal-ai/other", extra_input={"strength": 0.5})
+
+
+def test_bad_rendered_value_fails_before_any_call(dags, flux_default, capfd):
+    dr = dags.get_dag("flux_test_submit_sensor").test(run_conf={"prompt": "   "})
+    assert dr.state == "failed"
+    assert "prompt: must be a non-empty string" in capfd.readouterr().out
+    assert flux_default.requests == []
