@@ -1,0 +1,147 @@
+"""FluxStatusTrigger run as the triggerer runs it (an asyncio loop) against the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from airflow.sdk._shared.module_loading import import_string
+
+from airflow_flux.emulator import Scenario
+from airflow_flux.hooks import FluxHook
+from airflow_flux.triggers import FluxStatusTrigger
+from airflow_flux.triggers.flux import next_poll_interval
+from tests.conftest import FAST_RETRY, TOKEN
+
+
+def _submit(conn_id: str, prompt: str) -> dict:
+    return FluxHook(flux_conn_id=conn_id, retry_policy=FAST_RETRY).submit({"prompt": prompt}).model_dump()
+
+
+async def _run(trigger: FluxStatusTrigger) -> list[dict]:
+    return [event.payload async for event in trigger.run()]
+
+
+@pytest.fixture
+def fast_hook(monkeypatch):
+    """Triggers build their own hook: give it the fast test retry policy (same rules)."""
+    monkeypatch.setattr(
+        FluxStatusTrigger, "_hook", lambda self: FluxHook(flux_conn_id=self.flux_conn_id, retry_policy=FAST_RETRY)
+    )
+
+
+def test_serialized_trigger_holds_no_token_and_round_trips(emulator, flux_conn):
+    handle = _submit(flux_conn, "a fox")
+    trigger = FluxStatusTrigger(flux_conn_id=flux_conn, handle={**handle, "junk": "dropped"}, end_time=123.0)
+    classpath, kwargs = trigger.serialize()
+    assert TOKEN not in json.dumps(kwargs) + repr(trigger)
+    assert kwargs["handle"] == handle
+    clone = import_string(classpath)(**kwargs)
+    assert clone.serialize() == (classpath, kwargs)
+
+
+async def test_stream_path_ends_with_the_result_in_two_calls(emulator, flux_conn, capfd):
+    handle = _submit(flux_conn, "a streaming fox")
+    emulator.clear_requests()
+    (event,) = await _run(FluxStatusTrigger(flux_conn_id=flux_conn, handle=handle, end_time=time.time() + 30))
+    assert event["status"] == "success"
+    assert event["result"]["prompt"] == "a streaming fox"
+    assert event["result"]["request_id"] == handle["request_id"]
+    assert [r.kind for r in emulator.requests] == ["stream", "result"]
+    # Progress in the log: each state once, the API's own log lines, and no flood.
+    out = capfd.readouterr()
+    text = out.out + out.err  # trigger logs are structlog lines, as in the triggerer
+    assert f"FLUX request {handle['request_id']} is IN_PROGRESS" in text
+    assert f"FLUX request {handle['request_id']} is COMPLETED" in text
+    assert text.count(" is IN_PROGRESS") == 1
+    assert f"FLUX request {handle['request_id']} | " in text
+    assert TOKEN not in text
+
+
+async def test_failed_completion_and_result_errors_become_failed_events(emulator, flux_conn):
+    emulator.add_scenario(
+        Scenario(complete_error={"error": "GPU fell over", "error_type": "internal_error"}), match="broken"
+    )
+    emulator.add_scenario(Scenario(result_error_always=422), match="policy")
+    broken = FluxStatusTrigger(flux_conn_id=flux_conn, handle=_submit(flux_conn, "broken fox"))
+    policy = FluxStatusTrigger(flux_conn_id=flux_conn, handle=_submit(flux_conn, "policy fox"))
+    (b,), (p,) = await asyncio.gather(_run(broken), _run(policy))
+    assert (b["status"], b["error_type"], b["error"]) == ("failed", "internal_error", "GPU fell over")
+    assert (p["status"], p["error_type"], p["status_code"]) == ("failed", "content_policy_violation", 422)
+    assert "flagged by a content checker" in p["message"]
+
+
+async def test_deadline_survives_recreation_of_the_trigger(emulator, flux_conn):
+    emulator.add_scenario(Scenario(never_complete=True), match="stuck")
+    trigger = FluxStatusTrigger(
+        flux_conn_id=flux_conn, handle=_submit(flux_conn, "stuck fox"), end_time=time.time() + 1
+    )
+    classpath, kwargs = trigger.serialize()
+    await asyncio.sleep(0.5)
+    # A triggerer restart re-creates the trigger from its row: the wall-clock deadline still holds.
+    started = time.monotonic()
+    (event,) = await _run(import_string(classpath)(**kwargs))
+    assert event["status"] == "timeout"
+    assert time.monotonic() - started < 1.5
+    assert "did not complete within the timeout" in event["message"]
+    assert emulator.calls(kind="cancel") == [], "run() must not cancel: that is the task's decision"
+
+
+async def test_on_kill_cancels_the_remote_request(emulator, flux_conn):
+    emulator.add_scenario(Scenario(never_complete=True), match="stuck")
+    handle = _submit(flux_conn, "stuck fox")
+    trigger = FluxStatusTrigger(flux_conn_id=flux_conn, handle=handle)
+    await trigger.on_kill()
+    (cancel,) = emulator.calls(kind="cancel")
+    assert cancel.request_id == handle["request_id"]
+    assert emulator.jobs[handle["request_id"]].cancelled
+    await FluxStatusTrigger(flux_conn_id=flux_conn, handle=handle, cancel_on_kill=False).on_kill()
+    assert len(emulator.calls(kind="cancel")) == 1
+
+
+async def test_transient_status_failures_are_bounded(emulator, flux_conn, fast_hook):
+    emulator.add_scenario(
+        Scenario(stream="refuse", status_errors=[503] * 100, retry_after=0.01, never_complete=True), match="down"
+    )
+    handle = _submit(flux_conn, "down fox")
+    trigger = FluxStatusTrigger(
+        flux_conn_id=flux_conn, handle=handle, poll_interval=0.01, max_poll_interval=0.05, max_consecutive_failures=3
+    )
+    (event,) = await _run(trigger)
+    assert event["status"] == "error"
+    assert "after 3 failed status checks in a row" in event["message"]
+    assert event["status_code"] == 503
+    assert len(emulator.calls(kind="status")) == 3 * FAST_RETRY.max_attempts
+
+
+async def test_unknown_request_is_an_error_not_a_wait(emulator, flux_conn):
+    handle = FluxHook(flux_conn_id=flux_conn).resolve_handle("00000000-0000-0000-0000-000000000000").model_dump()
+    (event,) = await _run(FluxStatusTrigger(flux_conn_id=flux_conn, handle=handle, poll_interval=0.01))
+    assert event["status"] == "error"
+    assert event["status_code"] == 404
+
+
+def test_poll_interval_grows_with_the_wait_and_the_queue():
+    intervals = [next_poll_interval(n, 0, initial=1, maximum=30) for n in range(12)]
+    assert intervals[0] == 1
+    assert intervals == sorted(intervals)
+    assert intervals[-1] == 30
+    assert next_poll_interval(0, 600, initial=1, maximum=30) == 30, "a long wait polls rarely"
+    assert next_poll_interval(0, 0, initial=1, maximum=30, queue_position=20) == 10, "far back in the queue"
+
+
+@pytest.mark.timeout(150)
+async def test_polling_fallback_for_a_60s_generation_costs_at_most_12_status_calls(make_flux_conn):
+    from airflow_flux.emulator import FluxEmulator
+
+    with FluxEmulator(queue_seconds=0, run_seconds=60) as emu:
+        emu.add_scenario(Scenario(stream="refuse"), match=None)
+        conn_id = make_flux_conn(emu.base_url)
+        handle = _submit(conn_id, "a slow fox")
+        (event,) = await _run(FluxStatusTrigger(flux_conn_id=conn_id, handle=handle))
+        assert event["status"] == "success"
+        assert len(emu.calls(kind="stream")) == 1, "the stream is tried once, then polling"
+        status_calls = len(emu.calls(kind="status"))
+        assert status_calls <= 12, status_calls
