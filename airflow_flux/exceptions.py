@@ -88,3 +88,7 @@ class FluxRequestFailedError(FluxAPIError):
 
 class FluxTimeoutError(FluxError, TimeoutError):
     """A request did not complete within the wait's timeout (it was cancelled if so configured)."""
+
+
+class FluxIntegrityError(FluxError):
+    """An image's bytes are not what the result promised (short body, wrong type, bad data URI)."""

@@ -22,6 +22,17 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "hooks": [{"integration-name": "FLUX (fal)", "python-modules": ["airflow_flux.hooks.flux"]}],
+        "operators": [{"integration-name": "FLUX (fal)", "python-modules": ["airflow_flux.operators.flux"]}],
+        "sensors": [{"integration-name": "FLUX (fal)", "python-modules": ["airflow_flux.sensors.flux"]}],
+        "triggers": [{"integration-name": "FLUX (fal)", "python-modules": ["airflow_flux.triggers.flux"]}],
+        "transfers": [
+            {
+                "source-integration-name": "FLUX (fal)",
+                "target-integration-name": "Amazon Simple Storage Service (S3)",
+                "python-module": "airflow_flux.transfers.flux_to_s3",
+            }
+        ],
+        "extra-links": ["airflow_flux.operators.flux.FluxRequestLink"],
         "connection-types": [
             {
                 "hook-class-name": "airflow_flux.hooks.flux.FluxHook",

@@ -86,3 +86,96 @@ def task_states(dr) -> dict[str, str]:
     return {
         f"{ti.task_id}[{ti.map_index}]" if ti.map_index >= 0 else ti.task_id: ti.state for ti in dr.get_task_instances()
     }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A real S3 protocol server (moto) in its own process, so its memory and CPU are not ours."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3(moto_server, monkeypatch):
+    """A fresh bucket on the moto server, and ``aws_default`` pointing at it."""
+    import uuid
+
+    import boto3
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "testing",
+                "password": "testing",
+                "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"},
+            }
+        ),
+    )
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto_server,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    bucket = f"flux-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    client.bucket = bucket  # type: ignore[attr-defined]
+    return client
+
+
+@pytest.fixture
+def flux_default(emulator, monkeypatch) -> FluxEmulator:
+    """Point ``flux_default`` (the test DAGs' connection) at this test's emulator."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FLUX_DEFAULT", json.dumps({"conn_type": "flux", "host": emulator.base_url, "password": TOKEN})
+    )
+    return emulator
+
+
+@pytest.fixture(scope="session")
+def dags():
+    """The test DAGs of tests/dags, parsed once (dag.test() re-syncs them to the DB)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag()
+    assert not bag.import_errors, bag.import_errors
+    return bag
+
+
+def xcom(dr, task_id: str, map_index: int = -1):
+    (ti,) = [ti for ti in dr.get_task_instances() if ti.task_id == task_id and ti.map_index == map_index]
+    return ti.xcom_pull(task_ids=task_id, map_indexes=map_index)

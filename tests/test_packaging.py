@@ -54,3 +54,30 @@ def test_importing_the_package_pulls_in_no_heavy_dependency():
     for statement in ("import airflow_flux", "import airflow_flux.models", "import airflow_flux.emulator"):
         imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in _imported_modules(statement).splitlines()}
         assert not imported & {"boto3", "botocore", "aiohttp", "PIL", "aiobotocore"}, statement
+
+
+def test_provider_info_lists_every_module_and_they_import():
+    import importlib
+
+    info = get_provider_info()
+    for kind in ("hooks", "operators", "sensors", "triggers"):
+        for entry in info[kind]:
+            for module in entry["python-modules"]:
+                importlib.import_module(module)
+    for transfer in info["transfers"]:
+        importlib.import_module(transfer["python-module"])
+    for link in info["extra-links"]:
+        module, _, name = link.rpartition(".")
+        assert getattr(importlib.import_module(module), name)
+
+
+def test_public_import_paths():
+    from airflow_flux.hooks import FluxHook
+    from airflow_flux.operators import FluxGenerateOperator, FluxSubmitOperator
+    from airflow_flux.sensors import FluxStatusSensor
+    from airflow_flux.transfers import FluxToS3Operator
+    from airflow_flux.triggers import FluxStatusTrigger
+
+    assert all(
+        (FluxHook, FluxGenerateOperator, FluxSubmitOperator, FluxStatusSensor, FluxStatusTrigger, FluxToS3Operator)
+    )

@@ -13,6 +13,7 @@ from airflow.sdk import DAG, Param
 
 from airflow_flux.operators import FluxGenerateOperator, FluxSubmitOperator
 from airflow_flux.sensors import FluxStatusSensor
+from airflow_flux.transfers import FluxToS3Operator
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
 PARAMS = {"prompt": Param("a red fox in the snow", type="string")}
@@ -41,12 +42,55 @@ with DAG("flux_test_expand", schedule=None, start_date=START, catchup=False):
     FluxStatusSensor.partial(task_id="wait", poll_interval=0.2, timeout=60).expand(request=submits.output)
 
 with DAG("flux_test_timeout", schedule=None, start_date=START, params=PARAMS, catchup=False):
+    # One request per sensor: a timed-out wait cancels its request.
     submit = FluxSubmitOperator(task_id="submit", prompt="{{ params.prompt }}")
     FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=2)
-    FluxStatusSensor(task_id="wait_soft", request=submit.output, poll_interval=0.2, timeout=2, soft_fail=True)
+    submit_soft = FluxSubmitOperator(task_id="submit_soft", prompt="{{ params.prompt }}")
+    FluxStatusSensor(task_id="wait_soft", request=submit_soft.output, poll_interval=0.2, timeout=2, soft_fail=True)
 
 with DAG("flux_test_retry", schedule=None, start_date=START, params=PARAMS, catchup=False):
     submit = FlakySubmitOperator(
         task_id="submit", prompt="{{ params.prompt }}", retries=1, retry_delay=timedelta(seconds=0)
     )
     FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=60)
+
+S3_PARAMS = {
+    "prompt": Param("a red fox in the snow", type="string"),
+    "bucket": Param("flux-test", type="string"),
+    "num_images": Param(1, type="integer"),
+    "sync_mode": Param(False, type="boolean"),
+    "nsfw": Param("skip", type="string"),
+    "prefix": Param("", type="string"),
+    "key_template": Param("{request_id}_{index}.{ext}", type="string"),
+}
+
+with DAG("flux_test_to_s3", schedule=None, start_date=START, params=S3_PARAMS, catchup=False):
+    submit = FluxSubmitOperator(
+        task_id="submit",
+        prompt="{{ params.prompt }}",
+        num_images="{{ params.num_images }}",
+        sync_mode="{{ params.sync_mode }}",
+    )
+    wait = FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=60)
+    # The preferred path: the sensor's result, no extra API call.
+    wait >> FluxToS3Operator(
+        task_id="to_s3",
+        source=wait.output,
+        s3_bucket="{{ params.bucket }}",
+        s3_key_prefix="{{ params.prefix or 'flux/' ~ run_id }}",
+        image_key_template="{{ params.key_template }}",
+        nsfw_policy="{{ params.nsfw }}",
+    )
+
+with DAG("flux_test_handle_to_s3", schedule=None, start_date=START, params=S3_PARAMS, catchup=False):
+    submit = FluxSubmitOperator(task_id="submit", prompt="{{ params.prompt }}")
+    wait = FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=60)
+    # The handle-only path: the result is fetched from response_url.
+    wait >> FluxToS3Operator(task_id="to_s3", source=submit.output, s3_bucket="{{ params.bucket }}")
+
+with DAG("flux_test_batch_to_s3", schedule=None, start_date=START, params=S3_PARAMS, catchup=False):
+    submits = FluxSubmitOperator.partial(task_id="submit").expand(prompt=["batch one", "batch two", "batch three"])
+    waits = FluxStatusSensor.partial(task_id="wait", poll_interval=0.2, timeout=60).expand(request=submits.output)
+    FluxToS3Operator(
+        task_id="to_s3", source=waits.output, s3_bucket="{{ params.bucket }}", s3_key_prefix="batch/{{ run_id }}"
+    )

@@ -1,0 +1,463 @@
+"""FluxToS3Operator: stream generated images into S3, with metadata and a manifest."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote
+
+from airflow.sdk import BaseOperator
+
+from airflow_flux.exceptions import FluxError, FluxIntegrityError
+from airflow_flux.models import FluxResult
+
+if TYPE_CHECKING:
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+    from airflow.sdk import Context
+
+    from airflow_flux.hooks.flux import FluxHook, ImageStream
+
+NsfwPolicy = Literal["skip", "fail", "keep"]
+
+#: A prefix that is defined for every run, manual ones included ({{ ds }} is not, in Airflow 3).
+DEFAULT_PREFIX = "flux/{{ dag.dag_id }}/{{ run_id }}"
+DEFAULT_KEY_TEMPLATE = "{request_id}_{index}.{ext}"
+
+# Multipart defaults: (upload_concurrency + 1) part buffers at most, however large the
+# image; the next part downloads while the previous one uploads. Measured on loopback
+# (64 MB image): 2 uploads at once were no faster than 1 and held one part more.
+PART_SIZE = 8 * 1024 * 1024
+UPLOAD_CONCURRENCY = 1
+
+_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
+_MAGIC: dict[str, tuple[bytes, ...]] = {
+    "image/jpeg": (b"\xff\xd8\xff",),
+    "image/png": (b"\x89PNG\r\n\x1a\n",),
+    "image/webp": (b"RIFF",),
+}
+# S3 user metadata is sent as HTTP headers: 2 KB in all, US-ASCII only.
+_PROMPT_METADATA_LIMIT = 1024
+
+
+def _check_nsfw_policy(value: Any) -> None:
+    if value not in ("skip", "fail", "keep"):
+        raise ValueError(f"nsfw_policy: must be one of 'skip', 'fail', 'keep' (got {value!r})")
+
+
+class FluxImageExistsError(FluxError, FileExistsError):
+    """A destination key exists and ``replace`` is off; nothing was written."""
+
+
+def sniff_content_type(head: bytes) -> str | None:
+    """The image type its first bytes say it is."""
+    for content_type, magics in _MAGIC.items():
+        if any(head.startswith(m) for m in magics):
+            if content_type == "image/webp" and head[8:12] != b"WEBP":
+                continue
+            return content_type
+    return None
+
+
+@dataclass
+class _ImageJob:
+    """One image to copy: where from, where to, and what to record about it."""
+
+    result: FluxResult
+    index: int
+    url: str
+    key: str
+    nsfw: bool
+    content_type: str | None
+    status: str = "pending"  # pending -> copied | skipped | reused
+    reason: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    seconds: float | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class FluxToS3Operator(BaseOperator):
+    """Copy the images of FLUX results into S3, streaming, with metadata and a manifest.
+
+    Each image is streamed from its URL (CDN, no token sent; or a ``data:`` URI) into S3
+    as a multipart upload, never held whole in memory. Its type is checked against its
+    first bytes, its size against ``Content-Length``, and a SHA-256 is stored both as the
+    S3 checksum and in the manifest. A failed copy leaves no object behind: a broken
+    upload is aborted, and objects this try already wrote are deleted, so a retry starts clean.
+
+    Returns the ``s3://`` URIs of the copied images. Objects get metadata (``flux-request-id``,
+    ``flux-seed``, ``flux-endpoint``, size, prompt digest, and the URL-encoded prompt when
+    it fits); the manifest (JSON) lists every image, copied or skipped.
+
+    :param source: a result of ``FluxStatusSensor``/``FluxGenerateOperator`` (preferred: no API
+        call), a submit handle (the result is fetched from its ``response_url``), or a list of
+        either (mapped upstreams).
+    :param s3_bucket: destination bucket.
+    :param s3_key_prefix: key prefix; the default is per DAG run (uses ``run_id``, which
+        manual runs have too, unlike ``{{ ds }}``).
+    :param image_key_template: name of each image under the prefix; ``str.format`` fields:
+        ``request_id``, ``index``, ``seed``, ``ext``.
+    :param manifest_name: name of the manifest under the prefix; None to write none.
+    :param aws_conn_id: the amazon provider's connection (``endpoint_url`` in its extra
+        targets MinIO, moto or any S3-compatible store).
+    :param flux_conn_id: the ``flux`` connection, for handles and the download retry policy.
+    :param replace: overwrite existing keys; when off (default), an existing key that is
+        not this very image fails the task before anything is written.
+    :param nsfw_policy: per image flagged by ``has_nsfw_concepts``: ``skip`` (default;
+        listed in the manifest as skipped), ``fail`` the task, or ``keep`` it.
+    :param max_workers: images copied at once.
+    :param part_size: bytes per multipart part (min 5 MiB); also the largest single PUT.
+    :param upload_concurrency: parts of one image uploaded at once; memory per image is
+        about ``(upload_concurrency + 1) * part_size``.
+    """
+
+    template_fields: Sequence[str] = (
+        "source",
+        "s3_bucket",
+        "s3_key_prefix",
+        "image_key_template",
+        "manifest_name",
+        "aws_conn_id",
+        "flux_conn_id",
+        "nsfw_policy",
+    )
+    ui_color = "#f7e1c8"
+
+    def __init__(
+        self,
+        *,
+        source: Any,
+        s3_bucket: str,
+        s3_key_prefix: str = DEFAULT_PREFIX,
+        image_key_template: str = DEFAULT_KEY_TEMPLATE,
+        manifest_name: str | None = "manifest.json",
+        aws_conn_id: str | None = "aws_default",
+        flux_conn_id: str = "flux_default",
+        replace: bool = False,
+        nsfw_policy: NsfwPolicy = "skip",
+        max_workers: int = 4,
+        part_size: int = PART_SIZE,
+        upload_concurrency: int = UPLOAD_CONCURRENCY,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if "{{" not in str(nsfw_policy):
+            _check_nsfw_policy(nsfw_policy)
+        if max_workers < 1:
+            raise ValueError(f"max_workers: must be at least 1 (got {max_workers!r})")
+        self.source = source
+        self.s3_bucket = s3_bucket
+        self.s3_key_prefix = s3_key_prefix
+        self.image_key_template = image_key_template
+        self.manifest_name = manifest_name
+        self.aws_conn_id = aws_conn_id
+        self.flux_conn_id = flux_conn_id
+        self.replace = replace
+        self.nsfw_policy = nsfw_policy
+        self.max_workers = max_workers
+        self.part_size = part_size
+        self.upload_concurrency = upload_concurrency
+
+    @cached_property
+    def flux_hook(self) -> FluxHook:
+        from airflow_flux.hooks.flux import FluxHook
+
+        return FluxHook(flux_conn_id=self.flux_conn_id)
+
+    @cached_property
+    def s3_hook(self) -> S3Hook:
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        return S3Hook(aws_conn_id=self.aws_conn_id)
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def _sources(self) -> list[Any]:
+        source = self.source
+        if isinstance(source, str | bytes | Mapping):
+            return [source]
+        try:
+            return list(source)  # a list, or the lazy sequence of a mapped upstream's XComs
+        except TypeError:
+            return [source]
+
+    def _results(self) -> list[FluxResult]:
+        results = []
+        for item in self._sources():
+            if isinstance(item, Mapping) and "images" in item:
+                results.append(FluxResult.model_validate(dict(item)))
+                continue
+            # A submit handle (or request id): fetch the result, as the design's
+            # "copy the images from response_url". fal keeps it for one hour.
+            from airflow_flux.operators.flux import coerce_handle
+
+            handle = coerce_handle(item)
+            result = self.flux_hook.get_result(handle)
+            results.append(result.model_copy(update={"endpoint": handle.get("endpoint")}))
+        return results
+
+    def _key(self, result: FluxResult, index: int, content_type: str | None) -> str:
+        ext = _EXTENSIONS.get(content_type or "", "jpg" if content_type is None else "bin")
+        name = self.image_key_template.format(request_id=result.request_id, index=index, seed=result.seed, ext=ext)
+        prefix = self.s3_key_prefix.strip("/")
+        return f"{prefix}/{name}" if prefix else name
+
+    def _plan(self, results: list[FluxResult]) -> list[_ImageJob]:
+        jobs = []
+        for result in results:
+            for index, image in enumerate(result.images):
+                nsfw = bool(result.has_nsfw_concepts[index]) if index < len(result.has_nsfw_concepts) else False
+                content_type = image.content_type or (
+                    image.url[5:].split(";")[0] if image.url.startswith("data:") else None
+                )
+                job = _ImageJob(
+                    result=result,
+                    index=index,
+                    url=image.url,
+                    key=self._key(result, index, content_type),
+                    nsfw=nsfw,
+                    content_type=content_type,
+                )
+                job.metadata = self._metadata(job)
+                jobs.append(job)
+        keys = [j.key for j in jobs]
+        if len(set(keys)) != len(keys):
+            dupes = sorted({k for k in keys if keys.count(k) > 1})
+            raise FluxError(f"image_key_template gives several images the same key: {dupes[:5]}")
+        return jobs
+
+    def _metadata(self, job: _ImageJob) -> dict[str, str]:
+        result, image = job.result, job.result.images[job.index]
+        prompt = result.prompt or ""
+        meta = {
+            "flux-request-id": str(result.request_id or ""),
+            "flux-index": str(job.index),
+            "flux-seed": "" if result.seed is None else str(result.seed),
+            "flux-endpoint": str(getattr(result, "endpoint", None) or ""),
+            "flux-width": "" if image.width is None else str(image.width),
+            "flux-height": "" if image.height is None else str(image.height),
+            "flux-nsfw": str(job.nsfw).lower(),
+            "flux-prompt-sha256": hashlib.sha256(prompt.encode()).hexdigest(),
+        }
+        encoded = quote(prompt, safe=" ,.;:!?'()-_")
+        if len(encoded) <= _PROMPT_METADATA_LIMIT:
+            meta["flux-prompt"] = encoded  # URL-encoded: S3 metadata must be ASCII
+        return meta
+
+    # -- copying -------------------------------------------------------------------------------
+
+    def _existing(self, job: _ImageJob) -> dict[str, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.s3_hook.get_conn().head_object(Bucket=self.s3_bucket, Key=job.key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return dict(head.get("Metadata") or {})
+
+    def _check_destinations(self, jobs: list[_ImageJob]) -> None:
+        """Before writing anything: reuse this very image if a previous try copied it,
+        refuse other existing keys unless ``replace``."""
+        clashes = []
+        for job in jobs:
+            meta = self._existing(job)
+            if meta is None:
+                continue
+            ours = (
+                meta.get("flux-request-id") == job.metadata["flux-request-id"]
+                and meta.get("flux-index") == job.metadata["flux-index"]
+            )
+            if ours and meta.get("flux-sha256") and not self.replace:
+                job.status, job.sha256, job.reason = "reused", meta["flux-sha256"], "already copied by an earlier try"
+            elif not ours and not self.replace:
+                # (An object of this very image without its digest is an earlier try cut
+                # short between upload and verification: it is simply copied again.)
+                clashes.append(job.key)
+        if clashes:
+            raise FluxImageExistsError(
+                f"Refusing to overwrite existing object(s) in s3://{self.s3_bucket}: {', '.join(clashes)} "
+                "(set replace=True to overwrite). Nothing was written."
+            )
+
+    def _copy(self, job: _ImageJob) -> None:
+        """Stream one image into S3; retried as a whole on transient download failures."""
+        started = time.monotonic()
+
+        def attempt() -> None:
+            with self.flux_hook.open_image(job.url) as stream:
+                self._upload(job, stream)
+
+        self.flux_hook.retry_policy.retrying()(attempt)
+        job.status, job.seconds = "copied", round(time.monotonic() - started, 3)
+
+    def _upload(self, job: _ImageJob, stream: ImageStream) -> None:
+        from airflow_flux.transfers._s3stream import stream_to_s3
+
+        actual = sniff_content_type(stream.peek(16))
+        expected = job.content_type or stream.content_type
+        if actual is None or (expected and expected.startswith("image/") and actual != expected):
+            raise FluxIntegrityError(
+                f"Image {job.index} of request {job.metadata['flux-request-id']} is not a valid "
+                f"{expected or 'image'}: its bytes say {actual or 'unknown format'}"
+            )
+        client = self.s3_hook.get_conn()
+        single = stream_to_s3(
+            client,
+            stream.read,
+            bucket=self.s3_bucket,
+            key=job.key,
+            size_hint=stream.content_length,
+            extra_args={"ContentType": actual, "Metadata": job.metadata},
+            part_size=self.part_size,
+            concurrency=self.upload_concurrency,
+            digest_metadata_key="flux-sha256",
+        )
+        job.size, job.sha256, job.content_type = stream.bytes_read, stream.sha256, actual
+        if single:
+            return  # S3 checked the body against its SHA-256; the digest is in the metadata
+        # A multipart object only has per-part checksums, and its digest was not known when
+        # it started. A server-side self-copy (no bytes through the worker) gives it a
+        # full-object SHA-256, which must equal the digest of what we streamed, and stores
+        # that digest in the metadata, which lets a retry recognise its own work.
+        copied = client.copy_object(
+            Bucket=self.s3_bucket,
+            Key=job.key,
+            CopySource={"Bucket": self.s3_bucket, "Key": job.key},
+            Metadata={**job.metadata, "flux-sha256": job.sha256},
+            MetadataDirective="REPLACE",
+            ContentType=actual,
+            ChecksumAlgorithm="SHA256",
+        )
+        s3_digest = copied.get("CopyObjectResult", {}).get("ChecksumSHA256")
+        if s3_digest and base64.b64decode(s3_digest).hex() != job.sha256:
+            client.delete_object(Bucket=self.s3_bucket, Key=job.key)
+            raise FluxIntegrityError(
+                f"s3://{self.s3_bucket}/{job.key}: S3's SHA-256 differs from the bytes downloaded; object deleted"
+            )
+
+    def _rollback(self, jobs: list[_ImageJob]) -> None:
+        written = [j.key for j in jobs if j.status == "copied"]
+        if not written:
+            return
+        self.log.warning("Deleting %d object(s) this try wrote, so a retry starts clean", len(written))
+        self.s3_hook.get_conn().delete_objects(
+            Bucket=self.s3_bucket, Delete={"Objects": [{"Key": k} for k in written], "Quiet": True}
+        )
+
+    # -- execute ------------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> list[str]:
+        _check_nsfw_policy(self.nsfw_policy)
+        results = self._results()
+        jobs = self._plan(results)
+        flagged = [j for j in jobs if j.nsfw]
+        if flagged and self.nsfw_policy == "fail":
+            names = ", ".join(f"{j.metadata['flux-request-id']}#{j.index}" for j in flagged)
+            raise FluxError(f"{len(flagged)} image(s) flagged NSFW by the API and nsfw_policy='fail': {names}")
+        for job in flagged:
+            if self.nsfw_policy == "skip":
+                job.status, job.reason = "skipped", "nsfw"
+        todo = [j for j in jobs if j.status == "pending"]
+        self._check_destinations(todo)
+        todo = [j for j in todo if j.status == "pending"]
+
+        self.log.info(
+            "Copying %d image(s) of %d request(s) to s3://%s/%s (%d skipped as NSFW)",
+            len(todo),
+            len(results),
+            self.s3_bucket,
+            self.s3_key_prefix.strip("/"),
+            len(jobs) - len(todo) - sum(j.status == "reused" for j in jobs),
+        )
+        errors: list[tuple[_ImageJob, BaseException]] = []
+        with ThreadPoolExecutor(max_workers=min(self.max_workers, max(1, len(todo)))) as pool:
+            futures = {pool.submit(self._copy, job): job for job in todo}
+            for future in as_completed(futures):
+                job = futures[future]
+                if (exc := future.exception()) is not None:
+                    errors.append((job, exc))
+                else:
+                    self.log.info("Copied s3://%s/%s (%s bytes, %.2fs)", self.s3_bucket, job.key, job.size, job.seconds)
+        if errors:
+            self._rollback(jobs)
+            job, exc = errors[0]
+            raise FluxError(
+                f"Copy of {len(errors)} image(s) failed; first: s3://{self.s3_bucket}/{job.key}: {exc}"
+            ) from exc
+
+        manifest_uri = self._write_manifest(jobs, context) if self.manifest_name else None
+        uris = [f"s3://{self.s3_bucket}/{j.key}" for j in jobs if j.status in ("copied", "reused")]
+        self._record_lineage(uris, manifest_uri, context)
+        return uris
+
+    def _write_manifest(self, jobs: list[_ImageJob], context: Context) -> str:
+        prefix = self.s3_key_prefix.strip("/")
+        key = f"{prefix}/{self.manifest_name}" if prefix else str(self.manifest_name)
+        ti = context["ti"]
+        manifest = {
+            "version": 1,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "dag_id": ti.dag_id,
+            "run_id": ti.run_id,
+            "task_id": ti.task_id,
+            "map_index": ti.map_index,
+            "bucket": self.s3_bucket,
+            "prefix": prefix,
+            "images": [
+                {
+                    "status": j.status,
+                    "reason": j.reason,
+                    "s3_uri": f"s3://{self.s3_bucket}/{j.key}" if j.status in ("copied", "reused") else None,
+                    "key": j.key,
+                    "request_id": j.result.request_id,
+                    "index": j.index,
+                    "seed": j.result.seed,
+                    "prompt": j.result.prompt,
+                    "endpoint": getattr(j.result, "endpoint", None),
+                    "width": j.result.images[j.index].width,
+                    "height": j.result.images[j.index].height,
+                    "content_type": j.content_type,
+                    "size": j.size,
+                    "sha256": j.sha256,
+                    "nsfw": j.nsfw,
+                    "timings": j.result.timings,
+                    "copy_seconds": j.seconds,
+                    "source_url": None if j.url.startswith("data:") else j.url,
+                }
+                for j in jobs
+            ],
+        }
+        body = json.dumps(manifest, indent=2).encode()
+        self.s3_hook.get_conn().put_object(
+            Bucket=self.s3_bucket,
+            Key=key,
+            Body=body,
+            ContentType="application/json",
+            ChecksumAlgorithm="SHA256",
+        )
+        uri = f"s3://{self.s3_bucket}/{key}"
+        self.log.info("Wrote manifest %s (%d images)", uri, len(jobs))
+        return uri
+
+    def _record_lineage(self, uris: list[str], manifest_uri: str | None, context: Context) -> None:
+        from airflow.providers.common.compat.lineage.hook import get_hook_lineage_collector
+
+        collector = get_hook_lineage_collector()
+        for uri in [*uris, *([manifest_uri] if manifest_uri else [])]:
+            bucket, _, key = uri[len("s3://") :].partition("/")
+            collector.add_output_asset(context=self.s3_hook, scheme="s3", asset_kwargs={"bucket": bucket, "key": key})
+        # Downstream DAGs scheduled on this task's outlets get the manifest and the count.
+        outlet_events = context.get("outlet_events")
+        for outlet in self.outlets or []:
+            if outlet_events is not None and hasattr(outlet, "uri"):
+                outlet_events[outlet].extra = {"manifest": manifest_uri, "images": len(uris)}

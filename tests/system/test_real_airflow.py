@@ -1,0 +1,348 @@
+"""End to end on a real Airflow: scheduler, dag-processor, triggerer and api-server as processes.
+
+Unlike ``dag.test()`` (which runs triggers in line, in the test process), this runs the
+DAG in ``tests/system/dags`` the way production does: the scheduler hands the tasks to the
+LocalExecutor, the sensor defers, the *triggerer* process imports ``FluxStatusTrigger`` from
+its trigger row, looks the connection up itself and follows the emulator's status stream,
+and the scheduler resumes the sensor on the trigger's event.
+
+The fal emulator runs in a thread of this process on 127.0.0.1; the Airflow processes get a
+throw-away ``AIRFLOW_HOME`` (SQLite), their own port, and ``flux_default`` as an
+``AIRFLOW_CONN_FLUX_DEFAULT`` environment variable holding the test token, which must then
+appear in no log file and in no row of the metadata database (trigger kwargs decrypted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from cryptography.fernet import Fernet, InvalidToken
+
+from airflow_flux.emulator import FluxEmulator
+from tests.conftest import TOKEN
+
+pytestmark = pytest.mark.timeout(420)
+
+DAG_ID = "flux_system_submit_sensor"
+RUN_ID = "system_test_run"
+DAGS_FOLDER = Path(__file__).resolve().parent / "dags"
+AIRFLOW = Path(sys.executable).with_name("airflow")
+COMPONENTS: dict[str, list[str]] = {
+    # --skip-serve-logs: no log server sockets (logs are local files here).
+    "scheduler": ["scheduler", "--skip-serve-logs"],
+    "dag-processor": ["dag-processor"],
+    "triggerer": ["triggerer", "--skip-serve-logs"],
+    # "api-server" gets its host and port in _Airflow.start().
+}
+STOP_GRACE = 15.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"({exc})"
+
+
+class _Airflow:
+    """The Airflow processes of one test: environment, start, CLI, REST, stop."""
+
+    def __init__(self, home: Path, flux_base_url: str) -> None:
+        self.home = home
+        self.port = _free_port()
+        self.api = f"http://127.0.0.1:{self.port}"
+        self.db_path = home / "airflow.db"
+        self.fernet_key = Fernet.generate_key().decode()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.outputs: dict[str, Path] = {}
+        self.timings: list[str] = []
+        self._t0 = time.monotonic()
+        # Inherit PATH, locale, ... but no AIRFLOW* setting of this process (tests/conftest.py
+        # points AIRFLOW_HOME at the unit tests' home, and tests may set AIRFLOW_CONN_*).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+        env.update(
+            {
+                "PATH": f"{AIRFLOW.parent}{os.pathsep}{env.get('PATH', '')}",
+                "PYTHONUNBUFFERED": "1",
+                "AIRFLOW_HOME": str(home),
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db_path}",
+                "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                "AIRFLOW__CORE__PARALLELISM": "4",
+                "AIRFLOW__CORE__FERNET_KEY": self.fernet_key,
+                "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+                # No login for the REST calls of this test.
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+                "AIRFLOW__API__HOST": "127.0.0.1",
+                "AIRFLOW__API__PORT": str(self.port),
+                "AIRFLOW__API__BASE_URL": f"{self.api}/",
+                "AIRFLOW__API__WORKERS": "1",
+                "AIRFLOW__API__SECRET_KEY": Fernet.generate_key().decode(),
+                "AIRFLOW__API_AUTH__JWT_SECRET": Fernet.generate_key().decode(),
+                # Where task workers (LocalExecutor) report to: the api-server above.
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api}/execution/",
+                "AIRFLOW__LOGGING__COLORED_CONSOLE_LOG": "False",
+                "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
+                "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+                "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "0",
+                "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+                "AIRFLOW_CONN_FLUX_DEFAULT": json.dumps(
+                    {"conn_type": "flux", "host": flux_base_url, "password": TOKEN}
+                ),
+            }
+        )
+        self.env = env
+
+    # ---- processes
+
+    def mark(self, phase: str) -> None:
+        self.timings.append(f"{phase} {time.monotonic() - self._t0:.1f}s")
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        out = subprocess.run(
+            [str(AIRFLOW), *args],
+            env=self.env,
+            cwd=self.home,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        log = self.home / "cli.log"
+        with log.open("a") as fh:
+            fh.write(f"$ airflow {' '.join(args)}  (exit {out.returncode})\n{out.stdout}{out.stderr}\n")
+        assert out.returncode == 0, f"airflow {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}"
+        return out.stdout
+
+    def start(self) -> None:
+        commands = {**COMPONENTS, "api-server": ["api-server", "--host", "127.0.0.1", "--port", str(self.port)]}
+        for name, args in commands.items():
+            path = self.outputs[name] = self.home / f"{name}.out"
+            with path.open("wb") as out:
+                # Own session and process group: stop() signals the whole group, so the
+                # executor's workers, the trigger runner and uvicorn go with their parent.
+                self.procs[name] = subprocess.Popen(
+                    [str(AIRFLOW), *args],
+                    env=self.env,
+                    cwd=self.home,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+
+    def check_alive(self) -> None:
+        dead = {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
+        assert not dead, f"Airflow component(s) exited early: {dead}"
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            # The group may outlive its leader (workers, trigger runner): always finish it off.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+
+    def tails(self) -> str:
+        parts = [f"===== {name} ({path}) =====\n{_tail(path)}" for name, path in self.outputs.items()]
+        parts.append(f"===== CLI =====\n{_tail(self.home / 'cli.log')}")
+        for log in sorted((self.home / "logs").rglob("*")):
+            if log.is_file() and "dag_id=" in str(log):
+                parts.append(f"===== {log.relative_to(self.home)} =====\n{_tail(log, 40)}")
+        return "\n".join(parts)
+
+    # ---- REST API
+
+    def get(self, path: str, **params: Any) -> Any:
+        resp = requests.get(f"{self.api}/api/v2/{path}", params=params, timeout=10)
+        resp.raise_for_status()
+        return resp.json()
+
+    def wait_until(self, what: str, check: Any, timeout: float, interval: float = 0.5) -> Any:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                last = check()
+            except (requests.RequestException, ValueError) as exc:
+                last = exc
+            else:
+                if last:
+                    return last
+            time.sleep(interval)
+        raise AssertionError(f"Timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+    def healthy(self) -> bool:
+        health = self.get("monitor/health")
+        return all(
+            health.get(part, {}).get("status") == "healthy"
+            for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")
+        )
+
+    def dag_parsed(self) -> bool:
+        errors = self.get("importErrors")["import_errors"]
+        assert not errors, f"DAG import errors: {errors}"
+        resp = requests.get(f"{self.api}/api/v2/dags/{DAG_ID}", timeout=10)
+        return resp.status_code == 200
+
+    # ---- metadata DB (read only, next to the running scheduler)
+
+    def query(self, sql: str) -> list[sqlite3.Row]:
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=30)
+        try:
+            conn.row_factory = sqlite3.Row
+            return conn.execute(sql).fetchall()
+        finally:
+            conn.close()
+
+    def decrypt(self, value: str) -> str | None:
+        try:
+            return Fernet(self.fernet_key.encode()).decrypt(value.encode()).decode()
+        except (InvalidToken, ValueError):
+            return None
+
+
+def _watch_run(af: _Airflow, timeout: float) -> tuple[str, dict[str, str], list[str], list[dict[str, Any]]]:
+    """Poll the run until it ends: (run state, task states, states seen for ``wait``, trigger rows)."""
+    deadline = time.monotonic() + timeout
+    wait_states: list[str] = []
+    trigger_rows: list[dict[str, Any]] = []
+    while True:
+        af.check_alive()
+        run = af.get(f"dags/{DAG_ID}/dagRuns/{RUN_ID}")
+        tis = af.get(f"dags/{DAG_ID}/dagRuns/{RUN_ID}/taskInstances")["task_instances"]
+        states = {ti["task_id"]: ti["state"] for ti in tis}
+        state = states.get("wait")
+        if state and (not wait_states or wait_states[-1] != state):
+            wait_states.append(state)
+            af.mark(f"wait:{state}")
+        if state == "deferred" and not trigger_rows:
+            # The trigger row only lives while the task is deferred: look at it now.
+            trigger_rows = [dict(r) for r in af.query("SELECT * FROM trigger")]
+        if run["state"] in ("success", "failed"):
+            return run["state"], states, wait_states, trigger_rows
+        assert time.monotonic() < deadline, f"run still {run['state']} after {timeout:.0f}s: {states}"
+        time.sleep(0.3)
+
+
+def _token_leaks_in_db(af: _Airflow) -> list[str]:
+    """Every table/column of the metadata DB holding the token, fernet-encrypted values included."""
+    leaks = []
+    tables = [r["name"] for r in af.query("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    for table in tables:
+        for row in af.query(f'SELECT * FROM "{table}"'):
+            for column, value in zip(row.keys(), tuple(row), strict=True):
+                if isinstance(value, bytes):
+                    value = value.decode("utf-8", errors="replace")
+                if not isinstance(value, str):
+                    continue
+                plain = af.decrypt(value) if value.startswith("gAAAAA") else None
+                if TOKEN in value or (plain and TOKEN in plain):
+                    leaks.append(f"{table}.{column}")
+    return leaks
+
+
+def test_submit_and_deferred_sensor_on_real_scheduler_and_triggerer(tmp_path: Path) -> None:
+    started = time.monotonic()
+    home = tmp_path / "airflow_home"
+    home.mkdir()
+    with FluxEmulator(queue_seconds=3, run_seconds=12) as emu:
+        af = _Airflow(home, emu.base_url)
+        try:
+            af.cli("db", "migrate")
+            af.mark("db migrated")
+            af.start()
+            af.wait_until("a healthy scheduler, triggerer and dag-processor", af.healthy, timeout=120)
+            af.mark("healthy")
+            af.wait_until(f"DAG {DAG_ID} to be parsed", af.dag_parsed, timeout=90)
+            af.mark("dag parsed")
+            af.cli("dags", "unpause", DAG_ID)
+            af.cli("dags", "trigger", DAG_ID, "--run-id", RUN_ID)
+            af.mark("triggered")
+            run_state, states, wait_states, trigger_rows = _watch_run(af, timeout=180)
+            af.mark("run finished")
+
+            # ---- the run, and the proof that the wait left the worker for the triggerer
+            assert run_state == "success", states
+            assert states == {"submit": "success", "wait": "success"}
+            assert "deferred" in wait_states, f"'wait' was never seen deferred: {wait_states}"
+            assert wait_states[-1] == "success"
+
+            # ---- what the emulator saw: one paid submit, the status stream, all with the token
+            assert len(emu.calls(kind="submit")) == 1, [r.kind for r in emu.requests]
+            assert emu.calls(kind="stream"), [r.kind for r in emu.requests]
+            assert emu.calls(kind="result"), [r.kind for r in emu.requests]
+            api_calls = [r for r in emu.requests if r.kind in ("submit", "status", "stream", "result", "cancel")]
+            assert all(r.authorization and TOKEN in r.authorization for r in api_calls)
+            assert not emu.calls(kind="cancel")
+            (request_id,) = emu.jobs
+
+            # ---- the sensor's result, through the REST API and in the xcom table
+            handle = af.get(f"dags/{DAG_ID}/dagRuns/{RUN_ID}/taskInstances/submit/xcomEntries/return_value")["value"]
+            result = af.get(f"dags/{DAG_ID}/dagRuns/{RUN_ID}/taskInstances/wait/xcomEntries/return_value")["value"]
+            handle, result = (json.loads(v) if isinstance(v, str) else v for v in (handle, result))
+            assert handle["request_id"] == request_id
+            assert result["request_id"] == request_id
+            assert result["prompt"] == "a fox seen by a real scheduler"
+            assert len(result["images"]) == 1 and result["images"][0]["url"]
+            xcom_rows = af.query(f"SELECT task_id, key FROM xcom WHERE dag_id = '{DAG_ID}'")
+            assert {(r["task_id"], r["key"]) for r in xcom_rows} >= {
+                ("submit", "return_value"),
+                ("wait", "return_value"),
+            }
+
+            # ---- the token: nowhere in the DB (trigger kwargs decrypted), nowhere in the logs
+            assert trigger_rows, "no trigger row seen while 'wait' was deferred"
+            for row in trigger_rows:
+                assert row["classpath"] == "airflow_flux.triggers.flux.FluxStatusTrigger"
+                kwargs = af.decrypt(row["kwargs"]) or row["kwargs"]
+                assert request_id in kwargs and "flux_default" in kwargs
+                assert TOKEN not in kwargs and TOKEN not in json.dumps(row, default=str)
+            assert af.query(f"SELECT * FROM rendered_task_instance_fields WHERE dag_id = '{DAG_ID}'")
+            assert _token_leaks_in_db(af) == []
+            logs = [p for p in (home / "logs").rglob("*") if p.is_file()]
+            task_logs = [p for p in logs if "dag_id=" in str(p)]
+            assert len(task_logs) >= 2, logs
+            leaking = [str(p) for p in [*logs, *af.outputs.values()] if TOKEN in p.read_text(errors="replace")]
+            assert leaking == []
+
+            # ---- the trigger's progress lines reached the sensor's task log
+            wait_logs = "\n".join(p.read_text(errors="replace") for p in task_logs if "task_id=wait" in str(p))
+            assert f"FLUX request {request_id} is IN_PROGRESS" in wait_logs
+            assert f"FLUX request {request_id} completed with 1 image(s)." in wait_logs
+        except BaseException:
+            print(f"\n---------- Airflow output (home {home}) ----------\n{af.tails()}")
+            raise
+        finally:
+            af.stop()
+            af.mark("stopped")
+            print(f"\nphases (since start): {', '.join(af.timings)}; total {time.monotonic() - started:.1f}s")
