@@ -94,3 +94,14 @@ with DAG("flux_test_batch_to_s3", schedule=None, start_date=START, params=S3_PAR
     FluxToS3Operator(
         task_id="to_s3", source=waits.output, s3_bucket="{{ params.bucket }}", s3_key_prefix="batch/{{ run_id }}"
     )
+
+with DAG("flux_test_no_triggerer", schedule=None, start_date=START, params=PARAMS, catchup=False):
+    # Without a triggerer: the same waits, polled from the worker.
+    FluxGenerateOperator(
+        task_id="generate", prompt="{{ params.prompt }}", deferrable=False, poll_interval=0.1, wait_timeout=30
+    )
+    submit = FluxSubmitOperator(task_id="submit", prompt="{{ params.prompt }}")
+    FluxStatusSensor(task_id="poke", request=submit.output, deferrable=False, poke_interval=0.2, timeout=30)
+    FluxStatusSensor(
+        task_id="reschedule", request=submit.output, deferrable=False, mode="reschedule", poke_interval=0.2, timeout=30
+    )

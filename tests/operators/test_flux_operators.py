@@ -130,3 +130,26 @@ def test_bad_rendered_value_fails_before_any_call(dags, flux_default, capfd):
     assert dr.state == "failed"
     assert "prompt: must be a non-empty string" in capfd.readouterr().out
     assert flux_default.requests == []
+
+
+def test_without_a_triggerer_the_worker_polls_with_the_same_hook(dags, flux_default):
+    dr = dags.get_dag("flux_test_no_triggerer").test(run_conf={"prompt": "a polled fox"})
+    assert dr.state == "success", task_states(dr)
+    assert xcom(dr, "generate")["prompt"] == "a polled fox"
+    assert xcom(dr, "poke")["request_id"] == xcom(dr, "submit")["request_id"]
+    assert xcom(dr, "reschedule")["request_id"] == xcom(dr, "submit")["request_id"]
+    assert flux_default.calls(kind="stream") == []
+    # Polling backs off: far fewer status calls than 10 per second of waiting.
+    assert len(flux_default.calls(kind="status")) < 20
+
+
+def test_extra_link_points_at_the_request(dags, flux_default):
+    from airflow_flux.operators.flux import LINK_XCOM_KEY
+
+    dr = dags.get_dag("flux_test_submit_sensor").test(run_conf={"prompt": "a linked fox"})
+    assert dr.state == "success", task_states(dr)
+    (ti,) = [ti for ti in dr.get_task_instances() if ti.task_id == "submit"]
+    handle = xcom(dr, "submit")
+    assert ti.xcom_pull(task_ids="submit", key=LINK_XCOM_KEY) == handle["response_url"]
+    # Airflow stores the rendered link itself under the link's own key at the end of the task.
+    assert ti.xcom_pull(task_ids="submit", key="_link_FluxRequestLink") == handle["response_url"]
