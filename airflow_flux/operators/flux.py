@@ -296,8 +296,13 @@ class FluxSubmitOperator(BaseOperator):
         self.reuse_request = reuse_request
         self._validate_known_values()
 
-    def _request_fields(self) -> dict[str, Any]:
-        fields = dict(self.extra_input or {})
+    def _request_fields(self, *, known_only: bool = False) -> dict[str, Any]:
+        extra = self.extra_input
+        if extra is None or (known_only and _is_templated(extra)):
+            extra = {}
+        if not isinstance(extra, Mapping):
+            raise FluxValidationError(f"extra_input: must be a mapping of input fields (got {type(extra).__name__})")
+        fields = dict(extra)
         fields.update({name: getattr(self, name) for name in REQUEST_FIELDS if getattr(self, name) is not None})
         return fields
 
@@ -306,7 +311,7 @@ class FluxSubmitOperator(BaseOperator):
         endpoint = self.endpoint
         if endpoint is not None and _is_templated(endpoint):
             return
-        fields = {k: v for k, v in self._request_fields().items() if not _is_templated(v)}
+        fields = {k: v for k, v in self._request_fields(known_only=True).items() if not _is_templated(v)}
         if "prompt" not in fields and self.prompt is not None:
             fields["prompt"] = "(templated)"  # checked after rendering
         try:

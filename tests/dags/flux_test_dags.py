@@ -105,3 +105,23 @@ with DAG("flux_test_no_triggerer", schedule=None, start_date=START, params=PARAM
     FluxStatusSensor(
         task_id="reschedule", request=submit.output, deferrable=False, mode="reschedule", poke_interval=0.2, timeout=30
     )
+
+with DAG(
+    "flux_test_templated_input",
+    schedule=None,
+    start_date=START,
+    catchup=False,
+    render_template_as_native_obj=True,
+    params={"input": Param({"prompt": "a fox"}, type="object")},
+):
+    # Every request field comes from the run's conf: validated after rendering, before any call.
+    FluxSubmitOperator(
+        task_id="submit",
+        prompt="{{ params.input.prompt }}",
+        num_images="{{ params.input.get('num_images') }}",
+        guidance_scale="{{ params.input.get('guidance_scale') }}",
+        aspect_ratio="{{ params.input.get('aspect_ratio') }}",
+        output_format="{{ params.input.get('output_format') }}",
+        safety_tolerance="{{ params.input.get('safety_tolerance') }}",
+        extra_input="{{ params.input.get('extra', {}) }}",
+    )

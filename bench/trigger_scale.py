@@ -1,0 +1,666 @@
+"""Part 2 of issue #6: many concurrent waits in one asyncio loop, as the triggerer runs them.
+
+For each N (default 1,000 and 5,000) and each contender, a fresh emulator process (open-file
+limit raised, ``--run-seconds`` so that a generation lasts ``--gen-seconds``) gets N submits
+from this process; then a *separate worker process* (this script with ``--worker``) loads the
+N handles, does one untimed warm-up wait (lazy imports, connection lookup), takes its
+baseline (RSS, CPU), creates the N triggers and runs every ``trigger.run()`` in its own task
+of one event loop (``async for event in trigger.run()``, like ``TriggerRunner.run_trigger``),
+sampling RSS and CPU every 0.5 s until every task has its event or the deadline passes.
+The worker measures only itself: the emulator and the submits live in other processes.
+Trigger logs go, at INFO, to a file (a triggerer writes them too).
+
+Contenders:
+
+* ``flux_sse``: ``FluxStatusTrigger`` as the provider defers to it (SSE, result fetched).
+* ``flux_poll``: the same trigger when the stream is refused: its polling fallback.
+* ``floor``: bare SSE waits sharing one aiohttp session (stream, then the result): what a
+  wait costs at the least with aiohttp.
+* ``floor_own_session``: the same bare wait, but with its own ``ClientSession`` per wait, as
+  each ``FluxStatusTrigger`` has today (its ``FluxHook`` opens one): the price of that choice.
+* ``http_status``: ``HttpSensorTrigger`` (poke 5 s) on ``status_url``, as a user would point
+  it at fal: it takes the 202 of a queued request for success (false events).
+* ``http_404``: ``HttpSensorTrigger`` (poke 5 s) on a URL that answers 404 until the image
+  exists (the emulator's CDN path): what an ``HttpSensorTrigger`` wait costs when it does wait.
+
+What-if variants (``--contenders flux_sse_shared ...``, not run by default): ``flux_sse``
+with ``FluxHook`` patched from here to share one ``ClientSession`` (``limit=0``) per event
+loop, and/or with ``[logging] namespace_levels = airflow_flux=WARNING``.
+
+Per wait: lost = no event by the deadline; false = event before the emulator's COMPLETED
+time or not a success; late = event more than 2 s after COMPLETED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+CONTENDERS = ("flux_sse", "flux_poll", "floor", "floor_own_session", "http_status", "http_404")
+#: What-if variants of flux_sse (not run by default): the trigger with a candidate fix applied
+#: from the outside, to measure what the fix would buy before anyone changes the provider.
+WHAT_IF = ("flux_sse_shared", "flux_sse_quiet", "flux_sse_shared_quiet")
+LABELS = {
+    "flux_sse": "FluxStatusTrigger (SSE)",
+    "flux_poll": "FluxStatusTrigger (polling fallback)",
+    "floor": "bare SSE, one shared session (floor)",
+    "floor_own_session": "bare SSE, one session per wait",
+    "http_status": "HttpSensorTrigger 5 s on status_url",
+    "http_404": "HttpSensorTrigger 5 s, 404 until done",
+    "flux_sse_shared": "what-if: FluxStatusTrigger, one shared session per loop",
+    "flux_sse_quiet": "what-if: FluxStatusTrigger, airflow_flux logs at WARNING",
+    "flux_sse_shared_quiet": "what-if: both",
+}
+FLUX_CONN = "flux_bench"
+HTTP_CONN = "http_bench"
+LATE_AFTER = 2.0
+SPREAD_SLOTS = 30
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") / 1024
+
+
+# ============================================================================ worker side
+
+
+def rss_kb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * PAGE_KB
+
+
+def hwm_kb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1])
+    return float("nan")
+
+
+def reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) so it covers the wait only."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def cdn_path(handle: dict[str, Any]) -> str:
+    return f"/cdn/files/{handle['request_id']}/0.jpg"
+
+
+def make_waiter(contender: str, handle: dict[str, Any], shared: dict[str, Any]) -> Any:
+    """An object with an async-generator ``run()`` yielding one event (trigger or floor)."""
+    from urllib.parse import urlsplit
+
+    if contender.startswith("flux_"):
+        from airflow_flux.triggers.flux import FluxStatusTrigger
+
+        return FluxStatusTrigger(flux_conn_id=FLUX_CONN, handle=handle)
+    if contender in ("http_status", "http_404"):
+        from airflow.providers.http.triggers.http import HttpSensorTrigger
+
+        endpoint = urlsplit(handle["status_url"]).path if contender == "http_status" else cdn_path(handle)
+        return HttpSensorTrigger(endpoint=endpoint, http_conn_id=HTTP_CONN, poke_interval=5.0)
+    return FloorWait(handle, shared if contender == "floor" else None)
+
+
+class FloorWait:
+    """The least an SSE wait can cost with aiohttp: one shared session, no parsing beyond a
+    substring test, then the result."""
+
+    def __init__(self, handle: dict[str, Any], shared: dict[str, Any] | None) -> None:
+        self.handle = handle
+        self.shared = shared
+
+    async def run(self) -> Any:
+        import aiohttp
+
+        if self.shared is None:
+            async with aiohttp.ClientSession() as session:
+                async for event in self._wait(session):
+                    yield event
+        else:
+            async for event in self._wait(self.shared["session"]):
+                yield event
+
+    async def _wait(self, session: aiohttp.ClientSession) -> Any:
+        import aiohttp
+
+        headers = {"Authorization": f"Bearer {common.TOKEN}", "Accept": "text/event-stream"}
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
+        done = False
+        async with session.get(
+            self.handle["status_url"] + "/stream", params={"logs": "1"}, headers=headers, timeout=timeout
+        ) as resp:
+            async for line in resp.content:
+                if line.startswith(b"data:") and b'"COMPLETED"' in line:
+                    done = True
+                    break
+        if not done:
+            yield {"status": "error"}
+            return
+        async with session.get(self.handle["response_url"], headers={"Authorization": headers["Authorization"]}) as r:
+            await r.read()
+            yield {"status": "success" if r.status == 200 else f"HTTP {r.status}"}
+
+
+def payload_status(payload: Any) -> str:
+    if isinstance(payload, dict):
+        return str(payload.get("status"))
+    return f"payload {payload!r}"
+
+
+async def worker_async(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
+    import aiohttp
+
+    warmup, handles = data["warmup"], data["handles"]
+    shared: dict[str, Any] = {}
+    if args.worker == "floor":
+        shared["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    rss_imports = rss_kb()
+
+    # Untimed warm-up on an already completed request.
+    t = time.monotonic()
+    async for _ in make_waiter(args.worker, warmup, shared).run():
+        pass
+    warmup_s = time.monotonic() - t
+    del t
+    gc.collect()
+    await asyncio.sleep(0.2)
+    if args.snapshot_at:
+        import tracemalloc
+
+        tracemalloc.start(args.trace_frames)
+        trace_base = tracemalloc.take_snapshot()
+    rss_base = rss_kb()
+    hwm_reset = reset_hwm()
+
+    profiler = None
+    if args.cprofile:
+        import cProfile
+
+        profiler = cProfile.Profile(time.process_time)  # CPU, not time spent idle in epoll
+        profiler.enable()
+    events: dict[str, tuple[float, str]] = {}
+    errors: dict[str, str] = {}
+    samples: list[tuple[float, float, float, int]] = []
+    t0, cpu0 = time.time(), cpu_s()
+
+    async def consume(rid: str, waiter: Any) -> None:
+        try:
+            async for event in waiter.run():
+                payload = getattr(event, "payload", event)
+                if rid not in events:
+                    events[rid] = (time.time(), payload_status(payload))
+        except Exception as exc:  # counted as lost, with the reason
+            errors[rid] = f"{type(exc).__name__}: {exc}"[:300]
+
+    waiters = [(h["request_id"], make_waiter(args.worker, h, shared)) for h in handles]
+    tasks = [asyncio.create_task(consume(rid, w)) for rid, w in waiters]
+    del waiters
+    rss_created = rss_kb()
+
+    async def sampler() -> None:
+        while True:
+            samples.append((time.time(), rss_kb(), cpu_s() - cpu0, len(events)))
+            await asyncio.sleep(0.5)
+
+    sampling = asyncio.create_task(sampler())
+    top: list[str] = []
+
+    async def snapshot() -> None:
+        import tracemalloc
+
+        await asyncio.sleep(max(0.0, args.snapshot_at - time.time()))
+        diff = tracemalloc.take_snapshot().compare_to(trace_base, args.trace_group)
+        n = len(handles)
+        for stat in diff[:25]:
+            where = " <- ".join(
+                f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}" for f in stat.traceback
+            )
+            top.append(f"{stat.size_diff / n / 1024:7.2f} KB/wait {stat.count_diff / n:6.1f} blocks/wait  {where}")
+        total = sum(stat.size_diff for stat in diff)
+        top.insert(0, f"total traced growth {total / n / 1024:.2f} KB/wait")
+
+    snapshotting = asyncio.create_task(snapshot()) if args.snapshot_at else None
+    _, pending = await asyncio.wait(tasks, timeout=max(1.0, args.deadline - time.time()))
+    t_end, cpu_end = time.time(), cpu_s() - cpu0
+    if profiler is not None:
+        profiler.disable()
+    samples.append((t_end, rss_kb(), cpu_end, len(events)))
+    sampling.cancel()
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, sampling, return_exceptions=True)
+    if snapshotting is not None:
+        await snapshotting
+    if "session" in shared:
+        await shared["session"].close()
+    return {
+        "contender": args.worker,
+        "n": len(handles),
+        "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "warmup_s": warmup_s,
+        "rss_imports_kb": rss_imports,
+        "rss_base_kb": rss_base,
+        "rss_created_kb": rss_created,
+        "hwm_kb": hwm_kb() if hwm_reset else None,
+        "t0": t0,
+        "t_end": t_end,
+        "last_event": max((e[0] for e in events.values()), default=None),
+        "cpu_s": cpu_end,
+        "samples": samples,
+        "events": events,
+        "errors": errors,
+        "pending": len(pending),
+        "tracemalloc_top": top,
+        "profile": profile_summary(profiler) if profiler is not None else [],
+    }
+
+
+#: (substring of a code path, group) - first match wins.
+PROFILE_GROUPS = (
+    ("airflow_flux/", "airflow_flux"),
+    ("structlog", "logging (structlog/stdlib)"),
+    ("/logging/", "logging (structlog/stdlib)"),
+    ("aiohttp", "aiohttp"),
+    ("yarl", "aiohttp"),
+    ("multidict", "aiohttp"),
+    ("pydantic", "pydantic"),
+    ("tenacity", "tenacity"),
+    ("/asyncio/", "asyncio"),
+    ("/airflow/", "airflow (connection lookup, masking, triggers)"),
+    ("/json/", "json"),
+    ("bench/", "benchmark harness"),
+)
+
+
+def profile_summary(profiler: Any, top: int = 20) -> list[str]:
+    """CPU by group of code (own time) and the costliest functions, from cProfile."""
+    import pstats
+
+    stats = pstats.Stats(profiler)
+    total = sum(v[2] for v in stats.stats.values()) or 1.0  # type: ignore[attr-defined]
+    groups: dict[str, float] = {}
+    rows = []
+    for (filename, lineno, func), (_cc, _nc, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        group = next((g for key, g in PROFILE_GROUPS if key in filename), "other (C builtins, stdlib)")
+        groups[group] = groups.get(group, 0.0) + tottime
+        short = "/".join(Path(filename).parts[-2:])
+        rows.append((tottime, cumtime, f"{short}:{lineno}({func})"))
+    lines = [f"{100 * t / total:5.1f} %  {g}" for g, t in sorted(groups.items(), key=lambda kv: -kv[1])]
+    lines.append("top functions by own time (own s, cumulative s):")
+    lines += [f"{t:7.3f} {c:7.3f}  {name}" for t, c, name in sorted(rows, reverse=True)[:top]]
+    return lines
+
+
+def share_one_session_per_loop() -> None:
+    """What-if: every FluxHook on a loop uses one ClientSession (no per-hook session/connector)."""
+    import aiohttp
+
+    from airflow_flux.hooks.flux import FluxHook
+
+    sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+
+    async def _aget_session(self: Any) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        session = sessions.get(loop)
+        if session is None or session.closed:
+            # limit=0: each open stream holds a connection for the whole wait.
+            session = sessions[loop] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        return session
+
+    async def aclose(self: Any) -> None:
+        return None
+
+    FluxHook._aget_session = _aget_session  # type: ignore[method-assign]
+    FluxHook.aclose = aclose  # type: ignore[method-assign]
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    common.raise_nofile()
+    if args.worker in ("flux_sse_shared", "flux_sse_shared_quiet"):
+        share_one_session_per_loop()
+    # Everything a triggerer would have imported before the triggers arrive.
+    import aiohttp  # noqa: F401
+    from airflow.providers.http.triggers.http import HttpSensorTrigger  # noqa: F401
+
+    from airflow_flux.hooks.flux import FluxHook  # noqa: F401
+    from airflow_flux.triggers.flux import FluxStatusTrigger  # noqa: F401
+
+    data = json.loads(Path(args.handles).read_text())
+    result = asyncio.run(worker_async(args, data))
+    Path(args.out).write_text(json.dumps(result))
+
+
+# ============================================================================ parent side
+
+
+def interp_cpu(samples: list[list[float]], at: float) -> float:
+    prev = samples[0]
+    for s in samples:
+        if s[0] >= at:
+            if s[0] == prev[0]:
+                return s[2]
+            return prev[2] + (s[2] - prev[2]) * (at - prev[0]) / (s[0] - prev[0])
+        prev = s
+    return samples[-1][2]
+
+
+def run_one(args: argparse.Namespace, contender: str, n: int, tmp: Path) -> dict[str, Any]:
+    queue = min(args.queue_seconds, args.gen_seconds)
+    with common.Emulator(queue_seconds=queue, run_seconds=args.gen_seconds - queue, ping_interval=15.0) as emu:
+        if contender == "flux_poll":
+            emu.scenario(None, stream="refuse")
+            emu.scenario("#warmup#", queue_seconds=0.0, run_seconds=0.1, stream="refuse")
+        else:
+            emu.scenario("#warmup#", queue_seconds=0.0, run_seconds=0.1)
+        slots = SPREAD_SLOTS if args.spread > 0 else 1
+        for k in range(1, slots):
+            # Completions spread evenly over --spread seconds instead of one burst.
+            extra = {"stream": "refuse"} if contender == "flux_poll" else {}
+            emu.scenario(
+                f"#s{k}#", queue_seconds=queue, run_seconds=args.gen_seconds - queue + k * args.spread / slots, **extra
+            )
+        t_submit = time.time()
+        (warmup,) = asyncio.run(common.submit_many(emu.base_url, ["#warmup# scale"]))
+        prompts = [f"scale {contender} {i} #s{i % slots}#" for i in range(n)]
+        handles = asyncio.run(common.submit_many(emu.base_url, prompts))
+        submit_s = time.time() - t_submit
+        handles_file = tmp / f"handles-{contender}-{n}.json"
+        handles_file.write_text(json.dumps({"warmup": warmup, "handles": handles}))
+        out = tmp / f"result-{contender}-{n}.json"
+        log = tmp / f"worker-{contender}-{n}.log"
+        deadline = time.time() + args.gen_seconds + args.spread + args.grace + 10
+        env = dict(os.environ)
+        common.flux_conn(FLUX_CONN, emu.base_url, env)
+        common.http_conn(HTTP_CONN, emu.base_url, env)
+        if contender.endswith("_quiet"):
+            env["AIRFLOW__LOGGING__NAMESPACE_LEVELS"] = "airflow_flux=WARNING"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(common.REPO), env.get("PYTHONPATH", "")]))
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            contender,
+            "--handles",
+            str(handles_file),
+            "--out",
+            str(out),
+            "--deadline",
+            f"{deadline:.3f}",
+        ]
+        if args.cprofile:
+            cmd.append("--cprofile")
+        if args.tracemalloc:
+            first_done = min(j["submitted_at"] for j in emu.jobs().values()) + args.gen_seconds
+            cmd += ["--snapshot-at", f"{first_done - 3:.3f}", "--trace-frames", str(args.trace_frames)]
+            cmd += ["--trace-group", args.trace_group]
+        import psutil
+
+        emu_proc = psutil.Process(emu.pid)
+        emu_cpu0 = sum(emu_proc.cpu_times()[:2])
+        with open(log, "wb") as fh:
+            proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=common.REPO, check=False)
+        emu_cpu = sum(emu_proc.cpu_times()[:2]) - emu_cpu0
+        if proc.returncode != 0:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"worker {contender} N={n} failed ({proc.returncode}):\n{tail}")
+        result = json.loads(out.read_text())
+        records = emu.requests()
+        jobs = emu.jobs()
+    result["submit_s"] = submit_s
+    result["emulator_cpu_s"] = emu_cpu
+    result["log_lines"] = log.read_bytes().count(b"\n")
+    analyse(result, handles, records, jobs)
+    for path in (handles_file, out):
+        path.unlink()
+    return result
+
+
+def analyse(
+    result: dict[str, Any], handles: list[dict[str, Any]], records: list[dict[str, Any]], jobs: dict[str, Any]
+) -> None:
+    ids = {h["request_id"] for h in handles}
+    events = result.pop("events")
+    calls = common.calls_by_request(records)
+    first_call = common.first_call_after_submit(records)
+    completed = {rid: jobs[rid]["completed_at"] for rid in ids}
+    delays, lost, late, false = [], 0, 0, 0
+    statuses: dict[str, int] = {}
+    for rid in ids:
+        if rid not in events:
+            lost += 1
+            continue
+        t_event, status = events[rid]
+        statuses[status] = statuses.get(status, 0) + 1
+        done = completed[rid]
+        success = status in ("success", "payload True")
+        if done is None or t_event < done or not success:
+            false += 1
+            continue
+        delays.append(t_event - done)
+        if t_event - done > LATE_AFTER:
+            late += 1
+    kinds: dict[str, float] = {}
+    for rid in ids:
+        for kind, count in calls.get(rid, {}).items():
+            if kind != "submit":
+                kinds[kind] = kinds.get(kind, 0) + count / len(ids)
+    samples = result["samples"]
+    base = result["rss_base_kb"]
+    n = result["n"]
+    # Steady state: every wait set up (last first call seen by the emulator, +1 s) until
+    # the first completion (-0.5 s).
+    setups = [first_call[rid] for rid in ids if rid in first_call]
+    steady_from = (max(setups) + 1.0) if setups and len(setups) == len(ids) else None
+    steady_to = min((c for c in completed.values() if c is not None), default=None)
+    steady = None
+    if steady_from is not None and steady_to is not None and steady_to - 0.5 - steady_from >= 3:
+        a, b = steady_from, steady_to - 0.5
+        window = [s for s in samples if a <= s[0] <= b]
+        steady = {
+            "seconds": b - a,
+            "cpu_pct": 100 * (interp_cpu(samples, b) - interp_cpu(samples, a)) / (b - a),
+            "rss_kb": common.median([s[1] for s in window]) if window else None,
+        }
+    peak = max([s[1] for s in samples] + ([result["hwm_kb"]] if result.get("hwm_kb") else []))
+    end = result["last_event"] or result["t_end"]
+    wall = end - result["t0"]
+    cpu_at_end = interp_cpu(samples, end)
+    result.update(
+        {
+            "lost": lost,
+            "late": late,
+            "false": false,
+            "statuses": statuses,
+            "calls_per_wait": kinds,
+            "delay_p50": common.percentile(delays, 50),
+            "delay_p99": common.percentile(delays, 99),
+            "delay_max": max(delays) if delays else None,
+            "wall_s": wall,
+            "cpu_wait_s": cpu_at_end,
+            "cpu_pct": 100 * cpu_at_end / wall if wall > 0 else None,
+            "cpu_ms_per_wait": 1000 * cpu_at_end / n,
+            "peak_rss_mb": peak / 1024,
+            "peak_kb_per_wait": (peak - base) / n,
+            "created_kb_per_wait": (result["rss_created_kb"] - base) / n,
+            "steady": steady,
+            "steady_kb_per_wait": (steady["rss_kb"] - base) / n if steady and steady["rss_kb"] else None,
+            "errors_sample": sorted(set(result.get("errors", {}).values()))[:5],
+        }
+    )
+    result.pop("samples")
+    result["n_errors"] = len(result.pop("errors", {}))
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in results:
+        ref = next((x for x in results if x["contender"] == "flux_sse" and x["n"] == r["n"]), None)
+        calls = r["calls_per_wait"]
+        calls_txt = ", ".join(f"{k} {v:.1f}" for k, v in sorted(calls.items())) or "-"
+        steady = r["steady"] or {}
+        rows.append(
+            [
+                f"{r['n']:,}",
+                LABELS[r["contender"]],
+                f"{r['wall_s']:.1f}",
+                f"{r['cpu_wait_s']:.1f}",
+                f"{r['cpu_pct']:.1f}",
+                common.fmt(steady.get("cpu_pct"), 1),
+                f"{r['cpu_ms_per_wait']:.2f}",
+                common.ratio(r["cpu_wait_s"], ref and ref["cpu_wait_s"]),
+                f"{r['peak_rss_mb']:.0f}",
+                common.fmt(r["steady_kb_per_wait"], 1),
+                f"{r['peak_kb_per_wait']:.1f}",
+                common.ratio(r["peak_kb_per_wait"], ref and ref["peak_kb_per_wait"]),
+                calls_txt,
+                r["lost"],
+                r["late"],
+                r["false"],
+                " / ".join(common.fmt(r[k], 2) for k in ("delay_p50", "delay_p99", "delay_max")),
+            ]
+        )
+    headers = [
+        "N",
+        "contender",
+        "wall s",
+        "CPU s",
+        "CPU % of a core",
+        "steady CPU %",
+        "CPU ms/wait",
+        "CPU vs flux_sse",
+        "peak RSS MB",
+        "KB/wait steady",
+        "KB/wait peak",
+        "KB/wait vs flux_sse",
+        "calls/wait",
+        "lost",
+        "late",
+        "false",
+        "delay s p50/p99/max",
+    ]
+    return common.md_table(headers, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, nargs="+", default=[1000, 5000], help="concurrent waits")
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS + WHAT_IF)
+    parser.add_argument("--gen-seconds", type=float, default=60.0, help="generation time (queue + run)")
+    parser.add_argument("--queue-seconds", type=float, default=1.0, help="part of it spent IN_QUEUE")
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=0.0,
+        help="spread the completions over this many seconds (default 0: all N complete within the submit burst)",
+    )
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds after the generation before 'lost'")
+    parser.add_argument("--quick", action="store_true", help="200 waits, 10 s generations")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="diagnosis only (slows everything): print what the waits allocate, just before completions",
+    )
+    parser.add_argument("--trace-frames", type=int, default=1, help="traceback depth with --tracemalloc")
+    parser.add_argument("--trace-group", default="traceback", choices=["traceback", "filename", "lineno"])
+    parser.add_argument(
+        "--cprofile", action="store_true", help="diagnosis only (slows everything): where the waits spend CPU"
+    )
+    parser.add_argument("--worker", choices=CONTENDERS + WHAT_IF, help=argparse.SUPPRESS)
+    parser.add_argument("--snapshot-at", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--handles", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    common.airflow_env()
+    if args.worker:
+        worker_main(args)
+        return
+    if args.quick:
+        args.n, args.gen_seconds = [200], 10.0
+
+    common.raise_nofile()
+    common.print_header("Concurrent waits in one event loop (issue #6, part 2)")
+    started = time.monotonic()
+    results = []
+    loads = []
+    with tempfile.TemporaryDirectory(prefix="flux-scale-") as tmp:
+        for n in args.n:
+            for contender in args.contenders:
+                loads.append(common.load_average())
+                r = run_one(args, contender, n, Path(tmp))
+                r["load_before"] = loads[-1]
+                results.append(r)
+                print(
+                    f"<!-- {contender} N={n}: wall {r['wall_s']:.1f} s, CPU {r['cpu_wait_s']:.1f} s, "
+                    f"peak {r['peak_kb_per_wait']:.1f} KB/wait, lost {r['lost']}, false {r['false']}, "
+                    f"late {r['late']}, errors {r['n_errors']} {r['errors_sample']}, load {loads[-1]} -->",
+                    flush=True,
+                )
+    print()
+    print(table(results))
+    print(
+        f"\nGenerations of {args.gen_seconds:g} s ({args.queue_seconds:g} s queued)"
+        + (f", lengthened by up to {args.spread:g} s to spread the completions" if args.spread else "")
+        + ". CPU and RSS are the worker "
+        "process's only, from its baseline after imports and one warm-up wait until the last event; "
+        "'steady' = from the moment every wait is set up until the first completion. "
+        f"Late = event > {LATE_AFTER:g} s after COMPLETED. Delay = event - COMPLETED (true events)."
+    )
+    print("\nDetails per run (baseline RSS, set-up, emulator CPU, event statuses, log lines):\n")
+    for r in results:
+        print(
+            f"- {r['contender']} N={r['n']}: RSS after imports {r['rss_imports_kb'] / 1024:.0f} MB, baseline "
+            f"{r['rss_base_kb'] / 1024:.0f} MB, {r['created_kb_per_wait']:.1f} KB/wait right after creating the "
+            f"tasks; submits {r['submit_s']:.1f} s; emulator CPU {r['emulator_cpu_s']:.1f} s; statuses "
+            f"{r['statuses']}; errors {r['n_errors']}; {r['log_lines']} log lines; open-file limit {r['nofile']}; "
+            f"load before {r['load_before']}"
+        )
+    goal = [r for r in results if r["contender"] == "flux_sse"]
+    for r in goal:
+        verdict = []
+        verdict.append(f"{r['peak_kb_per_wait']:.1f} KB/wait {'<=' if r['peak_kb_per_wait'] <= 25 else '>'} 25")
+        verdict.append(f"{r['cpu_pct']:.1f} % of a core {'<=' if r['cpu_pct'] <= 5 else '>'} 5")
+        verdict.append(f"lost {r['lost']}, false {r['false']}")
+        print(f"\nGoal check flux_sse N={r['n']:,}: " + "; ".join(verdict))
+    for r in results:
+        if r.get("profile"):
+            print(f"\ncProfile, {r['contender']} N={r['n']} (share of profiled own time):\n")
+            print("\n".join(f"    {line}" for line in r["profile"]))
+        if r.get("tracemalloc_top"):
+            print(f"\ntracemalloc, {r['contender']} N={r['n']} (growth over the baseline):\n")
+            print("\n".join(f"    {line}" for line in r["tracemalloc_top"]))
+    print(f"\nLoad average at the end: {common.load_average()}; wall time {time.monotonic() - started:.0f} s.")
+    print(f"\nCommand: `{common.command_line()}`")
+    common.dump_json(args.json, {"facts": common.machine_facts(), "args": vars(args), "results": results})
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
