@@ -9,6 +9,7 @@ flight (tests/operators), broken download (tests/transfers), triggerer restart
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -32,7 +33,7 @@ def _to_s3(dags, s3, prompt: str):
 
 
 def _gaps(calls) -> list[float]:
-    return [b.time - a.time for a, b in zip(calls, calls[1:], strict=False)]
+    return [b.time - a.time for a, b in itertools.pairwise(calls)]
 
 
 def test_submit_429_waits_as_told_then_submits_once(dags, flux_default):

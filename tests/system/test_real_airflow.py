@@ -4,7 +4,9 @@ Unlike ``dag.test()`` (which runs triggers in line, in the test process), this r
 DAG in ``tests/system/dags`` the way production does: the scheduler hands the tasks to the
 LocalExecutor, the sensor defers, the *triggerer* process imports ``FluxStatusTrigger`` from
 its trigger row, looks the connection up itself and follows the emulator's status stream,
-and the scheduler resumes the sensor on the trigger's event.
+and the scheduler resumes the sensor on the trigger's event. Mid-wait the triggerer is
+killed (SIGKILL) and a new one started: the wait resumes from the trigger row, with no
+second submit.
 
 The fal emulator runs in a thread of this process on 127.0.0.1; the Airflow processes get a
 throw-away ``AIRFLOW_HOME`` (SQLite), their own port, and ``flux_default`` as an
@@ -107,6 +109,8 @@ class _Airflow:
                 "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
                 "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "0",
                 "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+                # A killed triggerer's triggers go to the next one once its heartbeat is this old.
+                "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "6",
                 "AIRFLOW_CONN_FLUX_DEFAULT": json.dumps(
                     {"conn_type": "flux", "host": flux_base_url, "password": TOKEN}
                 ),
@@ -151,6 +155,26 @@ class _Airflow:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
+
+    def crash(self, name: str) -> None:
+        """Kill a component and everything it started, as a crash would (no clean shutdown)."""
+        proc = self.procs.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def restart(self, name: str) -> None:
+        path = self.outputs[name] = self.home / f"{name}.restarted.out"
+        with path.open("wb") as out:
+            self.procs[name] = subprocess.Popen(
+                [str(AIRFLOW), *COMPONENTS[name]],
+                env=self.env,
+                cwd=self.home,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def check_alive(self) -> None:
         dead = {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
@@ -231,7 +255,9 @@ class _Airflow:
             return None
 
 
-def _watch_run(af: _Airflow, timeout: float) -> tuple[str, dict[str, str], list[str], list[dict[str, Any]]]:
+def _watch_run(
+    af: _Airflow, timeout: float, on_deferred: Any = None
+) -> tuple[str, dict[str, str], list[str], list[dict[str, Any]]]:
     """Poll the run until it ends: (run state, task states, states seen for ``wait``, trigger rows)."""
     deadline = time.monotonic() + timeout
     wait_states: list[str] = []
@@ -248,6 +274,8 @@ def _watch_run(af: _Airflow, timeout: float) -> tuple[str, dict[str, str], list[
         if state == "deferred" and not trigger_rows:
             # The trigger row only lives while the task is deferred: look at it now.
             trigger_rows = [dict(r) for r in af.query("SELECT * FROM trigger")]
+            if trigger_rows and on_deferred is not None:
+                on_deferred()
         if run["state"] in ("success", "failed"):
             return run["state"], states, wait_states, trigger_rows
         assert time.monotonic() < deadline, f"run still {run['state']} after {timeout:.0f}s: {states}"
@@ -288,7 +316,18 @@ def test_submit_and_deferred_sensor_on_real_scheduler_and_triggerer(tmp_path: Pa
             af.cli("dags", "unpause", DAG_ID)
             af.cli("dags", "trigger", DAG_ID, "--run-id", RUN_ID)
             af.mark("triggered")
-            run_state, states, wait_states, trigger_rows = _watch_run(af, timeout=180)
+
+            def kill_triggerer_mid_wait() -> None:
+                # Once the triggerer follows the request, it dies and a new one starts: the
+                # wait must carry on from the trigger row alone (same request, no new submit).
+                af.wait_until("the triggerer to open the status stream", lambda: emu.calls(kind="stream"), timeout=30)
+                af.crash("triggerer")
+                af.mark("triggerer killed")
+                af.restart("triggerer")
+
+            run_state, states, wait_states, trigger_rows = _watch_run(
+                af, timeout=180, on_deferred=kill_triggerer_mid_wait
+            )
             af.mark("run finished")
 
             # ---- the run, and the proof that the wait left the worker for the triggerer
@@ -299,7 +338,8 @@ def test_submit_and_deferred_sensor_on_real_scheduler_and_triggerer(tmp_path: Pa
 
             # ---- what the emulator saw: one paid submit, the status stream, all with the token
             assert len(emu.calls(kind="submit")) == 1, [r.kind for r in emu.requests]
-            assert emu.calls(kind="stream"), [r.kind for r in emu.requests]
+            # One stream per triggerer: the first died with its triggerer, the new one resumed.
+            assert len(emu.calls(kind="stream")) >= 2, [r.kind for r in emu.requests]
             assert emu.calls(kind="result"), [r.kind for r in emu.requests]
             api_calls = [r for r in emu.requests if r.kind in ("submit", "status", "stream", "result", "cancel")]
             assert all(r.authorization and TOKEN in r.authorization for r in api_calls)
