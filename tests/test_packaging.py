@@ -24,13 +24,15 @@ def test_provider_entry_point_declares_the_flux_connection():
 
 def test_airflow_sees_the_hook_for_the_flux_connection_type():
     from airflow.providers_manager import ProvidersManager
+    from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
 
     manager = ProvidersManager()
     assert "airflow-flux" in manager.providers
-    hook = manager.hooks["flux"]
-    assert hook is not None and hook.hook_class_name == "airflow_flux.hooks.flux.FluxHook"
-    assert hook.connection_id_attribute_name == "flux_conn_id"
     assert "extra__flux__auth_scheme" in manager.connection_form_widgets
+    hook = ProvidersManagerTaskRuntime().hooks["flux"]
+    assert hook is not None
+    assert hook.hook_class_name == "airflow_flux.hooks.flux.FluxHook"
+    assert hook.connection_id_attribute_name == "flux_conn_id"
 
 
 def test_hook_class_attributes():
