@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv test lint typecheck pytest emulator clean
+.PHONY: venv test lint typecheck pytest emulator demo demo-ui bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,19 @@ test: lint typecheck pytest ## everything CI runs
 
 emulator: venv ## run the fal queue emulator on :8787
 	$(PY) -m airflow_flux.emulator --port 8787
+
+# DEMO_ARGS passes options on, e.g. make demo DEMO_ARGS="--prompt 'a red fox' --verbose".
+# FLUX_DEMO_REAL=1 FLUX_API_TOKEN=... [FLUX_API_BASE=https://...] uses the real API.
+demo: venv ## flux_content_pipeline on the emulator and a local S3; images in ./demo-output
+	$(PY) -m demo.run_demo $(DEMO_ARGS)
+
+demo-ui: venv ## the same on a real Airflow, UI on http://127.0.0.1:8080; Ctrl-C stops it (FLUX_DEMO_UI_ONCE=1: one run)
+	$(PY) -m demo.ui $(DEMO_ARGS)
+
+bench: venv ## issue #6 benchmarks (~20 min, 2 cores): API calls and detection, triggerer scale, parse cost
+	$(PY) bench/detection.py
+	$(PY) bench/trigger_scale.py
+	$(PY) bench/parse_cost.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -33,7 +33,7 @@ from airflow_flux.exceptions import (
     FluxTransportError,
     FluxUntrustedURLError,
 )
-from airflow_flux.hooks.retry import RetryPolicy, is_retryable_status, parse_retry_after
+from airflow_flux.hooks.retry import RESUBMIT_SAFE_STATUS, RetryPolicy, is_retryable_status, parse_retry_after
 from airflow_flux.models import (
     KONTEXT_TEXT_TO_IMAGE,
     FluxRequestHandle,
@@ -301,7 +301,7 @@ class FluxHook(BaseHook):
         *,
         what: str,
         request_id: str | None,
-        retry_malformed: bool,
+        idempotent: bool,
     ) -> Any:
         """Return the JSON body of a successful response or raise the typed API error."""
         body = self._parse_json(raw)
@@ -311,10 +311,13 @@ class FluxHook(BaseHook):
                     f"{what}: the API answered HTTP {status} with a body that is not valid JSON",
                     status_code=status,
                     request_id=request_id,
-                    retryable=retry_malformed,
+                    retryable=idempotent,
                 )
             return body
-        raise self._error(status, headers, body, raw, what=what, request_id=request_id)
+        error = self._error(status, headers, body, raw, what=what, request_id=request_id)
+        if not idempotent and status not in RESUBMIT_SAFE_STATUS:
+            error.retryable = False  # not idempotent: never risk paying twice
+        raise error
 
     @staticmethod
     def _error(
@@ -450,7 +453,7 @@ class FluxHook(BaseHook):
                 resp.content,
                 what=what,
                 request_id=request_id,
-                retry_malformed=idempotent,
+                idempotent=idempotent,
             )
 
         return self.retry_policy.retrying()(attempt)
@@ -689,7 +692,7 @@ class FluxHook(BaseHook):
                 ) as resp:
                     raw = await resp.read()
                     return self._check(
-                        resp.status, resp.headers, raw, what=what, request_id=request_id, retry_malformed=idempotent
+                        resp.status, resp.headers, raw, what=what, request_id=request_id, idempotent=idempotent
                     )
             except aiohttp.ClientConnectorError as exc:
                 raise self._transport_error(what, exc, request_id, True) from exc

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS: frozenset[int] = frozenset({408, 409, 429, 502, 503, 504})
+#: Answers that mean the request was not taken: the only ones after which a submit (which
+#: pays for an image) is sent again. A 502/504 from a gateway may come after fal queued it.
+RESUBMIT_SAFE_STATUS: frozenset[int] = frozenset({408, 429, 503})
 
 
 def is_retryable_status(status: int, headers: Mapping[str, str]) -> bool:

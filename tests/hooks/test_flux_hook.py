@@ -316,3 +316,20 @@ def test_handle_is_json_safe_and_holds_no_secret(emulator, flux_conn):
     dumped = handle.model_dump()
     assert set(dumped) == {"request_id", "status_url", "response_url", "cancel_url", "endpoint"}
     assert FluxRequestHandle.model_validate(dumped) == handle
+
+
+@pytest.mark.parametrize(("status", "resent"), [(429, True), (503, True), (502, False), (504, False)])
+def test_submit_is_sent_again_only_when_it_cannot_have_been_queued(emulator, flux_conn, status, resent):
+    # 429/503 say the request was not taken; a 502/504 from a gateway may come after fal
+    # queued it, and a second submit would pay for a second image.
+    emulator.add_scenario(Scenario(submit_errors=[status], retry_after=0.01), match="gateway")
+    hook = _hook(flux_conn)
+    if resent:
+        hook.submit({"prompt": "gateway fox"})
+        assert [r.status for r in emulator.calls(kind="submit")] == [status, 200]
+    else:
+        with pytest.raises(FluxAPIError) as info:
+            hook.submit({"prompt": "gateway fox"})
+        assert info.value.status_code == status
+        assert not info.value.retryable
+        assert len(emulator.calls(kind="submit")) == 1
