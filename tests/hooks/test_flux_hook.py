@@ -333,3 +333,18 @@ def test_submit_is_sent_again_only_when_it_cannot_have_been_queued(emulator, flu
         assert info.value.status_code == status
         assert not info.value.retryable
         assert len(emulator.calls(kind="submit")) == 1
+
+
+async def test_hooks_on_one_loop_share_one_session_closed_with_its_last_user(emulator, flux_conn):
+    handle = _hook(flux_conn).submit({"prompt": "a shared fox"})
+    hooks = [_hook(flux_conn) for _ in range(3)]
+    statuses = [await h.aget_status(handle) for h in hooks]
+    assert all(s.request_id == handle.request_id for s in statuses)
+    sessions = {id(h._asession) for h in hooks}
+    assert len(sessions) == 1, "each hook opened its own session"
+    shared = hooks[0]._asession
+    for h in hooks[:-1]:
+        await h.aclose()
+    assert not shared.closed, "closed while a hook still uses it"
+    await hooks[-1].aclose()
+    assert shared.closed
