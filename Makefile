@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP) ## create .venv and install the package with its test extras
 
 lint: venv ## ruff over code, tests and examples
-	$(VENV)/bin/ruff check airflow_flux tests
-	$(VENV)/bin/ruff format --check airflow_flux tests
+	$(VENV)/bin/ruff check airflow_flux tests dags demo bench
+	$(VENV)/bin/ruff format --check airflow_flux tests dags demo bench
 
 typecheck: venv ## mypy over the package
 	$(VENV)/bin/mypy airflow_flux

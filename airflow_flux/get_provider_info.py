@@ -32,7 +32,10 @@ def get_provider_info() -> dict[str, Any]:
                 "python-module": "airflow_flux.transfers.flux_to_s3",
             }
         ],
-        "extra-links": ["airflow_flux.operators.flux.FluxRequestLink"],
+        "extra-links": [
+            "airflow_flux.operators.flux.FluxRequestLink",
+            "airflow_flux.plugins.links.FluxGalleryLink",
+        ],
         "connection-types": [
             {
                 "hook-class-name": "airflow_flux.hooks.flux.FluxHook",

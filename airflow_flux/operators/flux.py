@@ -13,6 +13,7 @@ from airflow.sdk import BaseOperator, BaseOperatorLink
 
 from airflow_flux.exceptions import FluxAPIError, FluxError, FluxRequestFailedError, FluxValidationError
 from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE, FluxRequestHandle, build_payload
+from airflow_flux.plugins.links import FluxGalleryLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -155,9 +156,13 @@ class FluxWaitMixin:
         return self._return_value(result.model_dump(mode="json"), handle, waited)
 
     def _return_value(self, result: dict[str, Any], handle: Mapping[str, Any], waited: float | None) -> dict[str, Any]:
-        result = {**result, "request_id": handle["request_id"], "endpoint": handle.get("endpoint")}
-        if waited is not None:
-            result["waited_seconds"] = waited
+        # waited_seconds: time spent waiting for completion (None when it was not measured).
+        result = {
+            **result,
+            "request_id": handle["request_id"],
+            "endpoint": handle.get("endpoint"),
+            "waited_seconds": waited,
+        }
         self.log.info(
             "FLUX request %s completed: %d image(s), seed %s",
             handle["request_id"],
@@ -257,7 +262,7 @@ class FluxSubmitOperator(BaseOperator):
 
     template_fields: Sequence[str] = (*REQUEST_FIELDS, "extra_input", "endpoint", "webhook_url", "flux_conn_id")
     template_fields_renderers: ClassVar[dict[str, str]] = {"extra_input": "json"}
-    operator_extra_links = (FluxRequestLink(),)
+    operator_extra_links = (FluxRequestLink(), FluxGalleryLink())
     ui_color = "#d9c8f5"
 
     def __init__(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_flux.operators.flux import DEFAULT_WAIT_TIMEOUT, FluxRequestLink, FluxWaitMixin, coerce_handle
+from airflow_flux.plugins.links import FluxGalleryLink
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -36,7 +37,7 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
     """
 
     template_fields: Sequence[str] = ("request", "flux_conn_id")
-    operator_extra_links = (FluxRequestLink(),)
+    operator_extra_links = (FluxRequestLink(), FluxGalleryLink())
     ui_color = "#efe7fb"
 
     def __init__(
@@ -101,6 +102,9 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
         # One synchronous look first: a request that is already done needs no deferral.
         first = self.poke(context)
         if first.is_done:
-            return first.xcom_value
+            result = first.xcom_value
+            if isinstance(result, dict):
+                result["waited_seconds"] = 0.0  # already done: no wait at all
+            return result
         self._defer_wait(handle)
         return None  # not reached: defer() raises

@@ -18,6 +18,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_flux.exceptions import FluxError, FluxIntegrityError
 from airflow_flux.models import FluxResult
+from airflow_flux.plugins.links import FluxGalleryLink
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -30,6 +31,8 @@ NsfwPolicy = Literal["skip", "fail", "keep"]
 #: A prefix that is defined for every run, manual ones included ({{ ds }} is not, in Airflow 3).
 DEFAULT_PREFIX = "flux/{{ dag.dag_id }}/{{ run_id }}"
 DEFAULT_KEY_TEMPLATE = "{request_id}_{index}.{ext}"
+#: XCom key of the manifest's ``s3://`` URI (the Flux gallery finds the run's images through it).
+MANIFEST_XCOM_KEY = "flux_manifest"
 
 # Multipart defaults: (upload_concurrency + 1) part buffers at most, however large the
 # image; the next part downloads while the previous one uploads. Measured on loopback
@@ -130,6 +133,7 @@ class FluxToS3Operator(BaseOperator):
         "nsfw_policy",
     )
     ui_color = "#f7e1c8"
+    operator_extra_links = (FluxGalleryLink(),)
 
     def __init__(
         self,
@@ -185,9 +189,14 @@ class FluxToS3Operator(BaseOperator):
         if isinstance(source, str | bytes | Mapping):
             return [source]
         try:
-            return list(source)  # a list, or the lazy sequence of a mapped upstream's XComs
+            # A slice, not iteration: a mapped upstream's lazy XCom sequence then fetches
+            # every item in one request (iterating probes one past the end, logging an error).
+            return list(source[:])
         except TypeError:
-            return [source]
+            try:
+                return list(source)
+            except TypeError:
+                return [source]
 
     def _results(self) -> list[FluxResult]:
         results = []
@@ -447,6 +456,7 @@ class FluxToS3Operator(BaseOperator):
         )
         uri = f"s3://{self.s3_bucket}/{key}"
         self.log.info("Wrote manifest %s (%d images)", uri, len(jobs))
+        context["ti"].xcom_push(key=MANIFEST_XCOM_KEY, value=uri)
         return uri
 
     def _record_lineage(self, uris: list[str], manifest_uri: str | None, context: Context) -> None:

@@ -1,0 +1,396 @@
+"""Where the gallery's images come from: manifests found through the metadata DB, read from S3.
+
+A ``FluxToS3Operator`` task pushes its manifest's ``s3://`` URI as the XCom ``flux_manifest``
+(:data:`~airflow_flux.transfers.flux_to_s3.MANIFEST_XCOM_KEY`). The gallery runs in the
+api-server, which has the metadata DB: it looks those XComs up for a run, reads the
+manifests with ``S3Hook`` (the connection the task itself used, from its rendered fields),
+and serves only images listed there, so a gallery URL can never name another S3 object.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+
+from airflow_flux.transfers.flux_to_s3 import MANIFEST_XCOM_KEY
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
+
+#: Statuses of manifest entries that have an object in S3.
+STORED = ("copied", "reused")
+#: Content types served as such; anything else is sent as a download (never rendered by the browser).
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
+DEFAULT_CONN_ID = "aws_default"
+MANIFEST_TTL = 30.0
+CLIENT_TTL = 600.0
+THUMB_SIZE = 480
+THUMB_CACHE_BYTES = 64 * 1024 * 1024
+
+
+class GalleryError(Exception):
+    """A manifest or image that cannot be read; the message is safe to show to the user."""
+
+
+@dataclass(frozen=True)
+class ManifestRef:
+    """One copy task's manifest: which task wrote it, where it is, and the connection to read it."""
+
+    run_id: str
+    task_id: str
+    map_index: int
+    uri: str
+    conn_id: str
+
+    @property
+    def task_label(self) -> str:
+        return f"{self.task_id}[{self.map_index}]" if self.map_index >= 0 else self.task_id
+
+
+@dataclass
+class GalleryImage:
+    """One entry of a manifest, with the task that wrote it."""
+
+    ref: ManifestRef
+    bucket: str
+    entry: dict[str, Any]
+
+    @property
+    def stored(self) -> bool:
+        return self.entry.get("status") in STORED and bool(self.entry.get("key"))
+
+    @property
+    def sha256(self) -> str | None:
+        value = self.entry.get("sha256")
+        return str(value) if value else None
+
+    @property
+    def key(self) -> str:
+        return str(self.entry.get("key") or "")
+
+
+@dataclass
+class RunGallery:
+    """Every image of a run (manifest order), and the manifests that could not be read."""
+
+    run_id: str
+    images: list[GalleryImage] = field(default_factory=list)
+    errors: list[tuple[ManifestRef, str]] = field(default_factory=list)
+    refs: list[ManifestRef] = field(default_factory=list)
+
+    def find(self, sha256: str) -> GalleryImage | None:
+        """The stored image with this SHA-256 (same digest, same bytes: any such entry will do)."""
+        return next((i for i in self.images if i.stored and i.sha256 == sha256), None)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``(bucket, key)``.
+
+    :param uri: an ``s3://`` URI.
+    """
+    if not uri.startswith("s3://") or "/" not in uri[5:]:
+        raise GalleryError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
+
+
+class _TTLCache:
+    """A small thread-safe LRU with a time to live, bounded in entries and (optionally) bytes."""
+
+    def __init__(self, ttl: float | None, max_entries: int, max_bytes: int | None = None) -> None:
+        self.ttl, self.max_entries, self.max_bytes = ttl, max_entries, max_bytes
+        self._items: OrderedDict[Any, tuple[float, Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            if self.ttl is not None and time.monotonic() - item[0] > self.ttl:
+                self._drop(key)
+                return None
+            self._items.move_to_end(key)
+            return item[1]
+
+    def put(self, key: Any, value: Any, size: int = 0) -> None:
+        with self._lock:
+            if key in self._items:
+                self._drop(key)
+            self._items[key] = (time.monotonic(), value, size)
+            self._bytes += size
+            while self._items and (
+                len(self._items) > self.max_entries or (self.max_bytes is not None and self._bytes > self.max_bytes)
+            ):
+                self._drop(next(iter(self._items)))
+
+    def _drop(self, key: Any) -> None:
+        _, _, size = self._items.pop(key)
+        self._bytes -= size
+
+
+class GalleryStore:
+    """Reads manifests and images from S3, with small caches (the api-server is long-lived).
+
+    :param default_conn_id: connection for tasks whose own ``aws_conn_id`` is not on record.
+    :param presigned_expiry: lifetime of presigned URLs, seconds.
+    """
+
+    def __init__(self, default_conn_id: str = DEFAULT_CONN_ID, presigned_expiry: int = 300) -> None:
+        self.default_conn_id = default_conn_id
+        self.presigned_expiry = presigned_expiry
+        # boto3 clients are thread-safe and costly to build; kept a while (credentials may rotate).
+        self._hooks = _TTLCache(ttl=CLIENT_TTL, max_entries=32)
+        # A manifest only changes when its task is re-run: a short TTL keeps pages fresh.
+        self._manifests = _TTLCache(ttl=MANIFEST_TTL, max_entries=512)
+        # Thumbnails are keyed by content digest, so they never go stale.
+        self._thumbs = _TTLCache(ttl=None, max_entries=4096, max_bytes=THUMB_CACHE_BYTES)
+
+    # -- metadata DB ---------------------------------------------------------------------------
+
+    def manifest_refs(self, session: Session, dag_id: str, run_ids: Sequence[str]) -> dict[str, list[ManifestRef]]:
+        """The manifests the copy tasks of these runs recorded, per run, in task order.
+
+        :param session: a metadata DB session.
+        :param dag_id: the DAG.
+        :param run_ids: its runs.
+        """
+        from airflow.models.renderedtifields import RenderedTaskInstanceFields as RTIF
+        from airflow.models.xcom import XComModel
+
+        if not run_ids:
+            return {}
+        rows = session.execute(
+            select(XComModel.run_id, XComModel.task_id, XComModel.map_index, XComModel.value)
+            .where(XComModel.dag_id == dag_id, XComModel.run_id.in_(run_ids), XComModel.key == MANIFEST_XCOM_KEY)
+            .order_by(XComModel.task_id, XComModel.map_index)
+        ).all()
+        # The connection the task used: its rendered aws_conn_id (kept for the latest runs of
+        # each task, [core] max_num_rendered_ti_fields_per_task), else the configured default.
+        rendered = {
+            (r.run_id, r.task_id, r.map_index): r.rendered_fields
+            for r in session.execute(
+                select(RTIF.run_id, RTIF.task_id, RTIF.map_index, RTIF.rendered_fields).where(
+                    RTIF.dag_id == dag_id, RTIF.run_id.in_(run_ids)
+                )
+            )
+        }
+        refs: dict[str, list[ManifestRef]] = {run_id: [] for run_id in run_ids}
+        for row in rows:
+            uri = XComModel.deserialize_value(row)
+            if not isinstance(uri, str) or not uri.startswith("s3://"):
+                continue
+            fields = rendered.get((row.run_id, row.task_id, row.map_index)) or {}
+            conn_id = fields.get("aws_conn_id") if isinstance(fields, dict) else None
+            refs[row.run_id].append(
+                ManifestRef(
+                    run_id=row.run_id,
+                    task_id=row.task_id,
+                    map_index=row.map_index,
+                    uri=uri,
+                    conn_id=conn_id if isinstance(conn_id, str) and conn_id else self.default_conn_id,
+                )
+            )
+        return refs
+
+    @staticmethod
+    def _has_manifest(dag_id: str) -> Any:
+        from airflow.models.dagrun import DagRun
+        from airflow.models.xcom import XComModel
+
+        recorded = (
+            select(XComModel.dag_run_id)
+            .where(XComModel.dag_id == dag_id, XComModel.key == MANIFEST_XCOM_KEY)
+            .distinct()
+        )
+        return (DagRun.dag_id == dag_id, DagRun.id.in_(recorded.scalar_subquery()))
+
+    def count_runs_with_images(self, session: Session, dag_id: str) -> int:
+        """How many runs of the DAG recorded a manifest.
+
+        :param session: a metadata DB session.
+        :param dag_id: the DAG.
+        """
+        from airflow.models.dagrun import DagRun
+
+        return int(session.scalar(select(func.count(DagRun.id)).where(*self._has_manifest(dag_id))) or 0)
+
+    def runs_with_images(self, session: Session, dag_id: str, *, offset: int, limit: int) -> list[Any]:
+        """The DAG's runs that recorded a manifest, latest first (``run_id``, ``state``, ``run_after``).
+
+        :param session: a metadata DB session.
+        :param dag_id: the DAG.
+        :param offset: runs to skip (pagination).
+        :param limit: runs to return.
+        """
+        from airflow.models.dagrun import DagRun
+
+        return list(
+            session.execute(
+                select(DagRun.run_id, DagRun.state, DagRun.run_after)
+                .where(*self._has_manifest(dag_id))
+                .order_by(DagRun.run_after.desc(), DagRun.id.desc())
+                .offset(offset)
+                .limit(limit)
+            ).all()
+        )
+
+    @staticmethod
+    def dags_with_images(session: Session, dag_ids: set[str] | None) -> list[tuple[str, int]]:
+        """``(dag_id, runs with images)`` for the DAGs whose runs recorded manifests.
+
+        :param session: a metadata DB session.
+        :param dag_ids: only these (the ones the user may read); None for all.
+        """
+        from airflow.models.xcom import XComModel
+
+        stmt = (
+            select(XComModel.dag_id, func.count(func.distinct(XComModel.dag_run_id)))
+            .where(XComModel.key == MANIFEST_XCOM_KEY)
+            .group_by(XComModel.dag_id)
+            .order_by(XComModel.dag_id)
+        )
+        if dag_ids is not None:
+            stmt = stmt.where(XComModel.dag_id.in_(dag_ids))
+        return [(str(d), int(n)) for d, n in session.execute(stmt).all()]
+
+    # -- S3 ------------------------------------------------------------------------------------
+
+    def hook(self, conn_id: str) -> Any:
+        """An ``S3Hook`` for ``conn_id`` (cached), with short timeouts: a page must not hang on S3.
+
+        :param conn_id: the amazon provider's connection id.
+        """
+        hook = self._hooks.get(conn_id)
+        if hook is None:
+            from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+            from botocore.config import Config
+
+            hook = S3Hook(
+                aws_conn_id=conn_id,
+                config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"}),
+            )
+            hook.get_conn()  # resolve the connection now, so a bad one fails here, not mid-stream
+            self._hooks.put(conn_id, hook)
+        return hook
+
+    def manifest(self, ref: ManifestRef) -> dict[str, Any]:
+        """The manifest ``ref`` points at (cached for :data:`MANIFEST_TTL` seconds).
+
+        :param ref: the manifest's reference.
+        """
+        cached = self._manifests.get((ref.conn_id, ref.uri))
+        if cached is not None:
+            return cached
+        bucket, key = split_s3_uri(ref.uri)
+        try:
+            body = self.hook(ref.conn_id).get_conn().get_object(Bucket=bucket, Key=key)["Body"].read()
+            manifest = json.loads(body)
+        except GalleryError:
+            raise
+        except Exception as exc:
+            log.warning("Flux gallery: cannot read manifest %s (connection %s): %s", ref.uri, ref.conn_id, exc)
+            raise GalleryError(f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("images"), list):
+            raise GalleryError("not a FluxToS3Operator manifest (no 'images' list)")
+        self._manifests.put((ref.conn_id, ref.uri), manifest)
+        return manifest
+
+    def run_gallery(self, run_id: str, refs: list[ManifestRef]) -> RunGallery:
+        """Every image the run's manifests list; unreadable manifests are reported, not fatal.
+
+        :param run_id: the run.
+        :param refs: its manifests (:meth:`manifest_refs`).
+        """
+        gallery = RunGallery(run_id=run_id, refs=refs)
+        seen: set[str] = set()
+        for ref in refs:
+            if ref.uri in seen:  # mapped copy tasks sharing one prefix share one manifest
+                continue
+            seen.add(ref.uri)
+            try:
+                manifest = self.manifest(ref)
+            except GalleryError as exc:
+                gallery.errors.append((ref, str(exc)))
+                continue
+            bucket = str(manifest.get("bucket") or split_s3_uri(ref.uri)[0])
+            gallery.images.extend(GalleryImage(ref=ref, bucket=bucket, entry=e) for e in manifest["images"])
+        return gallery
+
+    def open_image(self, image: GalleryImage) -> tuple[Iterator[bytes], dict[str, Any]]:
+        """Stream an image from S3: ``(chunks, head)`` where head has ContentType and ContentLength.
+
+        :param image: a stored image of a manifest.
+        """
+        try:
+            obj = self.hook(image.ref.conn_id).get_conn().get_object(Bucket=image.bucket, Key=image.key)
+        except Exception as exc:
+            log.warning("Flux gallery: cannot read s3://%s/%s: %s", image.bucket, image.key, exc)
+            raise GalleryError(f"{type(exc).__name__}: {exc}") from None
+        body = obj["Body"]
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from body.iter_chunks(256 * 1024)
+            finally:
+                body.close()
+
+        return chunks(), obj
+
+    def presigned_url(self, image: GalleryImage) -> str:
+        """A short-lived URL of the object itself (``presigned`` delivery); the bucket stays private.
+
+        :param image: a stored image of a manifest.
+        """
+        url = self.hook(image.ref.conn_id).generate_presigned_url(
+            client_method="get_object",
+            params={"Bucket": image.bucket, "Key": image.key},
+            expires_in=self.presigned_expiry,
+        )
+        if not url:
+            raise GalleryError("could not presign the image URL")
+        return str(url)
+
+    def thumbnail(self, image: GalleryImage, size: int = THUMB_SIZE) -> tuple[bytes, str]:
+        """A downscaled copy (JPEG, or PNG when the image has transparency), cached by digest.
+
+        :param image: a stored image of a manifest.
+        :param size: the longest side, pixels.
+        """
+        cache_key = (image.sha256 or f"{image.bucket}/{image.key}", size)
+        cached = self._thumbs.get(cache_key)
+        if cached is not None:
+            return cached
+        from PIL import Image
+
+        chunks, _ = self.open_image(image)
+        data = b"".join(chunks)
+        try:
+            picture = Image.open(io.BytesIO(data))
+            # JPEG decodes straight at a reduced scale (DCT scaling): much faster than decode + resize.
+            picture.draft("RGB", (size, size))
+            picture.thumbnail((size, size))
+            out = io.BytesIO()
+            if picture.mode in ("RGBA", "LA", "P"):
+                picture.save(out, format="PNG", optimize=True)
+                result = (out.getvalue(), "image/png")
+            else:
+                picture.convert("RGB").save(out, format="JPEG", quality=82, optimize=True)
+                result = (out.getvalue(), "image/jpeg")
+        except Exception as exc:
+            raise GalleryError(f"not a readable image: {exc}") from None
+        self._thumbs.put(cache_key, result, size=len(result[0]))
+        return result
