@@ -43,6 +43,7 @@ bench: venv ## issue #6 benchmarks (~20 min, 2 cores): API calls and detection, 
 	$(PY) bench/detection.py
 	$(PY) bench/trigger_scale.py
 	$(PY) bench/parse_cost.py
+	$(PY) bench/transfer.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache
