@@ -96,31 +96,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def moto_server():
-    """A real S3 protocol server (moto) in its own process, so its memory and CPU are not ours."""
+def start_server(args: list[str], health_url: str, *, timeout: float = 30):
+    """Start a local server process (own memory and CPU, not the test's) and wait for its health URL.
+
+    Returns the ``Popen``; the caller terminates it.
+    """
     import subprocess
-    import sys
     import time
     import urllib.request
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
     while True:
         try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
-            break
+            urllib.request.urlopen(health_url, timeout=1).close()
+            return proc
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError("moto server did not start") from None
+                raise RuntimeError(f"{args[:3]} did not start") from None
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A real S3 protocol server (moto) in its own process, so its memory and CPU are not ours."""
+    import sys
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], f"{url}/moto-api/")
     yield url
     proc.terminate()
     proc.wait(timeout=10)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -14,7 +13,7 @@ import requests
 from airflow_flux.exceptions import FluxError
 from airflow_flux.hooks import FluxHook
 from airflow_flux.transfers import FluxToS3Operator
-from tests.conftest import FAST_RETRY, free_port
+from tests.conftest import FAST_RETRY, free_port, start_server
 
 MB = 1024 * 1024
 
@@ -23,30 +22,9 @@ MB = 1024 * 1024
 def emulator_process(make_flux_conn):
     """The emulator in its own process, so the image bytes it serves are not in our heap."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "airflow_flux.emulator",
-            "--port",
-            str(port),
-            "--queue-seconds",
-            "0",
-            "--run-seconds",
-            "0",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            requests.get(f"{base}/_emulator/health", timeout=1).raise_for_status()
-            break
-        except requests.RequestException:
-            assert time.monotonic() < deadline and proc.poll() is None, "emulator did not start"
-            time.sleep(0.1)
+    emulator = [sys.executable, "-m", "airflow_flux.emulator", "--port", str(port)]
+    proc = start_server([*emulator, "--queue-seconds", "0", "--run-seconds", "0"], f"{base}/_emulator/health")
     yield base, make_flux_conn(base)
     proc.terminate()
     proc.wait(timeout=10)
