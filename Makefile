@@ -39,7 +39,7 @@ demo: venv ## flux_content_pipeline on the emulator and a local S3; images in ./
 demo-ui: venv ## the same on a real Airflow, UI on http://127.0.0.1:8080; Ctrl-C stops it (FLUX_DEMO_UI_ONCE=1: one run)
 	$(PY) -m demo.ui $(DEMO_ARGS)
 
-bench: venv ## issue #6 benchmarks (~20 min, 2 cores): API calls and detection, triggerer scale, parse cost
+bench: venv ## issue #6 benchmarks (~16 min on 2 cores): API calls and detection, triggerer scale, parse cost, transfer
 	$(PY) bench/detection.py
 	$(PY) bench/trigger_scale.py
 	$(PY) bench/parse_cost.py
