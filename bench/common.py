@@ -6,6 +6,7 @@ Airflow never touches ``~/airflow``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
 import json
@@ -13,6 +14,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -39,7 +41,10 @@ def airflow_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """Point Airflow at a throw-away home (in ``env``, default ``os.environ``) and return ``env``."""
     target = os.environ if env is None else env
     if not target.get("BENCH_AIRFLOW_HOME"):
-        target["BENCH_AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="airflow-flux-bench-")
+        home = tempfile.mkdtemp(prefix="airflow-flux-bench-")
+        target["BENCH_AIRFLOW_HOME"] = home
+        # Child processes inherit it through the environment; the creator removes it.
+        atexit.register(shutil.rmtree, home, ignore_errors=True)
     target["AIRFLOW_HOME"] = target["BENCH_AIRFLOW_HOME"]
     target["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
     target["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"

@@ -820,11 +820,12 @@ class FluxHook(BaseHook):
 class _SharedSessions:
     """One aiohttp session per event loop, shared by every hook on it.
 
-    The triggerer runs thousands of waits in one loop: a session (and connection pool) per
-    wait measured ~34 KB and 7 % of a core per 5,000 waits, and turned the burst of result
-    fetches at completion into seconds of lateness; one shared, unbounded pool keeps each
-    wait near the cost of its socket. Reference-counted so the session closes with its
-    last user (tests and short-lived loops leave nothing open).
+    The triggerer runs thousands of waits in one loop. A session and connection pool per
+    wait measured about 34 KB per wait at 5,000 waits. With one shared, unbounded pool the
+    cost is about 27 KB (the bare-SSE floor is 17 KB; see bench/RESULTS.md). The lateness
+    seen when all 5,000 requests complete in the same second is not fixed by this: the floor
+    shows it too. The session is reference-counted, so it closes with its last user, and
+    tests and short-lived loops leave nothing open.
     """
 
     # Keyed by the loop itself, weakly: an entry dies with its loop, never reused by another.
