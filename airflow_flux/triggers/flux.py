@@ -175,13 +175,12 @@ class FluxStatusTrigger(BaseTrigger):
         async with self._hook() as hook:
             yield await self._wait(hook)
 
-    async def _wait(self, hook: Any) -> TriggerEvent:
+    async def _wait(self, hook: FluxHook) -> TriggerEvent:
         rid = self.handle["request_id"]
         progress = _Progress(self)
         failures = 0
         polls = 0
         stream = self.use_stream
-        last_error: FluxError | None = None
         while True:
             remaining = self._remaining()
             if remaining is not None and remaining <= 0:
@@ -203,7 +202,6 @@ class FluxStatusTrigger(BaseTrigger):
             except asyncio.TimeoutError:
                 continue  # the deadline check above turns this into a timeout event
             except FluxAPIError as exc:
-                last_error = exc
                 if stream and exc.status_code in _STREAM_UNSUPPORTED:
                     self.log.info("The status stream is not available here (%s); polling instead.", exc)
                     stream = False
@@ -239,20 +237,20 @@ class FluxStatusTrigger(BaseTrigger):
                 maximum=self.max_poll_interval,
                 queue_position=progress.queue_position if progress.status == "IN_QUEUE" else None,
             )
-            if last_error is not None and failures:
+            if failures:  # back off after failed checks, beyond the normal schedule
                 delay = max(delay, min(self.max_poll_interval, self.poll_interval * 2**failures))
             polls += 1
             remaining = self._remaining()
             await asyncio.sleep(delay if remaining is None else max(0.0, min(delay, remaining)))
 
-    async def _follow_stream(self, hook: Any, progress: _Progress) -> FluxStatus | None:
+    async def _follow_stream(self, hook: FluxHook, progress: _Progress) -> FluxStatus | None:
         async for status in hook.astream_status(self.handle):
             progress.update(status)
             if status.is_completed:
                 return status
         return None
 
-    async def _finish(self, hook: Any, final: FluxStatus) -> TriggerEvent:
+    async def _finish(self, hook: FluxHook, final: FluxStatus) -> TriggerEvent:
         rid = self.handle["request_id"]
         metrics = final.metrics or {}
         if final.is_failed:
