@@ -263,6 +263,11 @@ def test_stream_yields_events_until_completed_then_closes(emu: FluxEmulator) -> 
     assert positions[0] == 2
     assert len(positions) >= 2
     assert len(events[-1]["logs"]) == 4
+    # The client has the last event before the server's handler returns and records the
+    # status (0 while a stream is open), so wait for the server side to finish.
+    deadline = time.monotonic() + 5
+    while emu.calls("stream")[0].status == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
     (stream_call,) = emu.calls("stream")
     assert stream_call.status == 200
     assert stream_call.request_id == sub["request_id"]
