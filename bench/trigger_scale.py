@@ -348,7 +348,7 @@ async def micro_async(repeat: int) -> list[tuple[str, float]]:
     from airflow.sdk import BaseHook
 
     from airflow_flux.hooks.flux import FluxConnectionSettings, FluxHook
-    from airflow_flux.hooks.retry import RetryPolicy
+    from airflow_flux.hooks.retry import DEFAULT_RETRY_POLICY
     from airflow_flux.models import FluxStatus
     from airflow_flux.triggers.flux import FluxStatusTrigger
 
@@ -378,11 +378,14 @@ async def micro_async(repeat: int) -> list[tuple[str, float]]:
     async def session() -> None:
         await aiohttp.ClientSession().close()
 
-    async def retry_controller() -> None:
-        async def ok() -> int:
-            return 1
+    async def ok() -> int:
+        return 1
 
-        await RetryPolicy().aretrying()(ok)
+    async def retry_controller() -> None:
+        await DEFAULT_RETRY_POLICY.aretrying()(ok)
+
+    async def retry_call() -> None:
+        await DEFAULT_RETRY_POLICY.acall(ok)
 
     async def trigger_init() -> None:
         FluxStatusTrigger(flux_conn_id=FLUX_CONN, handle=handle)
@@ -393,9 +396,10 @@ async def micro_async(repeat: int) -> list[tuple[str, float]]:
     steps = [
         ("FluxStatusTrigger(...) (handle validated)", trigger_init),
         ("connection lookup + FluxConnectionSettings", conn_lookup),
-        ("FluxHook(...).aget_settings() (lookup, settings, amask_secret)", hook_settings),
+        ("FluxHook(...).aget_settings() (cached per loop and connection)", hook_settings),
         ("aiohttp.ClientSession() + close()", session),
-        ("RetryPolicy().aretrying()(call) around one successful call", retry_controller),
+        ("a tenacity controller around one successful call (before)", retry_controller),
+        ("RetryPolicy.acall(call), one successful call (now)", retry_call),
         ("FluxStatus.model_validate_json(SSE event with 3 log lines)", status_event),
     ]
     out = []

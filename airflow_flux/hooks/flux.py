@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -35,7 +35,13 @@ from airflow_flux.exceptions import (
     FluxTransportError,
     FluxUntrustedURLError,
 )
-from airflow_flux.hooks.retry import RESUBMIT_SAFE_STATUS, RetryPolicy, is_retryable_status, parse_retry_after
+from airflow_flux.hooks.retry import (
+    DEFAULT_RETRY_POLICY,
+    RESUBMIT_SAFE_STATUS,
+    RetryPolicy,
+    is_retryable_status,
+    parse_retry_after,
+)
 from airflow_flux.models import (
     KONTEXT_TEXT_TO_IMAGE,
     FluxRequestHandle,
@@ -221,7 +227,7 @@ class FluxHook(BaseHook):
     ) -> None:
         super().__init__(**kwargs)
         self.flux_conn_id = flux_conn_id
-        self.retry_policy = retry_policy or RetryPolicy()
+        self.retry_policy = retry_policy or DEFAULT_RETRY_POLICY
         self._asettings: FluxConnectionSettings | None = None
         self._asession: aiohttp.ClientSession | None = None
 
@@ -238,16 +244,23 @@ class FluxHook(BaseHook):
         return settings
 
     async def aget_settings(self) -> FluxConnectionSettings:
-        """Settings of the connection, read without blocking the event loop (triggerer)."""
-        if self._asettings is None:
-            conn = await BaseHook.aget_connection(self.flux_conn_id)
-            settings = FluxConnectionSettings.from_connection(conn)
-            if settings.token:
-                from airflow.sdk.log import amask_secret
+        """Settings of the connection, read without blocking the event loop (triggerer).
 
-                await amask_secret(settings.token)
-            self._asettings = settings
+        Shared for :data:`SETTINGS_TTL` seconds by every hook of the same connection on the
+        same event loop (see :class:`_SettingsCache`).
+        """
+        if self._asettings is None:
+            self._asettings = await _SettingsCache.get(self.flux_conn_id, self._aload_settings)
         return self._asettings
+
+    async def _aload_settings(self) -> FluxConnectionSettings:
+        conn = await BaseHook.aget_connection(self.flux_conn_id)
+        settings = FluxConnectionSettings.from_connection(conn)
+        if settings.token:
+            from airflow.sdk.log import amask_secret
+
+            await amask_secret(settings.token)
+        return settings
 
     def get_conn(self) -> requests.Session:
         """The requests session used for sync calls."""
@@ -458,7 +471,7 @@ class FluxHook(BaseHook):
                 idempotent=idempotent,
             )
 
-        return self.retry_policy.retrying()(attempt)
+        return self.retry_policy.call(attempt)
 
     @staticmethod
     def _transport_error(what: str, exc: BaseException, request_id: str | None, retryable: bool) -> FluxTransportError:
@@ -593,7 +606,7 @@ class FluxHook(BaseHook):
                 )
             return resp
 
-        resp = self.retry_policy.retrying()(attempt)
+        resp = self.retry_policy.call(attempt)
         try:
             length = resp.headers.get("Content-Length")
             yield ImageStream(
@@ -697,7 +710,7 @@ class FluxHook(BaseHook):
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 raise self._transport_error(what, exc, request_id, idempotent) from exc
 
-        return await self.retry_policy.aretrying()(attempt)
+        return await self.retry_policy.acall(attempt)
 
     async def asubmit(
         self, request: BaseModel | Mapping[str, Any], *, endpoint: str | None = None, webhook_url: str | None = None
@@ -756,6 +769,9 @@ class FluxHook(BaseHook):
         settings = await self.aget_settings()
         h = self._handle(handle, settings)
         target = settings.resolve(h.status_url.rstrip("/") + "/stream")
+        # Only the id is needed from here on; the frame lives as long as the wait.
+        request_id = h.request_id
+        del h
         session = await self._aget_session()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.timeout, sock_read=STREAM_READ_TIMEOUT)
         what = "Status stream"
@@ -770,9 +786,9 @@ class FluxHook(BaseHook):
                     allow_redirects=False,
                 )
             except aiohttp.ClientConnectorError as exc:
-                raise self._transport_error(what, exc, h.request_id, True) from exc
+                raise self._transport_error(what, exc, request_id, True) from exc
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                raise self._transport_error(what, exc, h.request_id, True) from exc
+                raise self._transport_error(what, exc, request_id, True) from exc
             if resp.status != 200 or not resp.content_type.startswith("text/event-stream"):
                 raw = await resp.read()
                 resp.release()
@@ -780,14 +796,14 @@ class FluxHook(BaseHook):
                     raise FluxAPIError(
                         f"{what}: the API answered {resp.content_type or 'no content type'}, not an event stream",
                         status_code=resp.status,
-                        request_id=h.request_id,
+                        request_id=request_id,
                     )
                 raise self._error(
-                    resp.status, resp.headers, self._parse_json(raw), raw, what=what, request_id=h.request_id
+                    resp.status, resp.headers, self._parse_json(raw), raw, what=what, request_id=request_id
                 )
             return resp
 
-        resp: aiohttp.ClientResponse = await self.retry_policy.aretrying()(open_stream)
+        resp: aiohttp.ClientResponse = await self.retry_policy.acall(open_stream)
         try:
             data: list[str] = []
             try:
@@ -804,17 +820,61 @@ class FluxHook(BaseHook):
                     try:
                         status = FluxStatus.model_validate_json(event)
                     except ValidationError:
-                        log.warning("Ignoring a malformed event on the status stream of %s", h.request_id)
+                        log.warning("Ignoring a malformed event on the status stream of %s", request_id)
                         continue
                     yield status
                     if status.is_completed:
                         return
+                    # Nothing of this event is needed while waiting for the next one, which
+                    # may be minutes away: thousands of waits would each hold it (~3 KB).
+                    del status, event, line, raw_line
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                raise self._transport_error(what, exc, h.request_id, True) from exc
-            raise FluxTransportError(f"{what}: the stream ended before the request completed", request_id=h.request_id)
+                raise self._transport_error(what, exc, request_id, True) from exc
+            raise FluxTransportError(f"{what}: the stream ended before the request completed", request_id=request_id)
         finally:
             # close(), not release(): an unfinished event stream must not go back to the pool.
             resp.close()
+
+
+#: How long the triggerer reuses a connection's settings before reading it again.
+SETTINGS_TTL = 60.0
+
+
+class _SettingsCache:
+    """Connection settings per event loop and connection id, kept for :data:`SETTINGS_TTL`.
+
+    A triggerer starts thousands of waits on one connection, often in the same second.
+    Reading the connection costs 0.3-0.45 ms of CPU per wait even from an env var (1.6-1.9 s
+    of a 5,000-wait start-up, bench/RESULTS.md), and in a real triggerer each read is a round
+    trip to its supervisor. Concurrent readers share one lookup; a failed lookup is not
+    kept, and an edited connection is picked up by waits started after the TTL.
+    """
+
+    _entries: ClassVar[
+        weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[str, tuple[float, asyncio.Task[FluxConnectionSettings]]]
+        ]
+    ] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    async def get(
+        cls, conn_id: str, load: Callable[[], Coroutine[Any, Any, FluxConnectionSettings]]
+    ) -> FluxConnectionSettings:
+        loop = asyncio.get_running_loop()
+        entries = cls._entries.setdefault(loop, {})
+        now = loop.time()
+        entry = entries.get(conn_id)
+        if entry is None or entry[0] <= now:
+            task = loop.create_task(load())
+            entry = entries[conn_id] = (now + SETTINGS_TTL, task)
+
+            def forget_failure(done: asyncio.Task[FluxConnectionSettings]) -> None:
+                if (done.cancelled() or done.exception() is not None) and entries.get(conn_id, (0, None))[1] is done:
+                    del entries[conn_id]
+
+            task.add_done_callback(forget_failure)
+        # shield: one waiter being cancelled must not cancel the lookup the others share.
+        return await asyncio.shield(entry[1])
 
 
 class _SharedSessions:

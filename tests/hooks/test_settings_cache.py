@@ -1,0 +1,67 @@
+"""Connection settings are read once per event loop and connection, for SETTINGS_TTL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from airflow.sdk import BaseHook
+
+from airflow_flux.hooks import FluxHook
+from airflow_flux.hooks import flux as flux_module
+
+
+@pytest.fixture
+def lookups(monkeypatch):
+    """Count the connection reads (the real lookup still runs, from the env var)."""
+    seen: list[str] = []
+    real = BaseHook.aget_connection
+
+    async def counting(conn_id: str):
+        seen.append(conn_id)
+        await asyncio.sleep(0.01)  # let concurrent hooks pile up on one lookup
+        return await real(conn_id)
+
+    monkeypatch.setattr(BaseHook, "aget_connection", staticmethod(counting))
+    return seen
+
+
+async def test_concurrent_hooks_share_one_lookup(make_flux_conn, lookups):
+    conn_id = make_flux_conn("http://127.0.0.1:1")
+    other = make_flux_conn("http://127.0.0.1:2")
+    settings = await asyncio.gather(*(FluxHook(flux_conn_id=conn_id).aget_settings() for _ in range(50)))
+    assert lookups == [conn_id]
+    assert all(s is settings[0] for s in settings)
+    assert (await FluxHook(flux_conn_id=other).aget_settings()).base_url == "http://127.0.0.1:2"
+    assert lookups == [conn_id, other]
+
+
+async def test_settings_are_read_again_after_the_ttl(make_flux_conn, lookups, monkeypatch):
+    monkeypatch.setattr(flux_module, "SETTINGS_TTL", 0.05)
+    conn_id = make_flux_conn("http://127.0.0.1:1")
+    await FluxHook(flux_conn_id=conn_id).aget_settings()
+    make_flux_conn("http://127.0.0.1:3", conn_id=conn_id)  # edited connection
+    assert (await FluxHook(flux_conn_id=conn_id).aget_settings()).base_url == "http://127.0.0.1:1"
+    await asyncio.sleep(0.06)
+    assert (await FluxHook(flux_conn_id=conn_id).aget_settings()).base_url == "http://127.0.0.1:3"
+    assert lookups == [conn_id, conn_id]
+
+
+async def test_a_failed_lookup_is_not_kept(make_flux_conn, lookups, monkeypatch):
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    with pytest.raises(AirflowNotFoundException):
+        await FluxHook(flux_conn_id="flux_not_there_yet").aget_settings()
+    make_flux_conn("http://127.0.0.1:4", conn_id="flux_not_there_yet")
+    assert (await FluxHook(flux_conn_id="flux_not_there_yet").aget_settings()).base_url == "http://127.0.0.1:4"
+    assert lookups == ["flux_not_there_yet", "flux_not_there_yet"]
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_shared_lookup(make_flux_conn, lookups):
+    conn_id = make_flux_conn("http://127.0.0.1:5")
+    first = asyncio.create_task(FluxHook(flux_conn_id=conn_id).aget_settings())
+    second = asyncio.create_task(FluxHook(flux_conn_id=conn_id).aget_settings())
+    await asyncio.sleep(0)
+    first.cancel()
+    assert (await second).base_url == "http://127.0.0.1:5"
+    assert lookups == [conn_id]
