@@ -123,17 +123,24 @@ async def test_unknown_request_is_an_error_not_a_wait(emulator, flux_conn):
     assert event["status_code"] == 404
 
 
-def test_poll_interval_grows_with_the_wait_and_the_queue():
-    intervals = [next_poll_interval(n, 0, initial=1, maximum=30) for n in range(12)]
+def test_poll_interval_grows_with_the_wait_but_stays_within_a_tenth_of_it():
+    elapsed, intervals = 0.0, []
+    for polls in range(200):
+        interval = next_poll_interval(polls, elapsed, initial=1, maximum=30)
+        # A completion is noticed at most one interval late: bounded by 10 % of the wait.
+        assert interval <= max(1.0, 0.1 * elapsed), (polls, elapsed, interval)
+        intervals.append(interval)
+        elapsed += interval
     assert intervals[0] == 1
     assert intervals == sorted(intervals)
-    assert intervals[-1] == 30
-    assert next_poll_interval(0, 600, initial=1, maximum=30) == 30, "a long wait polls rarely"
+    assert intervals[-1] == 30, "a long wait polls at most every max_poll_interval"
+    assert next_poll_interval(0, 600, initial=1, maximum=30) == 1, "grows per poll, not in one jump"
+    assert next_poll_interval(10, 600, initial=1, maximum=30) == 30, "a long wait polls rarely"
     assert next_poll_interval(0, 0, initial=1, maximum=30, queue_position=20) == 10, "far back in the queue"
 
 
 @pytest.mark.timeout(150)
-async def test_polling_fallback_for_a_60s_generation_costs_at_most_12_status_calls(make_flux_conn):
+async def test_polling_fallback_for_a_60s_generation_is_at_most_a_tenth_late_in_30_calls(make_flux_conn):
     from airflow_flux.emulator import FluxEmulator
 
     with FluxEmulator(queue_seconds=0, run_seconds=60) as emu:
@@ -141,7 +148,12 @@ async def test_polling_fallback_for_a_60s_generation_costs_at_most_12_status_cal
         conn_id = make_flux_conn(emu.base_url)
         handle = _submit(conn_id, "a slow fox")
         (event,) = await _run(FluxStatusTrigger(flux_conn_id=conn_id, handle=handle))
+        seen = time.time()
         assert event["status"] == "success"
         assert len(emu.calls(kind="stream")) == 1, "the stream is tried once, then polling"
         status_calls = len(emu.calls(kind="status"))
-        assert status_calls <= 12, status_calls
+        assert status_calls <= 30, status_calls
+        completed = emu.complete_time(handle["request_id"])
+        assert completed is not None
+        # 10 % of the 60 s wait, plus slack for the result call and a loaded machine.
+        assert seen - completed <= 6 + 1.5, seen - completed
