@@ -123,6 +123,22 @@ async def test_unknown_request_is_an_error_not_a_wait(emulator, flux_conn):
     assert event["status_code"] == 404
 
 
+@pytest.mark.parametrize("stream", ["ok", "refuse"])
+async def test_logs_false_asks_for_no_api_log_lines(emulator, flux_conn, capfd, stream):
+    emulator.add_scenario(Scenario(stream=stream, run_seconds=0.3), match="quiet")
+    handle = _submit(flux_conn, "a quiet fox")
+    emulator.clear_requests()
+    trigger = FluxStatusTrigger(flux_conn_id=flux_conn, handle=handle, logs=False, poll_interval=0.05)
+    assert trigger.serialize()[1]["logs"] is False
+    (event,) = await _run(trigger)
+    assert event["status"] == "success"
+    asked = [r.query for r in emulator.requests if r.kind in ("stream", "status")]
+    assert asked and all(q == "logs=0" for q in asked), asked
+    text = "".join(capfd.readouterr())
+    assert f"FLUX request {handle['request_id']} is COMPLETED" in text
+    assert f"FLUX request {handle['request_id']} | " not in text
+
+
 def test_poll_interval_grows_with_the_wait_but_stays_within_a_tenth_of_it():
     elapsed, intervals = 0.0, []
     for polls in range(200):
