@@ -24,8 +24,9 @@ Contenders:
   exists (the emulator's CDN path): what an ``HttpSensorTrigger`` wait costs when it does wait.
 
 What-if variants (``--contenders flux_sse_quiet ...``, not run by default): ``flux_sse`` with
-``[logging] namespace_levels = airflow_flux=WARNING`` (no progress lines), or with the status
-stream opened with ``logs=0`` (patched from here: smaller events, no fal log lines kept).
+``[logging] namespace_levels = airflow_flux=WARNING`` (no progress lines), or with
+``FluxStatusTrigger(logs=False)`` (status stream opened with ``logs=0``: smaller events, no
+fal log lines).
 
 Per wait: lost = no event by the deadline; false = event before the emulator's COMPLETED
 time or not a success; late = event more than 2 s after COMPLETED.
@@ -56,6 +57,8 @@ import common
 
 CONTENDERS = ("flux_sse", "flux_poll", "floor", "floor_own_session", "http_status", "http_404")
 DEFAULT = ("flux_sse", "flux_poll", "floor", "http_status", "http_404")
+#: At the largest N each contender runs alone, so only the ones the issue compares.
+MAX_N_DEFAULT = ("flux_sse", "http_status", "http_404")
 #: What-if variants of flux_sse (not run by default): the trigger with a candidate fix applied
 #: from the outside, to measure what the fix would buy before anyone changes the provider.
 WHAT_IF = ("flux_sse_quiet", "flux_sse_nologs")
@@ -118,7 +121,13 @@ def make_waiter(contender: str, handle: dict[str, Any], shared: dict[str, Any]) 
     if contender.startswith("flux_"):
         from airflow_flux.triggers.flux import FluxStatusTrigger
 
-        return FluxStatusTrigger(flux_conn_id=FLUX_CONN, handle=handle)
+        # With a deadline, as the sensor and the generate operator always defer.
+        return FluxStatusTrigger(
+            flux_conn_id=FLUX_CONN,
+            handle=handle,
+            end_time=time.time() + 7 * 24 * 3600,
+            logs=contender != "flux_sse_nologs",
+        )
     if contender in ("http_status", "http_404"):
         from airflow.providers.http.triggers.http import HttpSensorTrigger
 
@@ -176,7 +185,7 @@ def payload_status(payload: Any) -> str:
 async def worker_async(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
     import aiohttp
 
-    warmup, handles = data["warmup"], data["handles"]
+    warmup = data["warmup"]
     shared: dict[str, Any] = {}
     if args.worker == "floor":
         shared["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
@@ -188,9 +197,19 @@ async def worker_async(args: argparse.Namespace, data: dict[str, Any]) -> dict[s
         pass
     warmup_s = time.monotonic() - t
     del t
+    # Ready: the parent submits the requests once every worker of the run has started, so
+    # that start-up (imports on a shared machine) does not eat into the generations.
+    # Blocking file calls are fine here: nothing else runs on this loop yet.
+    Path(args.ready).touch()  # noqa: ASYNC240
+    handles_file = Path(args.handles)
+    while not handles_file.exists():  # noqa: ASYNC110, ASYNC240 - another process writes it
+        await asyncio.sleep(0.05)
+    go = json.loads(handles_file.read_text())  # noqa: ASYNC240
+    handles, deadline, snapshot_at = go["handles"], go["deadline"], go.get("snapshot_at")
+    del go
     gc.collect()
     await asyncio.sleep(0.2)
-    if args.snapshot_at:
+    if snapshot_at:
         import tracemalloc
 
         tracemalloc.start(args.trace_frames)
@@ -234,7 +253,7 @@ async def worker_async(args: argparse.Namespace, data: dict[str, Any]) -> dict[s
     async def snapshot() -> None:
         import tracemalloc
 
-        await asyncio.sleep(max(0.0, args.snapshot_at - time.time()))
+        await asyncio.sleep(max(0.0, snapshot_at - time.time()))
         diff = tracemalloc.take_snapshot().compare_to(trace_base, args.trace_group)
         n = len(handles)
         for stat in diff[:25]:
@@ -245,8 +264,8 @@ async def worker_async(args: argparse.Namespace, data: dict[str, Any]) -> dict[s
         total = sum(stat.size_diff for stat in diff)
         top.insert(0, f"total traced growth {total / n / 1024:.2f} KB/wait")
 
-    snapshotting = asyncio.create_task(snapshot()) if args.snapshot_at else None
-    _, pending = await asyncio.wait(tasks, timeout=max(1.0, args.deadline - time.time()))
+    snapshotting = asyncio.create_task(snapshot()) if snapshot_at else None
+    _, pending = await asyncio.wait(tasks, timeout=max(1.0, deadline - time.time()))
     t_end, cpu_end = time.time(), cpu_s() - cpu0
     if profiler is not None:
         profiler.disable()
@@ -317,19 +336,8 @@ def profile_summary(profiler: Any, top: int = 20) -> list[str]:
     return lines
 
 
-def stream_without_logs() -> None:
-    """What-if: FluxStatusTrigger follows the stream with ``logs=0`` (patched from outside)."""
-    import functools
-
-    from airflow_flux.hooks.flux import FluxHook
-
-    FluxHook.astream_status = functools.partialmethod(FluxHook.astream_status, logs=False)  # type: ignore[assignment,method-assign]
-
-
 def worker_main(args: argparse.Namespace) -> None:
     common.raise_nofile()
-    if args.worker == "flux_sse_nologs":
-        stream_without_logs()
     # Everything a triggerer would have imported before the triggers arrive.
     import aiohttp  # noqa: F401
     from airflow.providers.http.triggers.http import HttpSensorTrigger  # noqa: F401
@@ -337,7 +345,7 @@ def worker_main(args: argparse.Namespace) -> None:
     from airflow_flux.hooks.flux import FluxHook  # noqa: F401
     from airflow_flux.triggers.flux import FluxStatusTrigger  # noqa: F401
 
-    data = json.loads(Path(args.handles).read_text())
+    data = json.loads(Path(args.warmup).read_text())
     result = asyncio.run(worker_async(args, data))
     Path(args.out).write_text(json.dumps(result))
 
@@ -433,76 +441,111 @@ def interp_cpu(samples: list[list[float]], at: float) -> float:
     return samples[-1][2]
 
 
-def run_one(args: argparse.Namespace, emu: common.Emulator, contender: str, n: int, tmp: Path) -> dict[str, Any]:
+def prepare(args: argparse.Namespace, emu: common.Emulator, contender: str, n: int, tmp: Path) -> dict[str, Any]:
+    """Set up ``contender``'s scenarios and warm-up request, and build its worker's command."""
     queue = min(args.queue_seconds, args.gen_seconds)
-    emu.reset()  # one emulator process for the whole run: same server for every contender
-    time.sleep(2)  # let the previous run's sockets wind down
-    if contender == "flux_poll":
-        emu.scenario(None, stream="refuse")
-        emu.scenario("#warmup#", queue_seconds=0.0, run_seconds=0.1, stream="refuse")
-    else:
-        emu.scenario("#warmup#", queue_seconds=0.0, run_seconds=0.1)
+    poll = contender == "flux_poll"
+    # The polling fallback's requests refuse the stream; tags keep contenders apart when
+    # several share the emulator at once (side by side).
+    warm_tag = "#warmup-poll#" if poll else "#warmup#"
+    emu.scenario(warm_tag, queue_seconds=0.0, run_seconds=0.1, **({"stream": "refuse"} if poll else {}))
     slots = SPREAD_SLOTS if args.spread > 0 else 1
     for k in range(1, slots):
         # Completions spread evenly over --spread seconds instead of one burst.
-        extra = {"stream": "refuse"} if contender == "flux_poll" else {}
+        extra = {"stream": "refuse"} if poll else {}
         emu.scenario(
             f"#s{k}#", queue_seconds=queue, run_seconds=args.gen_seconds - queue + k * args.spread / slots, **extra
         )
-    t_submit = time.time()
-    (warmup,) = asyncio.run(common.submit_many(emu.base_url, ["#warmup# scale"]))
-    prompts = [f"scale {contender} {i} #s{i % slots}#" for i in range(n)]
-    handles = asyncio.run(common.submit_many(emu.base_url, prompts))
-    submit_s = time.time() - t_submit
-    handles_file = tmp / f"handles-{contender}-{n}.json"
-    handles_file.write_text(json.dumps({"warmup": warmup, "handles": handles}))
-    out = tmp / f"result-{contender}-{n}.json"
-    log = tmp / f"worker-{contender}-{n}.log"
-    deadline = time.time() + args.gen_seconds + args.spread + args.grace + 10
+    if poll:  # after the spread slots: the first matching scenario wins
+        emu.scenario("#poll#", queue_seconds=queue, run_seconds=args.gen_seconds - queue, stream="refuse")
+    (warmup,) = asyncio.run(common.submit_many(emu.base_url, [f"{warm_tag} scale"]))
+    stem = f"{contender}-{n}"
+    warmup_file = tmp / f"warmup-{stem}.json"
+    warmup_file.write_text(json.dumps({"warmup": warmup}))
+    paths = {
+        "warmup_file": warmup_file,
+        "handles_file": tmp / f"handles-{stem}.json",
+        "ready": tmp / f"ready-{stem}",
+        "out": tmp / f"result-{stem}.json",
+        "log": tmp / f"worker-{stem}.log",
+    }
     env = dict(os.environ)
     common.flux_conn(FLUX_CONN, emu.base_url, env)
     common.http_conn(HTTP_CONN, emu.base_url, env)
     if contender.endswith("_quiet"):
         env["AIRFLOW__LOGGING__NAMESPACE_LEVELS"] = "airflow_flux=WARNING"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(common.REPO), env.get("PYTHONPATH", "")]))
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        contender,
-        "--handles",
-        str(handles_file),
-        "--out",
-        str(out),
-        "--deadline",
-        f"{deadline:.3f}",
-    ]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", contender]
+    cmd += ["--warmup", str(paths["warmup_file"]), "--handles", str(paths["handles_file"])]
+    cmd += ["--ready", str(paths["ready"]), "--out", str(paths["out"])]
     if args.cprofile:
         cmd.append("--cprofile")
     if args.tracemalloc:
+        cmd += ["--trace-frames", str(args.trace_frames), "--trace-group", args.trace_group]
+    return {"contender": contender, "n": n, "cmd": cmd, "env": env, "slots": slots, "poll": poll, **paths}
+
+
+def submit(args: argparse.Namespace, emu: common.Emulator, prep: dict[str, Any]) -> None:
+    """Submit the contender's ``n`` requests and hand them to its (waiting) worker."""
+    contender, slots = prep["contender"], prep["slots"]
+    poll_tag = " #poll#" if prep["poll"] else ""
+    prompts = [f"scale {contender} {i} #s{i % slots}#{poll_tag}" for i in range(prep["n"])]
+    t = time.time()
+    prep["handles"] = asyncio.run(common.submit_many(emu.base_url, prompts))
+    prep["submit_s"] = time.time() - t
+    deadline = time.time() + args.gen_seconds + args.spread + args.grace + 10
+    go: dict[str, Any] = {"handles": prep["handles"], "deadline": deadline}
+    if args.tracemalloc:
         first_done = min(j["submitted_at"] for j in emu.jobs().values()) + args.gen_seconds
-        cmd += ["--snapshot-at", f"{first_done - 3:.3f}", "--trace-frames", str(args.trace_frames)]
-        cmd += ["--trace-group", args.trace_group]
+        go.update(snapshot_at=first_done - 3)
+    tmp = prep["handles_file"].with_suffix(".tmp")
+    tmp.write_text(json.dumps(go))
+    tmp.rename(prep["handles_file"])  # atomic: the worker never reads half a file
+
+
+def run_group(args: argparse.Namespace, emu: common.Emulator, contenders: list[str], n: int, tmp: Path) -> list[dict]:
+    """Run the contenders' workers at the same time (one at a time is a group of one)."""
     import psutil
 
+    emu.reset()  # one emulator process for the whole run: same server for every contender
+    time.sleep(2)  # let the previous run's sockets wind down
+    preps = [prepare(args, emu, c, n, tmp) for c in contenders]
+    running = []
+    for prep in preps:
+        fh = open(prep["log"], "wb")  # noqa: SIM115 - closed after the worker exits
+        proc = subprocess.Popen(prep["cmd"], env=prep["env"], stdout=fh, stderr=subprocess.STDOUT, cwd=common.REPO)
+        running.append((prep, proc, fh))
+    started = time.time()
+    while not all(p["ready"].exists() for p in preps):
+        if any(proc.poll() is not None for _, proc, _ in running) or time.time() - started > 300:
+            break  # a worker died or hangs: its return code tells below
+        time.sleep(0.1)
     emu_proc = psutil.Process(emu.pid)
     emu_cpu0 = sum(emu_proc.cpu_times()[:2])
-    with open(log, "wb") as fh:
-        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=common.REPO, check=False)
+    for prep in preps:
+        submit(args, emu, prep)
+    for _, proc, fh in running:
+        proc.wait()
+        fh.close()
     emu_cpu = sum(emu_proc.cpu_times()[:2]) - emu_cpu0
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"worker {contender} N={n} failed ({proc.returncode}):\n{tail}")
-    result = json.loads(out.read_text())
     records = emu.requests()
     jobs = emu.jobs()
-    result["submit_s"] = submit_s
-    result["emulator_cpu_s"] = emu_cpu
-    result["log_lines"] = log.read_bytes().count(b"\n")
-    analyse(result, handles, records, jobs)
-    for path in (handles_file, out):
-        path.unlink()
-    return result
+    results = []
+    for prep, proc, _ in running:
+        log = prep["log"]
+        if proc.returncode != 0:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"worker {prep['contender']} N={n} failed ({proc.returncode}):\n{tail}")
+        result = json.loads(prep["out"].read_text())
+        result["submit_s"] = prep["submit_s"]
+        result["emulator_cpu_s"] = emu_cpu
+        result["side_by_side"] = [c for c in contenders if c != prep["contender"]]
+        result["log_lines"] = log.read_bytes().count(b"\n")
+        analyse(result, prep["handles"], records, jobs)
+        for key in ("handles_file", "out", "warmup_file", "ready"):
+            prep[key].unlink()
+        results.append(result)
+    return results
 
 
 def analyse(
@@ -644,6 +687,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[1000, 5000], help="concurrent waits")
     parser.add_argument("--contenders", nargs="+", default=list(DEFAULT), choices=CONTENDERS + WHAT_IF)
+    parser.add_argument(
+        "--max-n-contenders",
+        nargs="*",
+        default=list(MAX_N_DEFAULT),
+        choices=CONTENDERS + WHAT_IF,
+        help="contenders at the largest N, one after another (default: the provider and HttpSensorTrigger; "
+        "none given: --contenders)",
+    )
+    parser.add_argument(
+        "--side-by-side",
+        type=int,
+        nargs="*",
+        default=[1000],
+        metavar="N",
+        help="at these N, all contenders run at the same time, each in its own process (default 1000; "
+        "none given: always one at a time)",
+    )
     parser.add_argument("--gen-seconds", type=float, default=60.0, help="generation time (queue + run)")
     parser.add_argument("--queue-seconds", type=float, default=1.0, help="part of it spent IN_QUEUE")
     parser.add_argument(
@@ -669,10 +729,10 @@ def main() -> None:
         "--micro", type=int, metavar="REPEAT", help="only time FluxStatusTrigger's per-trigger set-up steps"
     )
     parser.add_argument("--worker", choices=CONTENDERS + WHAT_IF, help=argparse.SUPPRESS)
-    parser.add_argument("--snapshot-at", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", help=argparse.SUPPRESS)
     parser.add_argument("--handles", help=argparse.SUPPRESS)
+    parser.add_argument("--ready", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     common.airflow_env()
     if args.worker:
@@ -684,6 +744,8 @@ def main() -> None:
         return
     if args.quick:
         args.n, args.gen_seconds = [200], 10.0
+    if args.spread and args.side_by_side:
+        parser.error("--spread needs --side-by-side with no N (contenders one at a time)")
 
     common.raise_nofile()
     common.print_header("Concurrent waits in one event loop (issue #6, part 2)")
@@ -694,17 +756,21 @@ def main() -> None:
     emulator = common.Emulator(queue_seconds=queue, run_seconds=args.gen_seconds - queue, ping_interval=15.0)
     with tempfile.TemporaryDirectory(prefix="flux-scale-") as tmp, emulator as emu:
         for n in args.n:
-            for contender in args.contenders:
+            contenders = args.contenders
+            if n == max(args.n) and args.max_n_contenders and len(args.n) > 1:
+                contenders = args.max_n_contenders
+            groups = [contenders] if n in args.side_by_side else [[c] for c in contenders]
+            for group in groups:
                 loads.append(common.load_average())
-                r = run_one(args, emu, contender, n, Path(tmp))
-                r["load_before"] = loads[-1]
-                results.append(r)
-                print(
-                    f"<!-- {contender} N={n}: wall {r['wall_s']:.1f} s, CPU {r['cpu_wait_s']:.1f} s, "
-                    f"peak {r['peak_kb_per_wait']:.1f} KB/wait, lost {r['lost']}, false {r['false']}, "
-                    f"late {r['late']}, errors {r['n_errors']} {r['errors_sample']}, load {loads[-1]} -->",
-                    flush=True,
-                )
+                for r in run_group(args, emu, list(group), n, Path(tmp)):
+                    r["load_before"] = loads[-1]
+                    results.append(r)
+                    print(
+                        f"<!-- {r['contender']} N={n}: wall {r['wall_s']:.1f} s, CPU {r['cpu_wait_s']:.1f} s, "
+                        f"peak {r['peak_kb_per_wait']:.1f} KB/wait, lost {r['lost']}, false {r['false']}, "
+                        f"late {r['late']}, errors {r['n_errors']} {r['errors_sample']}, load {loads[-1]} -->",
+                        flush=True,
+                    )
     print()
     print(table(results))
     print(
