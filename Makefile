@@ -39,11 +39,8 @@ demo: venv ## flux_content_pipeline on the emulator and a local S3; images in ./
 demo-ui: venv ## the same on a real Airflow, UI on http://127.0.0.1:8080; Ctrl-C stops it (FLUX_DEMO_UI_ONCE=1: one run)
 	$(PY) -m demo.ui $(DEMO_ARGS)
 
-bench: venv ## issue #6 benchmarks (~16 min on 2 cores): API calls and detection, triggerer scale, parse cost, transfer
-	$(PY) bench/detection.py
-	$(PY) bench/trigger_scale.py
-	$(PY) bench/parse_cost.py
-	$(PY) bench/transfer.py
+bench: venv ## issue #6 benchmarks (~9 min on 2 cores), rewrites bench/RESULTS.md; BENCH_ARGS=--quick for a smoke run
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

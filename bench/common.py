@@ -141,12 +141,29 @@ def machine_facts() -> dict[str, str]:
     }
 
 
+#: Set by bench/run_all.py: the machine facts go once at the top of RESULTS.md, not per part.
+EMBEDDED = os.environ.get("FLUX_BENCH_EMBEDDED") == "1"
+
+
 def print_header(title: str) -> None:
     print(f"## {title}\n")
     print(f"Command: `{command_line()}`\n")
-    for key, value in machine_facts().items():
+    facts = machine_facts()
+    if EMBEDDED:
+        facts = {k: facts[k] for k in ("date", "load average (1/5/15 min)")}
+    for key, value in facts.items():
         print(f"- {key}: {value}")
     print()
+
+
+#: Goal checks of this run, in the order printed; written to the JSON for the summary.
+GOALS: list[dict[str, Any]] = []
+
+
+def goal(what: str, measured: str, met: bool | None, note: str = "") -> str:
+    """Record one goal check; returns its verdict word (``met``/``MISSED``/``n/a``)."""
+    GOALS.append({"goal": what, "measured": measured, "met": met, "note": note})
+    return "n/a" if met is None else ("met" if met else "MISSED")
 
 
 # ----------------------------------------------------------------------------- output
@@ -189,10 +206,10 @@ def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def dump_json(path: str | None, data: Any) -> None:
+def dump_json(path: str | None, data: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, indent=1, default=str))
+        Path(path).write_text(json.dumps({**data, "goals": GOALS}, indent=1, default=str))
 
 
 # ----------------------------------------------------------------------------- emulator
