@@ -5,6 +5,13 @@ Requests are strict (a bad value fails before anything is paid for, with a messa
 names the field and what is allowed); responses are tolerant (unknown fields are kept,
 fal's legacy ``{"response": {...}}`` wrapper is unwrapped) because the API grows fields
 over time and a new field must never fail a paid generation.
+
+Every model is ``defer_build``: its validator is built on first use, not on import. DAG
+files import this module through the operators, and the DAG processor imports
+``airflow_flux`` again for every parse (it pre-imports ``airflow.*`` modules only); building
+the six validators cost about 8 of the 14 ms of this import (``bench/parse_cost.py``). A
+parse builds the request model only (about 2 ms, to validate the values known at parse
+time); the others are built by the worker or triggerer that uses them.
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ class KontextTextToImageRequest(BaseModel):
     :param sync_mode: return images inline as ``data:`` URIs instead of CDN URLs.
     """
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True, defer_build=True)
 
     endpoint: ClassVar[str] = KONTEXT_TEXT_TO_IMAGE
 
@@ -161,7 +168,7 @@ def build_payload(request: BaseModel | Mapping[str, Any], endpoint: str) -> dict
 class LogEntry(BaseModel):
     """One log line of a request, as the status endpoint reports it."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     message: str = ""
     level: str | None = None
@@ -172,7 +179,7 @@ class LogEntry(BaseModel):
 class FluxStatus(BaseModel):
     """A status report of a queued request (``GET {status_url}`` or one SSE event)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     status: str
     request_id: str | None = None
@@ -201,7 +208,7 @@ class FluxRequestHandle(BaseModel):
     Holds no secret: the token is looked up from the connection whenever a call is made.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
     request_id: str = Field(min_length=1)
     status_url: str
@@ -235,7 +242,7 @@ class FluxRequestHandle(BaseModel):
 class FluxImage(BaseModel):
     """One generated image: a public CDN URL (or a ``data:`` URI in sync mode)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     url: str
     width: int | None = None
@@ -248,7 +255,7 @@ class FluxImage(BaseModel):
 class FluxResult(BaseModel):
     """The result of a completed request (``GET {response_url}``)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     images: list[FluxImage] = Field(default_factory=list)
     seed: int | None = None

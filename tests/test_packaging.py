@@ -83,3 +83,49 @@ def test_public_import_paths():
     assert all(
         (FluxHook, FluxGenerateOperator, FluxSubmitOperator, FluxStatusSensor, FluxStatusTrigger, FluxToS3Operator)
     )
+
+
+def _new_modules_over_airflow_sdk(statement: str) -> set[str]:
+    code = (
+        "import sys, airflow.sdk\nbefore = set(sys.modules)\n"
+        f"{statement}\n"
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(proc.stdout.split())
+
+
+def test_dag_facing_modules_pull_in_no_heavy_dependency_over_the_task_sdk():
+    # What a DAG file imports is paid on every parse (the DAG processor pre-imports airflow.* only).
+    new = _new_modules_over_airflow_sdk(
+        "import airflow_flux.operators, airflow_flux.sensors, airflow_flux.transfers, airflow_flux.plugins.links"
+    )
+    heavy = {"boto3", "botocore", "aiobotocore", "aiohttp", "PIL", "requests", "fastapi", "tenacity"}
+    assert not {m.split(".")[0] for m in new} & heavy
+    assert not {m for m in new if m.startswith(("airflow_flux.hooks", "airflow_flux.triggers"))}
+
+
+def test_importing_the_dag_facing_modules_builds_no_pydantic_validator():
+    # defer_build: parsing pays for the request model only, when an operator validates its values.
+    code = (
+        "import airflow_flux.operators, airflow_flux.sensors, airflow_flux.transfers\n"
+        "from pydantic import BaseModel\n"
+        "from airflow_flux import models\n"
+        "built = [n for n, v in vars(models).items() if isinstance(v, type) and issubclass(v, BaseModel)\n"
+        "         and v is not BaseModel and v.__pydantic_complete__]\n"
+        "print(built)\n"
+        "from airflow_flux.operators import FluxSubmitOperator\n"
+        "FluxSubmitOperator(task_id='t', prompt='a fox')\n"
+        "print(models.KontextTextToImageRequest.__pydantic_complete__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split("\n")[:2] == ["[]", "True"], proc.stdout
+
+
+def test_a_bad_value_fails_the_first_parse_of_a_fresh_process_naming_the_field():
+    # The first validation also builds the deferred request model: same error, same message.
+    code = "from airflow_flux.operators import FluxSubmitOperator\nFluxSubmitOperator(task_id='bad', prompt='a fox', num_images=5)\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode != 0
+    assert "FluxValidationError: Task 'bad': Invalid request for fal-ai/flux-pro/kontext/text-to-image: " in proc.stderr
+    assert "num_images: must be a number from 1 to 4 (got 5)" in proc.stderr
