@@ -15,9 +15,10 @@ from urllib.parse import quote
 
 from airflow.sdk import BaseOperator
 
-from airflow_flux.exceptions import FluxError, FluxIntegrityError
+from airflow_flux.exceptions import FluxError, FluxIntegrityError, FluxTransportError
 from airflow_flux.models import FluxResult
 from airflow_flux.plugins.links import FluxGalleryLink
+from airflow_flux.transfers._s3stream import MAX_SINGLE_PUT
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -33,9 +34,10 @@ DEFAULT_KEY_TEMPLATE = "{request_id}_{index}.{ext}"
 #: XCom key of the manifest's ``s3://`` URI (the Flux gallery finds the run's images through it).
 MANIFEST_XCOM_KEY = "flux_manifest"
 
-# Multipart defaults: (upload_concurrency + 1) part buffers at most, however large the
-# image; the next part downloads while the previous one uploads. Measured on loopback
-# (64 MB image): 2 uploads at once were no faster than 1 and held one part more.
+# Multipart defaults (images of unknown size or above max_single_put): (upload_concurrency
+# + 1) part buffers at most; the next part downloads while the previous one uploads.
+# Measured on loopback (64 MB image): 2 uploads at once were no faster than 1 and held
+# one part more.
 PART_SIZE = 8 * 1024 * 1024
 UPLOAD_CONCURRENCY = 1
 
@@ -89,11 +91,14 @@ class _ImageJob:
 class FluxToS3Operator(BaseOperator):
     """Copy the images of FLUX results into S3, streaming, with metadata and a manifest.
 
-    Each image is streamed from its URL (CDN, no token sent; or a ``data:`` URI) into S3
-    as a multipart upload, never held whole in memory. Its type is checked against its
-    first bytes, its size against ``Content-Length``, and a SHA-256 is stored both as the
-    S3 checksum and in the manifest. A failed copy leaves no object behind: a broken
-    upload is aborted, and objects this try already wrote are deleted, so a retry starts clean.
+    Each image is streamed from its URL (CDN, no token sent; or a ``data:`` URI) into S3,
+    never held whole in memory: as one PUT while it downloads, its SHA-256 sent after the
+    body for S3 to verify (a multipart upload when the size is unknown or above
+    ``max_single_put``). Its type is checked against its first bytes, its size against
+    ``Content-Length``, and a SHA-256 is stored both as the S3 checksum and in the
+    manifest. A failed copy leaves no object behind: a broken PUT stores nothing, a broken
+    multipart upload is aborted, and objects this try already wrote are deleted, so a retry
+    starts clean.
 
     Returns the ``s3://`` URIs of the copied images. Objects get metadata (``flux-request-id``,
     ``flux-seed``, ``flux-endpoint``, size, prompt digest, and the URL-encoded prompt when
@@ -116,9 +121,12 @@ class FluxToS3Operator(BaseOperator):
     :param nsfw_policy: per image flagged by ``has_nsfw_concepts``: ``skip`` (default;
         listed in the manifest as skipped), ``fail`` the task, or ``keep`` it.
     :param max_workers: images copied at once.
-    :param part_size: bytes per multipart part (min 5 MiB); also the largest single PUT.
-    :param upload_concurrency: parts of one image uploaded at once; memory per image is
-        about ``(upload_concurrency + 1) * part_size``.
+    :param part_size: images up to this size are buffered and sent with their SHA-256 in
+        the metadata too; also the bytes per multipart part (min 5 MiB).
+    :param upload_concurrency: parts of one image uploaded at once in a multipart upload;
+        its memory is about ``(upload_concurrency + 1) * part_size``.
+    :param max_single_put: largest image streamed as one PUT (S3 allows 5 GiB); larger
+        ones, and those of unknown size, go as a multipart upload.
     """
 
     template_fields: Sequence[str] = (
@@ -149,6 +157,7 @@ class FluxToS3Operator(BaseOperator):
         max_workers: int = 4,
         part_size: int = PART_SIZE,
         upload_concurrency: int = UPLOAD_CONCURRENCY,
+        max_single_put: int = MAX_SINGLE_PUT,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -168,6 +177,7 @@ class FluxToS3Operator(BaseOperator):
         self.max_workers = max_workers
         self.part_size = part_size
         self.upload_concurrency = upload_concurrency
+        self.max_single_put = max_single_put
 
     @cached_property
     def flux_hook(self) -> FluxHook:
@@ -309,7 +319,7 @@ class FluxToS3Operator(BaseOperator):
         job.status, job.seconds = "copied", round(time.monotonic() - started, 3)
 
     def _upload(self, job: _ImageJob, stream: ImageStream) -> None:
-        from airflow_flux.transfers._s3stream import stream_to_s3
+        from airflow_flux.transfers._s3stream import StreamNotResendableError, stream_to_s3
 
         actual = sniff_content_type(stream.peek(16))
         expected = job.content_type or stream.content_type
@@ -319,24 +329,31 @@ class FluxToS3Operator(BaseOperator):
                 f"{expected or 'image'}: its bytes say {actual or 'unknown format'}"
             )
         client = self.s3_hook.get_conn()
-        single = stream_to_s3(
-            client,
-            stream.read,
-            bucket=self.s3_bucket,
-            key=job.key,
-            size_hint=stream.content_length,
-            extra_args={"ContentType": actual, "Metadata": job.metadata},
-            part_size=self.part_size,
-            concurrency=self.upload_concurrency,
-            digest_metadata_key="flux-sha256",
-        )
-        # One-part objects carry their SHA-256 as S3 checksum and in the metadata; multipart
-        # ones a SHA-256 per part (S3 checked each on receipt). The whole-object digest of
-        # what was streamed goes to the manifest. (A server-side self-copy to stamp it on
+        try:
+            mode = stream_to_s3(
+                client,
+                stream.read,
+                bucket=self.s3_bucket,
+                key=job.key,
+                size_hint=stream.content_length,
+                extra_args={"ContentType": actual, "Metadata": job.metadata},
+                part_size=self.part_size,
+                concurrency=self.upload_concurrency,
+                digest_metadata_key="flux-sha256",
+                max_single_put=self.max_single_put,
+                sha256=lambda: stream.sha256,
+            )
+        except StreamNotResendableError as exc:
+            # botocore would have retried but cannot rewind a download: a transport error
+            # makes the download retry policy copy the image again. Nothing was stored.
+            raise FluxTransportError(f"Upload to S3 broke: {exc}") from exc
+        # Small (buffered) objects carry their SHA-256 as S3 checksum and in the metadata;
+        # streamed ones as S3 checksum only (a trailer: known too late for the metadata);
+        # multipart ones a SHA-256 per part (S3 checked each on receipt). The whole-object
+        # digest of what was read goes to the manifest. (A server-side self-copy to stamp it on
         # multipart objects too cost 0.22 s per 50 MB on moto, 18 % of the copy: not worth it.)
         job.size, job.sha256, job.content_type = stream.bytes_read, stream.sha256, actual
-        if not single:
-            self.log.debug("s3://%s/%s uploaded in parts; its SHA-256 is in the manifest", self.s3_bucket, job.key)
+        self.log.debug("s3://%s/%s uploaded (%s)", self.s3_bucket, job.key, mode)
 
     def _rollback(self, jobs: list[_ImageJob]) -> None:
         written = [j.key for j in jobs if j.status == "copied"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import sys
 import time
@@ -59,7 +60,12 @@ def _peak_of_copy(op: FluxToS3Operator, result: dict) -> tuple[int, list[str]]:
     return peak, uris
 
 
-def test_peak_memory_does_not_grow_with_the_image(emulator_process, s3):
+# The 64 MB image streamed as one PUT (the default) or, above max_single_put, in parts.
+PATHS = pytest.mark.parametrize("options", [{}, {"max_single_put": 0}], ids=["streamed", "multipart"])
+
+
+@PATHS
+def test_peak_memory_does_not_grow_with_the_image(emulator_process, s3, options):
     base, conn_id = emulator_process
     small, big = _result(base, conn_id, 8 * MB), _result(base, conn_id, 64 * MB)
     op = FluxToS3Operator(
@@ -69,6 +75,7 @@ def test_peak_memory_does_not_grow_with_the_image(emulator_process, s3):
         s3_key_prefix="memory",
         manifest_name=None,
         flux_conn_id=conn_id,
+        **options,
     )
     # Warm-up on the same operator: botocore's service model and the connection pools are
     # loaded once (about 12 MiB, whatever the image) and are not what is measured.
@@ -84,19 +91,26 @@ def test_peak_memory_does_not_grow_with_the_image(emulator_process, s3):
     # single part), far from the ~160 MB an in-memory copy (HttpToS3Operator) would hold.
     assert peak_big <= peak_small + 2 * op.part_size, (peak_small, peak_big)
     assert peak_big < size_big / 3, (peak_big, size_big)
+    if not options:  # streamed: a few pieces in flight, not even one part's buffer
+        assert peak_big < op.part_size, peak_big
 
-    # The multipart object went up with a SHA-256 per part, and holds exactly the CDN's bytes.
+    # The object has an S3 checksum (streamed: the whole object's SHA-256; multipart: a
+    # SHA-256 per part), and holds exactly the CDN's bytes.
     key = uri_big.split("/", 3)[3]
     head = s3.head_object(Bucket=s3.bucket, Key=key, ChecksumMode="ENABLED")
     assert head.get("ChecksumSHA256"), "no S3 checksum on the object"
     stored = hashlib.sha256(s3.get_object(Bucket=s3.bucket, Key=key)["Body"].read()).hexdigest()
     served = hashlib.sha256(requests.get(big["images"][0]["url"], timeout=60).content).hexdigest()
     assert stored == served
+    if not options:
+        assert base64.b64decode(head["ChecksumSHA256"]).hex() == served
 
 
-def test_a_multipart_copy_broken_midway_is_aborted(emulator_process, s3):
+@PATHS
+def test_a_copy_broken_midway_leaves_nothing(emulator_process, s3, options):
     base, conn_id = emulator_process
-    # 12 MB in 5 MiB parts, the download cut after 7 MB: one part is already up when it breaks.
+    # 12 MB (in 5 MiB parts), the download cut after 7 MB: streamed, 7 MB are already sent;
+    # multipart, one part is already up when it breaks.
     result = _result(base, conn_id, 12 * MB, cdn_break_after=7 * MB)
     op = FluxToS3Operator(
         task_id="copy",
@@ -106,6 +120,7 @@ def test_a_multipart_copy_broken_midway_is_aborted(emulator_process, s3):
         flux_conn_id=conn_id,
         part_size=5 * MB,
         s3_key_prefix="broken",
+        **options,
     )
     with pytest.raises(FluxError, match="Image download"):
         op.execute({})
