@@ -440,7 +440,7 @@ def breakdown(target: str, env: dict[str, str], top: int = 5) -> str:
         return "nothing new imported"
     depth = min(e[1] for e in entries)
     tops = sorted((e for e in entries if e[1] == depth and e[2] != "gc"), reverse=True)[:top]
-    return ", ".join(f"{name} {cum / 1000:.0f}" for cum, _, name in tops)
+    return ", ".join(f"{name} {cum / 1000:.0f}" for cum, _, name in tops) or "nothing new imported"
 
 
 def check_baseline(env: dict[str, str], ours: dict[str, Any], workdir: Path) -> str:
@@ -483,9 +483,9 @@ def label(target: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=11, help="timed runs per target and reading (median reported)")
+    parser.add_argument("--runs", type=int, default=15, help="timed runs per target and reading (median reported)")
     parser.add_argument("--alt-runs", type=int, default=5, help="timed runs of the alternatives' strict rows")
-    parser.add_argument("--quick", action="store_true", help="5 runs per target, 3 for the alternatives")
+    parser.add_argument("--quick", action="store_true", help="7 runs per target, 3 for the alternatives")
     parser.add_argument("--fresh", action="store_true", help="strict reading in fresh interpreters (slow)")
     parser.add_argument("--breakdown", action="store_true", help="name the costliest imports (strict reading)")
     parser.add_argument(
@@ -501,7 +501,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures and raw timings to this file")
     args = parser.parse_args()
     if args.quick:
-        args.runs, args.alt_runs = 5, 3
+        args.runs, args.alt_runs = 7, 3
     modes = ("strict",) if args.fresh else MODES
 
     env = common.airflow_env(dict(os.environ))
@@ -677,10 +677,47 @@ def main() -> None:
         + "- of which provider imports: the same file with its `airflow_flux` (alternative: `airflow.providers`) "
         "modules already loaded, subtracted.\n"
         "- vs http: module rows against the http operator+sensor imports; DAG files against the hand-built "
-        "alternative DAG file; in the same reading."
+        "alternative DAG file; in the same reading. In the production reading the http and amazon modules cost "
+        "~0: their names start with `airflow.`, so the DAG processor pre-imports them before it forks; "
+        "`airflow_flux` is imported again by every parse."
     )
     if missing:
         print(f"Not installed, not measured: {', '.join(missing)}.")
+    print("\nGoal (issue #6: <= 50 ms over what is already imported):")
+    readings = {
+        "strict": "over `import airflow.sdk`",
+        "production": "over the DAG processor's baseline",
+    }
+    for mode in modes:
+        provider = next((r[mode] for r in results if r["target"] == modules[-1]), None)
+        if provider is not None:
+            verdict = common.goal(
+                f"Parse cost, {mode}: the provider's DAG-facing modules <= {GOAL_MS:g} ms ({readings[mode]})",
+                f"{provider['median_ms']:.1f} ms",
+                provider["goal_met"],
+            )
+            print(f"- {mode}, `import {modules[-1]}`: {provider['median_ms']:.1f} ms, {verdict}")
+        dag_rows = [r for r in results if r["kind"] == "DAG file" and r[mode]]
+        if not dag_rows:
+            continue
+        worst = max(dag_rows, key=lambda r: r[mode]["median_ms"])
+        missed = [r for r in dag_rows if not r[mode]["goal_met"]]
+        note = "; ".join(
+            f"{Path(r['target']).name} {r[mode]['median_ms']:.1f} ms, of which provider imports "
+            f"{r[mode]['provider_share_ms']:.1f} ms (the rest: Airflow's lazily imported code and the file's own)"
+            for r in missed
+        )
+        verdict = common.goal(
+            f"Parse cost, {mode}: each example DAG file <= {GOAL_MS:g} ms ({readings[mode]})",
+            f"{worst[mode]['median_ms']:.1f} ms at most ({Path(worst['target']).name})",
+            not missed,
+            note,
+        )
+        print(
+            f"- {mode}, DAG files: {len(dag_rows) - len(missed)} of {len(dag_rows)} within the goal; "
+            f"at most {worst[mode]['median_ms']:.1f} ms ({Path(worst['target']).name}), {verdict}"
+            + (f". Missed: {note}" if missed else "")
+        )
     check = None
     if args.check_baseline and baseline:
         check = check_baseline(env, baseline, workdir)
