@@ -25,7 +25,7 @@ Contenders:
 
 What-if variants (``--contenders flux_sse_quiet ...``, not run by default): ``flux_sse`` with
 ``[logging] namespace_levels = airflow_flux=WARNING`` (no progress lines), or with
-``FluxStatusTrigger(logs=False)`` (status stream opened with ``logs=0``: smaller events, no
+``FluxStatusTrigger(api_logs=False)`` (status stream opened with ``logs=0``: smaller events, no
 fal log lines).
 
 Per wait: lost = no event by the deadline; false = event before the emulator's COMPLETED
@@ -126,7 +126,7 @@ def make_waiter(contender: str, handle: dict[str, Any], shared: dict[str, Any]) 
             flux_conn_id=FLUX_CONN,
             handle=handle,
             end_time=time.time() + 7 * 24 * 3600,
-            logs=contender != "flux_sse_nologs",
+            api_logs=contender != "flux_sse_nologs",
         )
     if contender in ("http_status", "http_404"):
         from airflow.providers.http.triggers.http import HttpSensorTrigger

@@ -34,6 +34,8 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
     :param poll_interval: first polling interval of the polling fallback, seconds.
     :param max_poll_interval: cap of the polling interval, seconds.
     :param cancel_on_timeout: cancel the remote request when the wait times out.
+    :param api_logs: ask the API for its log lines while waiting and print them in the task
+        log; False makes each status smaller (cheaper for thousands of waits per triggerer).
     """
 
     template_fields: Sequence[str] = ("request", "flux_conn_id")
@@ -51,6 +53,7 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
         max_poll_interval: float = 30.0,
         cancel_on_timeout: bool = True,
         timeout: float = DEFAULT_WAIT_TIMEOUT,
+        api_logs: bool = True,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("poke_interval", 5.0)
@@ -62,6 +65,7 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
         self.cancel_on_timeout = cancel_on_timeout
+        self.api_logs = api_logs
 
     def _wait_timeout(self) -> float:
         return float(self.timeout)

@@ -153,3 +153,23 @@ def test_extra_link_points_at_the_request(dags, flux_default):
     assert ti.xcom_pull(task_ids="submit", key=LINK_XCOM_KEY) == handle["response_url"]
     # Airflow stores the rendered link itself under the link's own key at the end of the task.
     assert ti.xcom_pull(task_ids="submit", key="_link_FluxRequestLink") == handle["response_url"]
+
+
+def test_api_logs_false_reaches_the_trigger_and_the_worker_poll(flux_conn, emulator):
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from airflow_flux.hooks import FluxHook
+    from airflow_flux.sensors import FluxStatusSensor
+
+    handle = FluxHook(flux_conn_id=flux_conn).submit({"prompt": "a quiet fox"}).model_dump()
+    sensor = FluxStatusSensor(task_id="wait", request=handle, flux_conn_id=flux_conn, api_logs=False)
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor._defer_wait(handle)
+    assert deferred.value.trigger.serialize()[1]["api_logs"] is False
+    assert FluxGenerateOperator(task_id="g", prompt="x", api_logs=False).api_logs is False
+
+    emulator.clear_requests()
+    result = sensor._wait_blocking(handle)  # the non-deferrable path, real HTTP
+    assert result["request_id"] == handle["request_id"]
+    asked = [r.query for r in emulator.requests if r.kind == "status"]
+    assert asked and all(q == "logs=0" for q in asked), asked

@@ -124,12 +124,12 @@ async def test_unknown_request_is_an_error_not_a_wait(emulator, flux_conn):
 
 
 @pytest.mark.parametrize("stream", ["ok", "refuse"])
-async def test_logs_false_asks_for_no_api_log_lines(emulator, flux_conn, capfd, stream):
+async def test_api_logs_false_asks_for_no_api_log_lines(emulator, flux_conn, capfd, stream):
     emulator.add_scenario(Scenario(stream=stream, run_seconds=0.3), match="quiet")
     handle = _submit(flux_conn, "a quiet fox")
     emulator.clear_requests()
-    trigger = FluxStatusTrigger(flux_conn_id=flux_conn, handle=handle, logs=False, poll_interval=0.05)
-    assert trigger.serialize()[1]["logs"] is False
+    trigger = FluxStatusTrigger(flux_conn_id=flux_conn, handle=handle, api_logs=False, poll_interval=0.05)
+    assert trigger.serialize()[1]["api_logs"] is False
     (event,) = await _run(trigger)
     assert event["status"] == "success"
     asked = [r.query for r in emulator.requests if r.kind in ("stream", "status")]
