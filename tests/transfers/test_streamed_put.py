@@ -14,7 +14,7 @@ import requests
 from airflow_flux.emulator import Scenario
 from airflow_flux.hooks import FluxHook
 from airflow_flux.transfers import FluxToS3Operator
-from airflow_flux.transfers._s3stream import _AwsChunkedBody, put_stream, stream_to_s3
+from airflow_flux.transfers._s3stream import AWS_CHUNK_SIZE, _AwsChunkedBody, put_stream, stream_to_s3
 from tests.conftest import FAST_RETRY
 
 MB = 1024 * 1024
@@ -58,6 +58,10 @@ def test_encoding_round_trips_with_the_exact_announced_length(size, own_hash):
     payload, trailers = _decode(encoded)
     assert payload == data
     assert trailers == {"x-amz-checksum-sha256": base64.b64encode(digest.digest()).decode()}
+
+
+def test_chunks_stay_within_what_minio_accepts():
+    assert AWS_CHUNK_SIZE <= 16 * MB  # MinIO refuses larger aws-chunked chunks (errChunkTooBig)
 
 
 def test_body_rewinds_only_before_its_first_read():
