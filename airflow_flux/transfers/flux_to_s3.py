@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
@@ -273,15 +274,24 @@ class FluxToS3Operator(BaseOperator):
     # -- copying -------------------------------------------------------------------------------
 
     def _existing(self, job: _ImageJob) -> dict[str, str] | None:
+        """The existing object's metadata, with ``flux-sha256`` filled in from S3's own
+        whole-object SHA-256 when the metadata lacks it (a streamed PUT cannot know its
+        digest before the body is sent; S3 verified and stored it)."""
         from botocore.exceptions import ClientError
 
         try:
-            head = self.s3_hook.get_conn().head_object(Bucket=self.s3_bucket, Key=job.key)
+            head = self.s3_hook.get_conn().head_object(Bucket=self.s3_bucket, Key=job.key, ChecksumMode="ENABLED")
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise
-        return dict(head.get("Metadata") or {})
+        meta = dict(head.get("Metadata") or {})
+        checksum = head.get("ChecksumSHA256") or ""
+        # A multipart object's checksum is a checksum of part checksums ("...-N"): not the image's.
+        whole = checksum and "-" not in checksum and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
+        if whole and not meta.get("flux-sha256"):
+            meta["flux-sha256"] = base64.b64decode(checksum).hex()
+        return meta
 
     def _check_destinations(self, jobs: list[_ImageJob]) -> None:
         """Before writing anything: reuse this very image if a previous try copied it,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import time
+import types
 
 import pytest
 import requests
@@ -227,3 +229,31 @@ def test_an_s3_error_after_the_body_fails_the_copy_and_stores_nothing(emulator, 
         op.execute({})
     assert s3.list_objects_v2(Bucket=s3.bucket).get("KeyCount") == 0
     assert len([c for c in emulator.calls(kind="cdn") if c.method == "GET"]) == FAST_RETRY.max_attempts
+
+
+@pytest.mark.parametrize("size", [2 * MB, 12 * MB], ids=["buffered", "streamed"])
+def test_a_retried_task_reuses_the_image_an_earlier_try_copied(emulator, make_flux_conn, s3, size):
+    conn_id = make_flux_conn(emulator.base_url)
+    result = _result(emulator, conn_id, f"copied once fox {size}", size)
+
+    def copy() -> FluxToS3Operator:
+        op = FluxToS3Operator(
+            task_id="copy", source=result, s3_bucket=s3.bucket, s3_key_prefix="again", flux_conn_id=conn_id
+        )
+        ti = types.SimpleNamespace(dag_id="d", run_id="r", task_id="copy", map_index=-1, xcom_push=lambda **_: None)
+        op.execute({"ti": ti})
+        return op
+
+    copy()
+    first = s3.get_object(Bucket=s3.bucket, Key="again/manifest.json")["Body"].read()
+    emulator.clear_requests()
+    copy()  # the task's retry, after the copy but (say) before its XCom was written
+    (image,) = json.loads(s3.get_object(Bucket=s3.bucket, Key="again/manifest.json")["Body"].read())["images"]
+    (before,) = json.loads(first)["images"]
+    assert image["status"] == "reused", image
+    assert [c for c in emulator.calls(kind="cdn") if c.method == "GET"] == [], "not downloaded again"
+    assert (
+        image["sha256"]
+        == before["sha256"]
+        == hashlib.sha256(requests.get(result["images"][0]["url"], timeout=60).content).hexdigest()
+    )
