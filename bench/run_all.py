@@ -29,8 +29,8 @@ HERE = Path(__file__).resolve().parent
 PARTS = (
     ("detection", "1. API calls and detection delay per generation"),
     ("trigger_scale", "2. Many waits in one triggerer loop"),
-    ("parse_cost", "3. Parse cost of the DAG files"),
-    ("transfer", "4. Copying the images to S3"),
+    ("transfer", "3. Copying the images to S3"),
+    ("parse_cost", "4. Parse cost of the DAG files"),
 )
 
 
