@@ -166,6 +166,28 @@ def goal(what: str, measured: str, met: bool | None, note: str = "") -> str:
     return "n/a" if met is None else ("met" if met else "MISSED")
 
 
+# ----------------------------------------------------------------------------- memory
+
+
+def hwm_kb() -> float:
+    """The kernel's peak RSS of this process (VmHWM), KiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1])
+    return float("nan")
+
+
+def reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) so it covers what follows only."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 # ----------------------------------------------------------------------------- output
 
 

@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,10 +42,12 @@ from common import (
     fmt,
     free_port,
     goal,
+    hwm_kb,
     md_table,
     median,
     print_header,
     ratio,
+    reset_hwm,
 )
 
 MB = 1024 * 1024
@@ -63,10 +64,6 @@ LABELS = {
 #: Not copies: the parts of a streamed copy, measured alone, to show where its time goes.
 COMPONENTS = ("download_only", "put_from_memory", "chunked_from_memory")
 BUCKET = "bench-transfer"
-
-
-def _rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _rss_now_mb() -> float:
@@ -165,14 +162,15 @@ def worker(
     run_once("warm", warm)
     if contender in ("put_from_memory", "chunked_from_memory"):  # read before the baseline: only the PUT counts
         in_memory.extend(Path(path).read_bytes() for path in files)
-    base_now, base_peak = _rss_now_mb(), _rss_peak_mb()
+    # The kernel's peak-RSS counter is reset here, so the peak is the copy's own: with
+    # ru_maxrss, a warm-up peak above the copy's would hide the copy's growth entirely.
+    if not reset_hwm():
+        raise RuntimeError("cannot reset the peak-RSS counter (/proc/self/clear_refs)")
+    base_now = _rss_now_mb()
     started = time.perf_counter()
     run_once(case, results)
     wall = time.perf_counter() - started
-    growth = max(0.0, _rss_peak_mb() - max(base_now, base_peak))
-    # ru_maxrss only rises: when the warm-up peak already exceeded the copy's, fall back to
-    # the growth over the RSS right before the copy.
-    growth = max(growth, _rss_peak_mb() - base_now) if growth == 0 else growth
+    growth = max(0.0, hwm_kb() / 1024 - base_now)
     total = 0
     if contender != "download_only":
         prefix = {"flux": "flux", "http_to_s3": "http", "upload_file": "file"}.get(contender, "mem")
@@ -327,7 +325,9 @@ def main() -> None:
         f"\n{args.rounds} round(s) each, each round a fresh process. Every contender's S3 client exists before"
         " its baseline (made by its warm-up copy), as it would in a task copying several images, except"
         " HttpToS3Operator's: one operator per image makes a new S3Hook, and so a new boto3 session and about 12 MB"
-        " of service model, per image. The two components are not copies: a streamed copy cannot beat the slower of"
+        " of service model, per image. Peak RSS growth is the kernel's peak-RSS counter (reset right before the copy)"
+        " minus the RSS at that moment: 0.0 means the copy stayed within memory the process already held after its"
+        " warm-up copy. The two components are not copies: a streamed copy cannot beat the slower of"
         " them, and upload_file (no download, parts uploaded by 10 threads) beats both.\n"
     )
     for line in _goals(raw):

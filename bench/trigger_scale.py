@@ -87,24 +87,6 @@ def rss_kb() -> float:
         return int(fh.read().split()[1]) * PAGE_KB
 
 
-def hwm_kb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1])
-    return float("nan")
-
-
-def reset_hwm() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) so it covers the wait only."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -215,7 +197,7 @@ async def worker_async(args: argparse.Namespace, data: dict[str, Any]) -> dict[s
         tracemalloc.start(args.trace_frames)
         trace_base = tracemalloc.take_snapshot()
     rss_base = rss_kb()
-    hwm_reset = reset_hwm()
+    hwm_reset = common.reset_hwm()
 
     profiler = None
     if args.cprofile:
@@ -286,7 +268,7 @@ async def worker_async(args: argparse.Namespace, data: dict[str, Any]) -> dict[s
         "rss_imports_kb": rss_imports,
         "rss_base_kb": rss_base,
         "rss_created_kb": rss_created,
-        "hwm_kb": hwm_kb() if hwm_reset else None,
+        "hwm_kb": common.hwm_kb() if hwm_reset else None,
         "t0": t0,
         "t_end": t_end,
         "last_event": max((e[0] for e in events.values()), default=None),
