@@ -173,3 +173,29 @@ async def test_polling_fallback_for_a_60s_generation_is_at_most_a_tenth_late_in_
         assert completed is not None
         # 10 % of the 60 s wait, plus slack for the result call and a loaded machine.
         assert seen - completed <= 6 + 1.5, seen - completed
+
+
+async def test_result_fetches_in_flight_are_bounded_per_loop(emulator, flux_conn, monkeypatch):
+    from airflow_flux.triggers import flux as trigger_module
+
+    monkeypatch.setattr(trigger_module, "RESULT_FETCH_CONCURRENCY", 2)
+    handles = [_submit(flux_conn, f"a burst fox {i}") for i in range(8)]
+    in_flight, most = 0, 0
+    real = FluxHook.aget_result
+
+    async def counting(self, handle):
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.05)  # long enough for the others to pile up
+            return await real(self, handle)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(FluxHook, "aget_result", counting)
+    triggers = [FluxStatusTrigger(flux_conn_id=flux_conn, handle=h) for h in handles]
+    events = await asyncio.gather(*(_run(t) for t in triggers))
+    assert [e["status"] for (e,) in events] == ["success"] * 8
+    assert sorted(e["request_id"] for (e,) in events) == sorted(h["request_id"] for h in handles)
+    assert most == 2
