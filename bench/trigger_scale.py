@@ -479,7 +479,7 @@ def submit(args: argparse.Namespace, emu: common.Emulator, prep: dict[str, Any])
     go: dict[str, Any] = {"handles": prep["handles"], "deadline": deadline}
     if args.tracemalloc:
         first_done = min(j["submitted_at"] for j in emu.jobs().values()) + args.gen_seconds
-        go.update(snapshot_at=first_done - 3)
+        go.update(snapshot_at=first_done + args.snapshot_offset)
     tmp = prep["handles_file"].with_suffix(".tmp")
     tmp.write_text(json.dumps(go))
     tmp.rename(prep["handles_file"])  # atomic: the worker never reads half a file
@@ -703,6 +703,12 @@ def main() -> None:
         help="diagnosis only (slows everything): print what the waits allocate, just before completions",
     )
     parser.add_argument("--trace-frames", type=int, default=1, help="traceback depth with --tracemalloc")
+    parser.add_argument(
+        "--snapshot-offset",
+        type=float,
+        default=-3.0,
+        help="with --tracemalloc: when to look, in seconds after the first completion (default -3: while waiting)",
+    )
     parser.add_argument("--trace-group", default="traceback", choices=["traceback", "filename", "lineno"])
     parser.add_argument(
         "--cprofile", action="store_true", help="diagnosis only (slows everything): where the waits spend CPU"
