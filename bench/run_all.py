@@ -77,7 +77,7 @@ def render(parts: list[dict[str, Any]], facts: dict[str, str], started: str, tot
         ["git", "rev-parse", "--short", "HEAD"], cwd=common.REPO, capture_output=True, text=True, check=False
     ).stdout.strip()
     dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "airflow_flux", "bench", "dags"],
+        ["git", "status", "--porcelain", "--", "airflow_flux", "bench", "dags", ":!bench/RESULTS.md"],
         cwd=common.REPO,
         capture_output=True,
         text=True,
