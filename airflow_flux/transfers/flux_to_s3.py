@@ -325,7 +325,7 @@ class FluxToS3Operator(BaseOperator):
             with self.flux_hook.open_image(job.url) as stream:
                 self._upload(job, stream)
 
-        self.flux_hook.retry_policy.retrying()(attempt)
+        self.flux_hook.retry_policy.call(attempt)
         job.status, job.seconds = "copied", round(time.monotonic() - started, 3)
 
     def _upload(self, job: _ImageJob, stream: ImageStream) -> None:
