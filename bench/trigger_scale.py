@@ -1,14 +1,22 @@
 """Part 2 of issue #6: many concurrent waits in one asyncio loop, as the triggerer runs them.
 
-For each N (default 1,000 and 5,000) and each contender, a fresh emulator process (open-file
-limit raised, ``--run-seconds`` so that a generation lasts ``--gen-seconds``) gets N submits
-from this process; then a *separate worker process* (this script with ``--worker``) loads the
-N handles, does one untimed warm-up wait (lazy imports, connection lookup), takes its
-baseline (RSS, CPU), creates the N triggers and runs every ``trigger.run()`` in its own task
-of one event loop (``async for event in trigger.run()``, like ``TriggerRunner.run_trigger``),
-sampling RSS and CPU every 0.5 s until every task has its event or the deadline passes.
-The worker measures only itself: the emulator and the submits live in other processes.
-Trigger logs go, at INFO, to a file (a triggerer writes them too).
+One emulator process serves the whole run (open-file limit raised; a generation lasts
+``--gen-seconds``). For each N (default 1,000 and 5,000) each contender gets a *separate
+worker process* (this script with ``--worker``): it imports what a triggerer has, does one
+untimed warm-up wait (lazy imports, connection lookup) and says it is ready; only then are
+its N requests submitted, so start-up never eats into the generations. The worker loads the
+handles, takes its baseline (RSS, CPU), creates the N triggers and runs every
+``trigger.run()`` in its own task of one event loop (``async for event in trigger.run()``,
+like ``TriggerRunner.run_trigger``), sampling RSS and CPU every 0.5 s until every task has
+its event or the deadline passes. The worker measures only itself: the emulator and the
+submits live in other processes. Trigger logs go, at INFO, to a file (a triggerer writes
+them too).
+
+By default the contenders at N = 1,000 run side by side (``--side-by-side``: one process
+each, at the same time, against the same emulator; CPU and RSS stay per process, latencies
+share the machine), and at the largest N only the provider and the two HttpSensorTrigger
+set-ups run, one at a time (``--max-n-contenders``). That keeps ``make bench`` under 10
+minutes.
 
 Contenders:
 
@@ -16,8 +24,8 @@ Contenders:
 * ``flux_poll``: the same trigger when the stream is refused: its polling fallback.
 * ``floor``: bare SSE waits sharing one aiohttp session (stream, then the result): what a
   wait costs at the least with aiohttp.
-* ``floor_own_session``: the same bare wait, but with its own ``ClientSession`` per wait, as
-  each ``FluxStatusTrigger`` has today (its ``FluxHook`` opens one): the price of that choice.
+* ``floor_own_session``: the same bare wait, but with its own ``ClientSession`` per wait (as
+  each ``FluxStatusTrigger`` had before hooks shared one per loop): the price of that choice.
 * ``http_status``: ``HttpSensorTrigger`` (poke 5 s) on ``status_url``, as a user would point
   it at fal: it takes the 202 of a queued request for success (false events).
 * ``http_404``: ``HttpSensorTrigger`` (poke 5 s) on a URL that answers 404 until the image
