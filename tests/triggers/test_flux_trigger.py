@@ -171,8 +171,9 @@ async def test_polling_fallback_for_a_60s_generation_is_at_most_a_tenth_late_in_
         assert status_calls <= 30, status_calls
         completed = emu.complete_time(handle["request_id"])
         assert completed is not None
-        # 10 % of the 60 s wait, plus slack for the result call and a loaded machine.
-        assert seen - completed <= 6 + 1.5, seen - completed
+        # 10 % of the 60 s wait, plus slack for the result call and a loaded CI machine (the
+        # old schedule, growth by poll count alone, was about 15 s late here).
+        assert seen - completed <= 6 + 3, seen - completed
 
 
 async def test_result_fetches_in_flight_are_bounded_per_loop(emulator, flux_conn, monkeypatch):
