@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: python demo/ui.py
 
 import requests
 
+from demo.airflow_api import AirflowApi
 from demo.services import (
     BIN,
     DEMO_BUCKET,
@@ -51,7 +52,7 @@ from demo.services import (
 from demo.summary import Summary, parse_time, prepare_output, slug, summarize
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
 DAG_ID = "flux_content_pipeline"
 DEFAULT_PORT = 8080
@@ -67,7 +68,7 @@ COMPONENTS: dict[str, list[str]] = {
 FINISHED = ("success", "failed")
 
 
-class AirflowUI:
+class AirflowUI(AirflowApi):
     """The Airflow processes of the demo and the REST calls it makes to them."""
 
     def __init__(self, services: LocalServices, procs: ProcessGroup, home: Path, port: int) -> None:
@@ -77,6 +78,7 @@ class AirflowUI:
         self.home = home
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.dag_id = DAG_ID
         self.env = services.airflow_env(
             home,
             DEMO_BUCKET,
@@ -119,38 +121,10 @@ class AirflowUI:
     def check_alive(self) -> None:
         self.procs.check_alive(*COMPONENTS, "api-server")
 
-    # ---- REST API (v2)
+    # ---- REST API (v2): reads, health and waiting come from AirflowApi
 
-    def get(self, path: str, **params: Any) -> Any:
-        resp = self.session.get(f"{self.url}/api/v2/{path}", params=params, timeout=10)
-        resp.raise_for_status()
-        return resp.json()
-
-    def wait_until(self, what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                last = check()
-            except (requests.RequestException, ValueError) as exc:
-                last = exc
-            else:
-                if last:
-                    return last
-            time.sleep(interval)
-        raise DemoError(f"Timed out after {timeout:.0f}s waiting for {what} (last: {last!r}); logs in {self.home}")
-
-    def healthy(self) -> bool:
-        health = self.get("monitor/health")
-        parts = ("metadatabase", "scheduler", "triggerer", "dag_processor")
-        return all(health.get(part, {}).get("status") == "healthy" for part in parts)
-
-    def dag_parsed(self) -> bool:
-        errors = self.get("importErrors")["import_errors"]
-        if errors:
-            raise DemoError(f"DAG import errors: {errors}")
-        return self.session.get(f"{self.url}/api/v2/dags/{DAG_ID}", timeout=10).status_code == 200
+    def failure(self, message: str) -> Exception:
+        return DemoError(f"{message}; logs in {self.home}")
 
     def unpause(self) -> None:
         resp = self.session.patch(f"{self.url}/api/v2/dags/{DAG_ID}", json={"is_paused": False}, timeout=10)

@@ -33,6 +33,7 @@ import requests
 from cryptography.fernet import Fernet, InvalidToken
 
 from airflow_flux.emulator import FluxEmulator
+from demo.airflow_api import AirflowApi
 from tests.conftest import TOKEN
 
 pytestmark = pytest.mark.timeout(420)
@@ -64,13 +65,15 @@ def _tail(path: Path, lines: int = 60) -> str:
         return f"({exc})"
 
 
-class _Airflow:
+class _Airflow(AirflowApi):
     """The Airflow processes of one test: environment, start, CLI, REST, stop."""
 
     def __init__(self, home: Path, flux_base_url: str) -> None:
         self.home = home
         self.port = _free_port()
-        self.api = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dag_id = DAG_ID
+        self.session = requests.Session()
         self.db_path = home / "airflow.db"
         self.fernet_key = Fernet.generate_key().decode()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -96,12 +99,12 @@ class _Airflow:
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
                 "AIRFLOW__API__HOST": "127.0.0.1",
                 "AIRFLOW__API__PORT": str(self.port),
-                "AIRFLOW__API__BASE_URL": f"{self.api}/",
+                "AIRFLOW__API__BASE_URL": f"{self.url}/",
                 "AIRFLOW__API__WORKERS": "1",
                 "AIRFLOW__API__SECRET_KEY": Fernet.generate_key().decode(),
                 "AIRFLOW__API_AUTH__JWT_SECRET": Fernet.generate_key().decode(),
                 # Where task workers (LocalExecutor) report to: the api-server above.
-                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api}/execution/",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
                 "AIRFLOW__LOGGING__COLORED_CONSOLE_LOG": "False",
                 "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
                 "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
@@ -205,38 +208,8 @@ class _Airflow:
 
     # ---- REST API
 
-    def get(self, path: str, **params: Any) -> Any:
-        resp = requests.get(f"{self.api}/api/v2/{path}", params=params, timeout=10)
-        resp.raise_for_status()
-        return resp.json()
-
-    def wait_until(self, what: str, check: Any, timeout: float, interval: float = 0.5) -> Any:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                last = check()
-            except (requests.RequestException, ValueError) as exc:
-                last = exc
-            else:
-                if last:
-                    return last
-            time.sleep(interval)
-        raise AssertionError(f"Timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
-
-    def healthy(self) -> bool:
-        health = self.get("monitor/health")
-        return all(
-            health.get(part, {}).get("status") == "healthy"
-            for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")
-        )
-
-    def dag_parsed(self) -> bool:
-        errors = self.get("importErrors")["import_errors"]
-        assert not errors, f"DAG import errors: {errors}"
-        resp = requests.get(f"{self.api}/api/v2/dags/{DAG_ID}", timeout=10)
-        return resp.status_code == 200
+    def failure(self, message: str) -> Exception:
+        return AssertionError(message)
 
     # ---- metadata DB (read only, next to the running scheduler)
 
