@@ -194,18 +194,10 @@ def _run(
     verbose: bool,
     out: TextIO,
 ) -> Summary:
-    if api is None:
-        api = services.start_emulator(queue_seconds=queue_seconds, run_seconds=run_seconds)
-        mode = "fal queue emulator"
-        out.write(f"fal queue emulator   {api.base_url}  (pid {procs.procs['emulator'].pid})\n")
-    else:
-        services.api = api
-        mode = f"real API at {api.base_url}"
-        out.write(f"REAL API             {api.base_url}  (every prompt is a paid request)\n")
-    s3_url = services.start_s3()
-    out.write(f"moto S3 server       {s3_url}  (pid {procs.procs['moto-s3'].pid})\n")
-    services.create_bucket(DEMO_BUCKET)
-    out.write(f"bucket               s3://{DEMO_BUCKET}\n")
+    def say(what: str, where: str, note: str) -> None:
+        out.write(f"{what:<20} {where}" + (f"  ({note})" if note else "") + "\n")
+
+    mode = services.start(api, bucket=DEMO_BUCKET, queue_seconds=queue_seconds, run_seconds=run_seconds, say=say)
 
     home = work / "airflow_home"
     home.mkdir()

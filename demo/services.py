@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from types import FrameType
 
 REPO = Path(__file__).resolve().parent.parent
@@ -222,6 +222,33 @@ class LocalServices:
         self.procs = procs
         self.api: ApiTarget | None = None
         self.s3_endpoint = ""
+
+    def start(
+        self,
+        api: ApiTarget | None,
+        *,
+        bucket: str,
+        queue_seconds: float,
+        run_seconds: float,
+        say: Callable[[str, str, str], None],
+    ) -> str:
+        """The API side (the emulator, unless ``api`` is the real one), the S3 server and ``bucket``.
+
+        :param say: ``say(what, where, note)`` reports each part as it comes up.
+        :return: the mode, for the summary.
+        """
+        if api is None:
+            api = self.start_emulator(queue_seconds=queue_seconds, run_seconds=run_seconds)
+            mode = "fal queue emulator"
+            say(mode, api.base_url, f"pid {self.procs.procs['emulator'].pid}")
+        else:
+            self.api = api
+            mode = f"real API at {api.base_url}"
+            say("REAL API", api.base_url, "every prompt is a paid request")
+        say("moto S3 server", self.start_s3(), f"pid {self.procs.procs['moto-s3'].pid}")
+        self.create_bucket(bucket)
+        say("bucket", f"s3://{bucket}", "")
+        return mode
 
     def start_emulator(self, *, queue_seconds: float, run_seconds: float, timeout: float = 30) -> ApiTarget:
         token = f"demo-{secrets.token_hex(8)}"  # the emulator accepts this token only

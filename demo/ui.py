@@ -244,16 +244,13 @@ def _start_and_watch(
     queue_seconds: float,
     run_seconds: float,
 ) -> int:
-    if api is None:
-        api = services.start_emulator(queue_seconds=queue_seconds, run_seconds=run_seconds)
-        mode = "fal queue emulator"
-        watcher.say(f"fal queue emulator {api.base_url} (pid {procs.procs['emulator'].pid})")
-    else:
-        services.api = api
-        mode = f"real API at {api.base_url}"
-        watcher.say(f"REAL API {api.base_url}: every prompt is a paid request")
-    watcher.say(f"moto S3 server {services.start_s3()} (pid {procs.procs['moto-s3'].pid})")
-    services.create_bucket(DEMO_BUCKET)
+    mode = services.start(
+        api,
+        bucket=DEMO_BUCKET,
+        queue_seconds=queue_seconds,
+        run_seconds=run_seconds,
+        say=lambda what, where, note: watcher.say(f"{what} {where}" + (f" ({note})" if note else "")),
+    )
     af = AirflowUI(services, procs, home, port)
     watcher.say(f"airflow db migrate (AIRFLOW_HOME {home})")
     af.migrate()
