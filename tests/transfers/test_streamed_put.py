@@ -168,6 +168,15 @@ def _result(emulator, conn_id: str, prompt: str, size: int) -> dict:
     return hook.get_result(handle).model_dump(mode="json")
 
 
+def _copier(s3, conn_id: str, result: dict, prefix: str, **options) -> FluxToS3Operator:
+    """The operator copying ``result`` under ``prefix``, with the fast test retry policy."""
+    op = FluxToS3Operator(
+        task_id="copy", source=result, s3_bucket=s3.bucket, s3_key_prefix=prefix, flux_conn_id=conn_id, **options
+    )
+    op.flux_hook.retry_policy = FAST_RETRY
+    return op
+
+
 @pytest.mark.parametrize(("read_first", "downloads"), [(MB, 2), (0, 1)], ids=["mid-body", "before-body"])
 def test_an_s3_failure_is_retried_by_downloading_again_once_the_body_started(
     emulator, make_flux_conn, s3, read_first, downloads
@@ -176,15 +185,7 @@ def test_an_s3_failure_is_retried_by_downloading_again_once_the_body_started(
 
     conn_id = make_flux_conn(emulator.base_url)
     result = _result(emulator, conn_id, f"flaky s3 fox {read_first}", 12 * MB)
-    op = FluxToS3Operator(
-        task_id="copy",
-        source=result,
-        s3_bucket=s3.bucket,
-        s3_key_prefix="flaky",
-        manifest_name=None,
-        flux_conn_id=conn_id,
-    )
-    op.flux_hook.retry_policy = FAST_RETRY
+    op = _copier(s3, conn_id, result, "flaky", manifest_name=None)
     failures = []
 
     def drop_the_first_put(request, **kwargs):
@@ -210,15 +211,7 @@ def test_an_s3_error_after_the_body_fails_the_copy_and_stores_nothing(emulator, 
 
     conn_id = make_flux_conn(emulator.base_url)
     result = _result(emulator, conn_id, "always failing s3 fox", 12 * MB)
-    op = FluxToS3Operator(
-        task_id="copy",
-        source=result,
-        s3_bucket=s3.bucket,
-        s3_key_prefix="down",
-        manifest_name=None,
-        flux_conn_id=conn_id,
-    )
-    op.flux_hook.retry_policy = FAST_RETRY
+    op = _copier(s3, conn_id, result, "down", manifest_name=None)
 
     def always_fail(request, **kwargs):
         request.body.read(MB)
@@ -236,13 +229,10 @@ def test_a_retried_task_reuses_the_image_an_earlier_try_copied(emulator, make_fl
     conn_id = make_flux_conn(emulator.base_url)
     result = _result(emulator, conn_id, f"copied once fox {size}", size)
 
-    def copy() -> FluxToS3Operator:
-        op = FluxToS3Operator(
-            task_id="copy", source=result, s3_bucket=s3.bucket, s3_key_prefix="again", flux_conn_id=conn_id
-        )
-        ti = types.SimpleNamespace(dag_id="d", run_id="r", task_id="copy", map_index=-1, xcom_push=lambda **_: None)
-        op.execute({"ti": ti})
-        return op
+    ti = types.SimpleNamespace(dag_id="d", run_id="r", task_id="copy", map_index=-1, xcom_push=lambda **_: None)
+
+    def copy() -> None:
+        _copier(s3, conn_id, result, "again").execute({"ti": ti})
 
     copy()
     first = s3.get_object(Bucket=s3.bucket, Key="again/manifest.json")["Body"].read()
