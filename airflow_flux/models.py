@@ -206,6 +206,8 @@ class FluxRequestHandle(BaseModel):
     """What a submit returns and every later call needs; JSON-safe, so it travels in XCom.
 
     Holds no secret: the token is looked up from the connection whenever a call is made.
+    ``flux_conn_id`` names the connection it was submitted with (an id, never a secret), so a
+    sensor or a copy fed this handle uses the same account without repeating it.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
@@ -215,6 +217,7 @@ class FluxRequestHandle(BaseModel):
     response_url: str
     cancel_url: str
     endpoint: str = KONTEXT_TEXT_TO_IMAGE
+    flux_conn_id: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -225,7 +228,12 @@ class FluxRequestHandle(BaseModel):
 
     @classmethod
     def for_request_id(
-        cls, request_id: str, *, base_url: str, endpoint: str = KONTEXT_TEXT_TO_IMAGE
+        cls,
+        request_id: str,
+        *,
+        base_url: str,
+        endpoint: str = KONTEXT_TEXT_TO_IMAGE,
+        flux_conn_id: str | None = None,
     ) -> FluxRequestHandle:
         """Build the URLs of a request from its id, the way fal does (owner/app only)."""
         app = "/".join(endpoint.strip("/").split("/")[:2])
@@ -236,6 +244,7 @@ class FluxRequestHandle(BaseModel):
             response_url=root,
             cancel_url=f"{root}/cancel",
             endpoint=endpoint,
+            flux_conn_id=flux_conn_id,
         )
 
 

@@ -42,6 +42,7 @@ from airflow_flux.hooks.retry import (
     is_retryable_status,
     parse_retry_after,
 )
+from airflow_flux.identity import DEFAULT_CONN_ID
 from airflow_flux.models import (
     KONTEXT_TEXT_TO_IMAGE,
     FluxRequestHandle,
@@ -214,7 +215,7 @@ class FluxHook(BaseHook):
     """
 
     conn_name_attr = "flux_conn_id"
-    default_conn_name = "flux_default"
+    default_conn_name = DEFAULT_CONN_ID
     conn_type = "flux"
     hook_name = "FLUX (fal queue API)"
 
@@ -287,12 +288,15 @@ class FluxHook(BaseHook):
         if isinstance(handle, FluxRequestHandle):
             return handle
         if isinstance(handle, str):
-            return FluxRequestHandle.for_request_id(handle, base_url=settings.base_url, endpoint=settings.endpoint)
+            return FluxRequestHandle.for_request_id(
+                handle, base_url=settings.base_url, endpoint=settings.endpoint, flux_conn_id=self.flux_conn_id
+            )
         data = dict(handle)
         if not data.get("status_url") and data.get("request_id"):
+            # A bare id: its URLs are built on this connection, so the handle is this connection's.
             endpoint = data.get("endpoint") or settings.endpoint
             return FluxRequestHandle.for_request_id(
-                str(data["request_id"]), base_url=settings.base_url, endpoint=endpoint
+                str(data["request_id"]), base_url=settings.base_url, endpoint=endpoint, flux_conn_id=self.flux_conn_id
             )
         try:
             return FluxRequestHandle.model_validate(data)
@@ -407,8 +411,7 @@ class FluxHook(BaseHook):
             )
         return exc
 
-    @staticmethod
-    def _parse_handle(body: Any, settings: FluxConnectionSettings, endpoint: str) -> FluxRequestHandle:
+    def _parse_handle(self, body: Any, settings: FluxConnectionSettings, endpoint: str) -> FluxRequestHandle:
         if not isinstance(body, Mapping) or not body.get("request_id"):
             raise FluxAPIError(
                 f"Submit to {endpoint}: the API's answer has no request_id: {str(body)[:_MAX_DETAIL_CHARS]}",
@@ -422,7 +425,7 @@ class FluxHook(BaseHook):
         for key in ("status_url", "response_url", "cancel_url"):
             url = body.get(key) or getattr(handle, key)
             urls[key] = settings.rebase(url) if settings.rebase_urls else url
-        return FluxRequestHandle(request_id=request_id, endpoint=endpoint, **urls)
+        return FluxRequestHandle(request_id=request_id, endpoint=endpoint, flux_conn_id=self.flux_conn_id, **urls)
 
     # -- sync API (workers) --------------------------------------------------------------
 

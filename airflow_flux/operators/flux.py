@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -12,7 +11,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
 from airflow_flux.exceptions import FluxAPIError, FluxError, FluxRequestFailedError, FluxValidationError
-from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE, FluxRequestHandle, build_payload
+from airflow_flux.identity import DEFAULT_CONN_ID, RequestIdentity, conn_id_for
+from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE, build_payload
+from airflow_flux.operators.reuse import RequestReuse
 from airflow_flux.plugins.links import FluxGalleryLink
 
 if TYPE_CHECKING:
@@ -34,8 +35,6 @@ REQUEST_FIELDS: tuple[str, ...] = (
     "enhance_prompt",
     "sync_mode",
 )
-#: task_state_store key of the submitted request: lets a retry reuse it instead of paying again.
-STATE_KEY = "flux_request"
 #: XCom key holding the link the "FLUX request" extra link opens.
 LINK_XCOM_KEY = "flux_request_url"
 DEFAULT_WAIT_TIMEOUT = 60 * 60.0
@@ -50,27 +49,6 @@ def _is_templated(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return any(_is_templated(v) for v in value)
     return not isinstance(value, int | float | bool | type(None))
-
-
-def coerce_handle(request: Any) -> dict[str, Any]:
-    """Accept a submit handle as a dict, a model, JSON text or a bare request id."""
-    if isinstance(request, FluxRequestHandle):
-        return request.model_dump()
-    if isinstance(request, str):
-        text = request.strip()
-        if text.startswith("{"):
-            try:
-                request = json.loads(text)
-            except ValueError:
-                raise FluxValidationError(f"request: not a valid handle: {text[:200]!r}") from None
-        else:
-            return {"request_id": text}
-    if isinstance(request, Mapping) and request.get("request_id"):
-        return dict(request)
-    raise FluxValidationError(
-        "request: expected the submit task's output (a dict with request_id, status_url, response_url, "
-        f"cancel_url) or a request id, got {type(request).__name__}"
-    )
 
 
 class FluxRequestLink(BaseOperatorLink):
@@ -91,7 +69,7 @@ class FluxWaitMixin:
     task reads everything from the event, since it is a new instance.
     """
 
-    flux_conn_id: str
+    flux_conn_id: str | None
     deferrable: bool
     use_stream: bool
     poll_interval: float
@@ -104,7 +82,16 @@ class FluxWaitMixin:
     def hook(self) -> FluxHook:
         from airflow_flux.hooks.flux import FluxHook
 
-        return FluxHook(flux_conn_id=self.flux_conn_id)
+        return FluxHook(flux_conn_id=self.flux_conn_id or DEFAULT_CONN_ID)
+
+    def _use_connection_of(self, handle: Mapping[str, Any]) -> None:
+        """Wait with the connection the request was submitted with, unless the task names another."""
+        conn_id, warning = conn_id_for(handle, self.flux_conn_id)
+        if warning:
+            self.log.warning(warning)
+        if conn_id != self.flux_conn_id:
+            self.flux_conn_id = conn_id
+            self.__dict__.pop("hook", None)  # a hook made for another connection
 
     def _wait_timeout(self) -> float:
         raise NotImplementedError
@@ -120,7 +107,7 @@ class FluxWaitMixin:
         wait = self._wait_timeout()
         cast("BaseOperator", self).defer(
             trigger=FluxStatusTrigger(
-                flux_conn_id=self.flux_conn_id,
+                flux_conn_id=self.flux_conn_id or DEFAULT_CONN_ID,
                 handle=dict(handle),
                 end_time=time.time() + wait,
                 use_stream=self.use_stream,
@@ -214,6 +201,7 @@ class FluxWaitMixin:
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Resume after the trigger's event: return the result or raise the API's reason."""
         handle = event["handle"]
+        self._use_connection_of(handle)  # a new instance: only the event knows the request
         status = event.get("status")
         if status == "success":
             if event.get("result") is None:
@@ -238,13 +226,18 @@ class FluxSubmitOperator(BaseOperator):
     """Validate a FLUX.1 Kontext [pro] request and submit it to fal's queue.
 
     Returns the request handle (``request_id``, ``status_url``, ``response_url``,
-    ``cancel_url``, ``endpoint``) as XCom, for :class:`~airflow_flux.sensors.FluxStatusSensor`.
-    Values known when the DAG is parsed are validated in the constructor (a bad value fails
-    the DAG import); templated values are validated after rendering, before the call.
+    ``cancel_url``, ``endpoint``, ``flux_conn_id``) as XCom, for
+    :class:`~airflow_flux.sensors.FluxStatusSensor` and
+    :class:`~airflow_flux.transfers.FluxToS3Operator`, which use its connection unless told
+    otherwise. Values known when the DAG is parsed are validated in the constructor (a bad
+    value fails the DAG import); templated values are validated after rendering, before the call.
 
-    Retry-safe: the handle is saved in the task's ``task_state_store`` right after submit,
-    and a retry reuses that request while it is queued, running or completed without
-    error, instead of paying for a new one.
+    Retry-safe and right: the handle is saved in the task's ``task_state_store`` right after
+    submit, with the fingerprint of what was sent (endpoint, payload, the connection's base
+    URL). An automatic retry reuses that request while it is queued, running or completed
+    without error, and only when this try would send the very same request; a changed input,
+    a user's clear, or a request that failed submits anew (see
+    :mod:`airflow_flux.operators.reuse`).
 
     :param prompt: what to draw.
     :param seed: seed for reproducible output.
@@ -259,7 +252,8 @@ class FluxSubmitOperator(BaseOperator):
     :param endpoint: fal model path; defaults to the connection's (Kontext text-to-image).
     :param webhook_url: optional ``fal_webhook`` notified on completion.
     :param flux_conn_id: the ``flux`` connection.
-    :param reuse_request: on a retry, reuse the request an earlier try submitted.
+    :param reuse_request: on an automatic retry, reuse the request an earlier try submitted
+        for the same input (``ResumableJobMixin``'s ``durable``); False submits on every try.
     """
 
     template_fields: Sequence[str] = (*REQUEST_FIELDS, "extra_input", "endpoint", "webhook_url", "flux_conn_id")
@@ -282,7 +276,7 @@ class FluxSubmitOperator(BaseOperator):
         extra_input: dict[str, Any] | None = None,
         endpoint: str | None = None,
         webhook_url: str | None = None,
-        flux_conn_id: str = "flux_default",
+        flux_conn_id: str | None = DEFAULT_CONN_ID,
         reuse_request: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -330,41 +324,23 @@ class FluxSubmitOperator(BaseOperator):
     def hook(self) -> FluxHook:
         from airflow_flux.hooks.flux import FluxHook
 
-        return FluxHook(flux_conn_id=self.flux_conn_id)
-
-    def _reusable(self, context: Context) -> dict[str, Any] | None:
-        """The handle an earlier try submitted, if that request can still deliver."""
-        store = context.get("task_state_store")
-        if not self.reuse_request or store is None:
-            return None
-        saved = store.get(STATE_KEY)
-        if not isinstance(saved, dict) or not saved.get("request_id"):
-            return None
-        try:
-            status = self.hook.get_status(saved, logs=False)
-        except FluxAPIError as exc:
-            self.log.warning("Request %s of an earlier try cannot be reused (%s)", saved.get("request_id"), exc)
-            return None
-        if status.is_failed:
-            self.log.warning(
-                "Request %s of an earlier try failed (%s); submitting anew", saved["request_id"], status.error
-            )
-            return None
-        self.log.info(
-            "Reusing request %s submitted by an earlier try (%s): no new charge", saved["request_id"], status.status
-        )
-        return dict(saved)
+        return FluxHook(flux_conn_id=self.flux_conn_id or DEFAULT_CONN_ID)
 
     def submit(self, context: Context) -> dict[str, Any]:
         """Submit (or reuse) the request and record it before anything else can fail."""
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
         payload = build_payload(self._request_fields(), endpoint)  # rendered values, before any call
-        handle = self._reusable(context)
+        reuse = RequestReuse(
+            context,
+            hook=self.hook,
+            identity=RequestIdentity.of(endpoint=endpoint, payload=payload, base_url=self.hook.settings.base_url),
+            log=self.log,
+            enabled=self.reuse_request,
+        )
+        handle = reuse.reusable()
         if handle is None:
             handle = self.hook.submit(payload, endpoint=endpoint, webhook_url=self.webhook_url).model_dump()
-            store = context.get("task_state_store")
-            if store is not None:
-                store.set(STATE_KEY, handle)
+            reuse.record(handle)
             self.log.info("Submitted FLUX request %s", handle["request_id"])
         # XCom right away: if the worker dies now, the id is still on record.
         context["ti"].xcom_push(key=LINK_XCOM_KEY, value=handle["response_url"])

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
-from airflow_flux.operators.flux import DEFAULT_WAIT_TIMEOUT, FluxRequestLink, FluxWaitMixin, coerce_handle
+from airflow_flux.identity import coerce_handle
+from airflow_flux.operators.flux import DEFAULT_WAIT_TIMEOUT, FluxRequestLink, FluxWaitMixin
 from airflow_flux.plugins.links import FluxGalleryLink
 
 if TYPE_CHECKING:
@@ -28,7 +29,9 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
 
     :param request: the submit task's output (``request=submit.output``), or a dict with
         ``request_id`` and the URLs, or a bare request id.
-    :param flux_conn_id: the ``flux`` connection.
+    :param flux_conn_id: the ``flux`` connection; by default the one the request was submitted
+        with (recorded in the handle), else ``flux_default``. One that differs from the
+        handle's wins, with a warning.
     :param deferrable: wait in the triggerer (default) or poke from the worker.
     :param use_stream: follow the SSE status stream when available.
     :param poll_interval: first polling interval of the polling fallback, seconds.
@@ -46,7 +49,7 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
         self,
         *,
         request: Any,
-        flux_conn_id: str = "flux_default",
+        flux_conn_id: str | None = None,
         deferrable: bool = True,
         use_stream: bool = True,
         poll_interval: float = 1.0,
@@ -78,7 +81,9 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
 
     @property
     def handle(self) -> dict[str, Any]:
-        return self.hook.resolve_handle(coerce_handle(self.request)).model_dump()
+        handle = coerce_handle(self.request)
+        self._use_connection_of(handle)
+        return self.hook.resolve_handle(handle).model_dump()
 
     def poke(self, context: Context) -> PokeReturnValue:
         handle = self.handle

@@ -17,6 +17,7 @@ from urllib.parse import quote
 from airflow.sdk import BaseOperator
 
 from airflow_flux.exceptions import FluxError, FluxIntegrityError, FluxTransportError
+from airflow_flux.identity import DEFAULT_CONN_ID, coerce_handle, conn_id_for
 from airflow_flux.models import FluxResult
 from airflow_flux.plugins.links import FluxGalleryLink
 from airflow_flux.transfers._s3stream import MAX_SINGLE_PUT
@@ -116,7 +117,9 @@ class FluxToS3Operator(BaseOperator):
     :param manifest_name: name of the manifest under the prefix; None to write none.
     :param aws_conn_id: the amazon provider's connection (``endpoint_url`` in its extra
         targets MinIO, moto or any S3-compatible store).
-    :param flux_conn_id: the ``flux`` connection, for handles and the download retry policy.
+    :param flux_conn_id: the ``flux`` connection of handles in ``source``; by default each
+        handle's own (the one it was submitted with), else ``flux_default``. One that differs
+        from a handle's wins, with a warning.
     :param replace: overwrite existing keys; when off (default), an existing key that is
         not this very image fails the task before anything is written.
     :param nsfw_policy: per image flagged by ``has_nsfw_concepts``: ``skip`` (default;
@@ -152,7 +155,7 @@ class FluxToS3Operator(BaseOperator):
         image_key_template: str = DEFAULT_KEY_TEMPLATE,
         manifest_name: str | None = "manifest.json",
         aws_conn_id: str | None = "aws_default",
-        flux_conn_id: str = "flux_default",
+        flux_conn_id: str | None = None,
         replace: bool = False,
         nsfw_policy: NsfwPolicy = "skip",
         max_workers: int = 4,
@@ -182,9 +185,22 @@ class FluxToS3Operator(BaseOperator):
 
     @cached_property
     def flux_hook(self) -> FluxHook:
+        """The hook of image downloads (public CDN URLs: no connection is read for them)."""
         from airflow_flux.hooks.flux import FluxHook
 
-        return FluxHook(flux_conn_id=self.flux_conn_id)
+        return FluxHook(flux_conn_id=self.flux_conn_id or DEFAULT_CONN_ID)
+
+    @cached_property
+    def _api_hooks(self) -> dict[str, FluxHook]:
+        return {}
+
+    def _api_hook(self, conn_id: str) -> FluxHook:
+        """A hook per connection: mapped upstreams may have submitted with several."""
+        from airflow_flux.hooks.flux import FluxHook
+
+        if conn_id not in self._api_hooks:
+            self._api_hooks[conn_id] = FluxHook(flux_conn_id=conn_id)
+        return self._api_hooks[conn_id]
 
     @cached_property
     def s3_hook(self) -> S3Hook:
@@ -215,11 +231,13 @@ class FluxToS3Operator(BaseOperator):
                 results.append(FluxResult.model_validate(dict(item)))
                 continue
             # A submit handle (or request id): fetch the result, as the design's
-            # "copy the images from response_url". fal keeps it for one hour.
-            from airflow_flux.operators.flux import coerce_handle
-
+            # "copy the images from response_url", with the connection it was submitted
+            # with. fal keeps it for one hour.
             handle = coerce_handle(item)
-            result = self.flux_hook.get_result(handle)
+            conn_id, warning = conn_id_for(handle, self.flux_conn_id)
+            if warning:
+                self.log.warning(warning)
+            result = self._api_hook(conn_id).get_result(handle)
             results.append(result.model_copy(update={"endpoint": handle.get("endpoint")}))
         return results
 

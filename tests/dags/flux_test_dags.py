@@ -29,6 +29,17 @@ class FlakySubmitOperator(FluxSubmitOperator):
         return handle
 
 
+def lose_worker_on_first_try(context, result=None):
+    """A ``post_execute`` hook: the task fails after its submit on try 1, as a lost worker would."""
+    if context["ti"].try_number == 1:
+        raise RuntimeError("worker lost right after submit")
+
+
+#: Renders differently on the retry: the retry must not be handed the first try's images.
+CHANGED = "{{ 'first %s' if ti.try_number == 1 else 'second %s' }}"
+RETRY = {"retries": 1, "retry_delay": timedelta(seconds=0), "post_execute": lose_worker_on_first_try}
+
+
 with DAG("flux_test_submit_sensor", schedule=None, start_date=START, params=PARAMS, catchup=False):
     submit = FluxSubmitOperator(task_id="submit", prompt="{{ params.prompt }}", aspect_ratio="16:9", seed=11)
     FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=60)
@@ -125,3 +136,26 @@ with DAG(
         safety_tolerance="{{ params.input.get('safety_tolerance') }}",
         extra_input="{{ params.input.get('extra', {}) }}",
     )
+
+with DAG("flux_test_request_identity", schedule=None, start_date=START, catchup=False):
+    # Each task fails after its submit on try 1 and is retried at once.
+    changed = FluxSubmitOperator(task_id="submit_changed", prompt=CHANGED % ("cat", "cat"), **RETRY)
+    FluxStatusSensor(task_id="wait_changed", request=changed.output, poll_interval=0.2, timeout=60)
+    FluxGenerateOperator(task_id="generate_same", prompt="the same dog", poll_interval=0.2, wait_timeout=60, **RETRY)
+    FluxGenerateOperator(
+        task_id="generate_changed", prompt=CHANGED % ("dog", "dog"), poll_interval=0.2, wait_timeout=60, **RETRY
+    )
+    # A mapped list whose order changed between tries: map index 0 held "owl A" on try 1 and
+    # "owl B" on try 2 (task state is keyed by map index, apache/airflow#72725).
+    swapped = [
+        "{{ 'owl A' if ti.try_number == 1 else 'owl B' }}",
+        "{{ 'owl B' if ti.try_number == 1 else 'owl A' }}",
+    ]
+    mapped = FluxSubmitOperator.partial(task_id="submit_mapped", **RETRY).expand(prompt=swapped)
+    FluxStatusSensor.partial(task_id="wait_mapped", poll_interval=0.2, timeout=60).expand(request=mapped.output)
+
+with DAG("flux_test_team_connection", schedule=None, start_date=START, params=S3_PARAMS, catchup=False):
+    # Only the submit names the connection: the wait and the copy use the handle's.
+    submit = FluxSubmitOperator(task_id="submit", prompt="{{ params.prompt }}", flux_conn_id="flux_team_a")
+    wait = FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=60)
+    wait >> FluxToS3Operator(task_id="to_s3", source=submit.output, s3_bucket="{{ params.bucket }}")

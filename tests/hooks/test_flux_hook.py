@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 
@@ -314,7 +315,10 @@ async def test_async_refuses_foreign_host(make_flux_conn):
 def test_handle_is_json_safe_and_holds_no_secret(emulator, flux_conn):
     handle = _hook(flux_conn).submit({"prompt": "a fox"})
     dumped = handle.model_dump()
-    assert set(dumped) == {"request_id", "status_url", "response_url", "cancel_url", "endpoint"}
+    assert set(dumped) == {"request_id", "status_url", "response_url", "cancel_url", "endpoint", "flux_conn_id"}
+    # The connection's id, never its token: a sensor fed this handle uses the same account.
+    assert dumped["flux_conn_id"] == flux_conn
+    assert TOKEN not in json.dumps(dumped)
     assert FluxRequestHandle.model_validate(dumped) == handle
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from airflow_flux.emulator import FluxEmulator, Scenario
@@ -23,7 +25,8 @@ def test_submit_then_deferred_sensor(dags, flux_default, capfd):
 
     handle = xcom(dr, "submit")
     result = xcom(dr, "wait")
-    assert set(handle) == {"request_id", "status_url", "response_url", "cancel_url", "endpoint"}
+    assert set(handle) == {"request_id", "status_url", "response_url", "cancel_url", "endpoint", "flux_conn_id"}
+    assert handle["flux_conn_id"] == "flux_default"
     assert result["request_id"] == handle["request_id"]
     assert result["prompt"] == "a red fox" and result["seed"] == 11
     assert result["images"][0]["width"] == 1392 and result["has_nsfw_concepts"] == [False]
@@ -105,11 +108,18 @@ def test_never_completing_request_times_out_and_is_cancelled(dags, flux_default)
     assert len(flux_default.calls(kind="submit")) == 2
 
 
-def test_retry_of_a_submit_reuses_the_request_in_flight(dags, flux_default):
+def test_retry_of_a_submit_reuses_the_request_in_flight(dags, flux_default, capfd):
     dr = dags.get_dag("flux_test_retry").test(run_conf={"prompt": "retried fox"})
     assert dr.state == "success", task_states(dr)
     assert len(flux_default.calls(kind="submit")) == 1, "the retry paid for a second request"
-    assert xcom(dr, "wait")["request_id"] == next(iter(flux_default.jobs))
+    (request_id,) = flux_default.jobs
+    assert xcom(dr, "wait")["request_id"] == request_id
+    # Said as ResumableJobMixin says it: reconnect (still queued or running) or already succeeded.
+    assert re.search(
+        rf"(Reconnecting to existing FLUX request {request_id} of try 1|FLUX request {request_id} of try 1 "
+        "already completed successfully)",
+        capfd.readouterr().out,
+    )
 
 
 def test_bad_values_known_at_parse_time_fail_the_dag_import():

@@ -1,0 +1,202 @@
+"""Whether a try reuses the request an earlier try paid for, or submits a new one.
+
+The decision reads like Airflow's own :class:`airflow.sdk.ResumableJobMixin` (which cannot
+decide for a deferrable operator yet, apache/airflow#71485): the same decisions, log lines,
+``resumable_job.*`` metrics and ``resumable_job.resume_decision`` span. Two rules are this
+provider's, because a reused request must be the very request this try would send:
+
+- the stored request's fingerprint (:class:`~airflow_flux.identity.RequestIdentity`) must equal
+  this try's, else the input changed (a template rendered differently, a mapped list changed
+  order, a Variable was fixed) and the try submits anew;
+- it must have been submitted in this run of the task: an automatic retry keeps the task
+  instance's ``max_tries``, a user's clear raises it, and a clear means "run it again".
+
+======================  ==================================================  ===========
+decision                when                                                 metric
+======================  ==================================================  ===========
+``fresh_submit``        nothing stored (first try), or reuse is off          fresh_submit
+``reconnect``           same request, still queued or running                reconnect_success
+``already_succeeded``   same request, completed without error                already_succeeded
+``terminal_resubmit``   same request, completed with an error                terminal_resubmit
+``input_changed``       the stored request is for a different input          fresh_submit
+``cleared``             the stored request is from before a clear            fresh_submit
+``no_fingerprint``      the stored entry has no fingerprint (older version)  fresh_submit
+======================  ==================================================  ===========
+
+``reconnect_attempt`` counts the stored requests whose status was looked up; every
+``fresh_submit`` carries a ``reason`` tag (the decision).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from airflow_flux.exceptions import FluxAPIError
+from airflow_flux.identity import STATE_KEY, RequestIdentity, StoredRequest
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_flux.hooks.flux import FluxHook
+
+
+class Decision(str, Enum):
+    """What a try does with the request stored by an earlier one."""
+
+    FRESH_SUBMIT = "fresh_submit"
+    RECONNECT = "reconnect"
+    ALREADY_SUCCEEDED = "already_succeeded"
+    TERMINAL_RESUBMIT = "terminal_resubmit"
+    INPUT_CHANGED = "input_changed"
+    CLEARED = "cleared"
+    NO_FINGERPRINT = "no_fingerprint"
+
+
+_METRIC = {
+    Decision.RECONNECT: "reconnect_success",
+    Decision.ALREADY_SUCCEEDED: "already_succeeded",
+    Decision.TERMINAL_RESUBMIT: "terminal_resubmit",
+}
+
+
+class RequestReuse:
+    """The reuse decision of one try, and the record its submit leaves for the next.
+
+    :param context: the task's context (``task_state_store``, ``ti``).
+    :param hook: the hook that would submit (its connection checks the stored request).
+    :param identity: the fingerprint of the request this try would submit.
+    :param log: the task's logger.
+    :param enabled: the operator's ``reuse_request``; when off, every try submits anew (and
+        still records what it submitted).
+    :param key: the ``task_state_store`` key.
+    """
+
+    def __init__(
+        self,
+        context: Context,
+        *,
+        hook: FluxHook,
+        identity: RequestIdentity,
+        log: Any,
+        enabled: bool = True,
+        key: str = STATE_KEY,
+    ) -> None:
+        self.store = context.get("task_state_store")
+        self.ti = context.get("ti")
+        self.hook = hook
+        self.identity = identity
+        self.log = log
+        self.enabled = enabled
+        self.key = key
+        task = getattr(self.ti, "task", None)
+        self.tags = {"operator": type(task).__name__ if task is not None else "unknown"}
+
+    @property
+    def _max_tries(self) -> int | None:
+        value = getattr(self.ti, "max_tries", None)
+        return value if isinstance(value, int) else None
+
+    def reusable(self) -> dict[str, Any] | None:
+        """The handle to reuse, or None to submit anew; logs and counts the decision."""
+        from opentelemetry import trace
+
+        with trace.get_tracer(__name__).start_as_current_span("resumable_job.resume_decision") as span:
+            span.set_attribute("operator", self.tags["operator"])
+            span.set_attribute("resumable.external_id_key", self.key)
+            decision, handle = self._decide(span)
+            span.set_attribute("resumable.decision", decision.value)
+        if decision in _METRIC:
+            self._incr(_METRIC[decision])
+        if handle is None:
+            self._incr("fresh_submit", reason=decision.value)
+        return handle
+
+    def _decide(self, span: Any) -> tuple[Decision, dict[str, Any] | None]:
+        if self.store is None:
+            self.log.warning("task_state_store not available in context, crash recovery is disabled for this run")
+            return Decision.FRESH_SUBMIT, None
+        raw = self.store.get(self.key)
+        if not raw or not self.enabled:
+            return Decision.FRESH_SUBMIT, None
+        stored = StoredRequest.load(raw)
+        if stored is None:
+            rid = raw.get("request_id") if isinstance(raw, dict) else None
+            self.log.warning(
+                "Stored FLUX request %s has no request fingerprint (written by an older airflow-flux), so it "
+                "cannot be shown to be this try's request; submitting fresh",
+                rid,
+            )
+            return Decision.NO_FINGERPRINT, None
+        rid = stored.handle.get("request_id")
+        span.set_attribute("resumable.external_id", str(rid))
+        if stored.identity.fingerprint != self.identity.fingerprint:
+            differ = ", ".join(self.identity.differing_fields(stored.identity)) or "fingerprint"
+            self.log.warning(
+                "Stored FLUX request %s (try %s) is for a different input (%s differ); submitting fresh",
+                rid,
+                stored.try_number,
+                differ,
+            )
+            return Decision.INPUT_CHANGED, None
+        current = self._max_tries
+        if stored.max_tries is not None and current is not None and stored.max_tries != current:
+            self.log.warning(
+                "Stored FLUX request %s was submitted before this task was cleared (max_tries %s, now %s): "
+                "a clear runs the task again; submitting fresh",
+                rid,
+                stored.max_tries,
+                current,
+            )
+            return Decision.CLEARED, None
+
+        self._incr("reconnect_attempt")
+        try:
+            status = self.hook.get_status(stored.handle, logs=False)
+        except FluxAPIError as exc:
+            if exc.retryable:
+                # The API is unreachable or overloaded: the request may be fine. Failing this try
+                # (its retry asks again) is cheaper than paying for the image twice.
+                raise
+            self.log.warning("Stored FLUX request %s cannot be reused (%s); submitting fresh", rid, exc)
+            return Decision.TERMINAL_RESUBMIT, None
+        span.set_attribute("resumable.prior_status", status.status)
+        if status.is_failed:
+            self.log.warning(
+                "Prior FLUX request %s in terminal state (%s: %s), resubmitting fresh",
+                rid,
+                status.error_type or "error",
+                status.error or "no reason given",
+            )
+            return Decision.TERMINAL_RESUBMIT, None
+        if status.is_completed:
+            self.log.info(
+                "FLUX request %s of try %s already completed successfully, skipping resubmission: no new charge",
+                rid,
+                stored.try_number,
+            )
+            return Decision.ALREADY_SUCCEEDED, dict(stored.handle)
+        self.log.info(
+            "Reconnecting to existing FLUX request %s of try %s (%s): no new charge",
+            rid,
+            stored.try_number,
+            status.status,
+        )
+        return Decision.RECONNECT, dict(stored.handle)
+
+    def record(self, handle: dict[str, Any]) -> None:
+        """Store ``handle`` with this try's fingerprint, right after the submit that paid for it."""
+        if self.store is None:
+            return
+        stored = StoredRequest(
+            handle=handle,
+            identity=self.identity,
+            max_tries=self._max_tries,
+            try_number=getattr(self.ti, "try_number", None),
+        )
+        self.store.set(self.key, stored.model_dump(mode="json"))
+
+    def _incr(self, metric: str, **tags: str) -> None:
+        from airflow.sdk.observability.stats import incr
+
+        incr(f"resumable_job.{metric}", tags={**self.tags, **tags})
