@@ -12,6 +12,11 @@ The fal emulator runs in a thread of this process on 127.0.0.1; the Airflow proc
 throw-away ``AIRFLOW_HOME`` (SQLite), their own port, and ``flux_default`` as an
 ``AIRFLOW_CONN_FLUX_DEFAULT`` environment variable holding the test token, which must then
 appear in no log file and in no row of the metadata database (trigger kwargs decrypted).
+
+The same Airflow then runs ``flux_system_reuse``, against a second emulator on its own
+connection and a real S3 (moto server): a submit that dies after its submit is retried by
+the scheduler and reuses its request; the run is cleared after its prompt list changed and
+every request is paid for anew, each image in the manifest carrying its own prompt.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
@@ -36,10 +42,15 @@ from airflow_flux.emulator import FluxEmulator
 from demo.airflow_api import AirflowApi
 from tests.conftest import TOKEN
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 pytestmark = pytest.mark.timeout(420)
 
 DAG_ID = "flux_system_submit_sensor"
 RUN_ID = "system_test_run"
+REUSE_DAG_ID = "flux_system_reuse"
+REUSE_BUCKET = "flux-system"
 DAGS_FOLDER = Path(__file__).resolve().parent / "dags"
 AIRFLOW = Path(sys.executable).with_name("airflow")
 COMPONENTS: dict[str, list[str]] = {
@@ -68,7 +79,7 @@ def _tail(path: Path, lines: int = 60) -> str:
 class _Airflow(AirflowApi):
     """The Airflow processes of one test: environment, start, CLI, REST, stop."""
 
-    def __init__(self, home: Path, flux_base_url: str) -> None:
+    def __init__(self, home: Path, flux_base_url: str, extra_env: dict[str, str] | None = None) -> None:
         self.home = home
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -119,6 +130,7 @@ class _Airflow(AirflowApi):
                 ),
             }
         )
+        env.update(extra_env or {})
         self.env = env
 
     # ---- processes
@@ -211,6 +223,11 @@ class _Airflow(AirflowApi):
     def failure(self, message: str) -> Exception:
         return AssertionError(message)
 
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        resp = self.session.post(f"{self.url}/api/v2/{path}", json=body, timeout=30)
+        assert resp.ok, f"POST {path}: HTTP {resp.status_code}: {resp.text[:500]}"
+        return resp.json()
+
     # ---- metadata DB (read only, next to the running scheduler)
 
     def query(self, sql: str) -> list[sqlite3.Row]:
@@ -229,7 +246,7 @@ class _Airflow(AirflowApi):
 
 
 def _watch_run(
-    af: _Airflow, timeout: float, on_deferred: Any = None
+    af: _Airflow, timeout: float, on_deferred: Any = None, *, dag_id: str = DAG_ID, run_id: str = RUN_ID
 ) -> tuple[str, dict[str, str], list[str], list[dict[str, Any]]]:
     """Poll the run until it ends: (run state, task states, states seen for ``wait``, trigger rows)."""
     deadline = time.monotonic() + timeout
@@ -237,8 +254,8 @@ def _watch_run(
     trigger_rows: list[dict[str, Any]] = []
     while True:
         af.check_alive()
-        run = af.get(f"dags/{DAG_ID}/dagRuns/{RUN_ID}")
-        tis = af.get(f"dags/{DAG_ID}/dagRuns/{RUN_ID}/taskInstances")["task_instances"]
+        run = af.get(f"dags/{dag_id}/dagRuns/{run_id}")
+        tis = af.get(f"dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
         states = {ti["task_id"]: ti["state"] for ti in tis}
         state = states.get("wait")
         if state and (not wait_states or wait_states[-1] != state):
@@ -272,86 +289,63 @@ def _token_leaks_in_db(af: _Airflow) -> list[str]:
     return leaks
 
 
-def test_submit_and_deferred_sensor_on_real_scheduler_and_triggerer(tmp_path: Path) -> None:
+@dataclass
+class _Stack:
+    """One real Airflow for the module's tests, with an emulator per DAG and a real S3."""
+
+    af: _Airflow
+    home: Path
+    emu: FluxEmulator  # flux_default: the triggerer-kill test
+    reuse_emu: FluxEmulator  # flux_reuse: the retry-and-clear test
+    s3: Any
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, moto_server: str) -> Iterator[_Stack]:
+    import boto3
+
     started = time.monotonic()
-    home = tmp_path / "airflow_home"
-    home.mkdir()
-    with FluxEmulator(queue_seconds=3, run_seconds=12) as emu:
-        af = _Airflow(home, emu.base_url)
+    home = tmp_path_factory.mktemp("airflow_home")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_server,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    s3.create_bucket(Bucket=REUSE_BUCKET)
+    with (
+        FluxEmulator(queue_seconds=3, run_seconds=12) as emu,
+        FluxEmulator(queue_seconds=0.5, run_seconds=2) as reuse_emu,
+    ):
+        af = _Airflow(
+            home,
+            emu.base_url,
+            extra_env={
+                "AIRFLOW_CONN_FLUX_REUSE": json.dumps(
+                    {"conn_type": "flux", "host": reuse_emu.base_url, "password": TOKEN}
+                ),
+                "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
+                    {
+                        "conn_type": "aws",
+                        "login": "testing",
+                        "password": "testing",
+                        "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"},
+                    }
+                ),
+            },
+        )
         try:
             af.cli("db", "migrate")
             af.mark("db migrated")
             af.start()
             af.wait_until("a healthy scheduler, triggerer and dag-processor", af.healthy, timeout=120)
             af.mark("healthy")
-            af.wait_until(f"DAG {DAG_ID} to be parsed", af.dag_parsed, timeout=90)
-            af.mark("dag parsed")
-            af.cli("dags", "unpause", DAG_ID)
-            af.cli("dags", "trigger", DAG_ID, "--run-id", RUN_ID)
-            af.mark("triggered")
-
-            def kill_triggerer_mid_wait() -> None:
-                # Once the triggerer follows the request, it dies and a new one starts: the
-                # wait must carry on from the trigger row alone (same request, no new submit).
-                af.wait_until("the triggerer to open the status stream", lambda: emu.calls(kind="stream"), timeout=30)
-                af.crash("triggerer")
-                af.mark("triggerer killed")
-                af.restart("triggerer")
-
-            run_state, states, wait_states, trigger_rows = _watch_run(
-                af, timeout=180, on_deferred=kill_triggerer_mid_wait
-            )
-            af.mark("run finished")
-
-            # ---- the run, and the proof that the wait left the worker for the triggerer
-            assert run_state == "success", states
-            assert states == {"submit": "success", "wait": "success"}
-            assert "deferred" in wait_states, f"'wait' was never seen deferred: {wait_states}"
-            assert wait_states[-1] == "success"
-
-            # ---- what the emulator saw: one paid submit, the status stream, all with the token
-            assert len(emu.calls(kind="submit")) == 1, [r.kind for r in emu.requests]
-            # One stream per triggerer: the first died with its triggerer, the new one resumed.
-            assert len(emu.calls(kind="stream")) >= 2, [r.kind for r in emu.requests]
-            assert emu.calls(kind="result"), [r.kind for r in emu.requests]
-            api_calls = [r for r in emu.requests if r.kind in ("submit", "status", "stream", "result", "cancel")]
-            assert all(r.authorization and TOKEN in r.authorization for r in api_calls)
-            assert not emu.calls(kind="cancel")
-            (request_id,) = emu.jobs
-
-            # ---- the sensor's result, through the REST API and in the xcom table
-            handle = af.get(f"dags/{DAG_ID}/dagRuns/{RUN_ID}/taskInstances/submit/xcomEntries/return_value")["value"]
-            result = af.get(f"dags/{DAG_ID}/dagRuns/{RUN_ID}/taskInstances/wait/xcomEntries/return_value")["value"]
-            handle, result = (json.loads(v) if isinstance(v, str) else v for v in (handle, result))
-            assert handle["request_id"] == request_id
-            assert result["request_id"] == request_id
-            assert result["prompt"] == "a fox seen by a real scheduler"
-            assert len(result["images"]) == 1 and result["images"][0]["url"]
-            xcom_rows = af.query(f"SELECT task_id, key FROM xcom WHERE dag_id = '{DAG_ID}'")
-            assert {(r["task_id"], r["key"]) for r in xcom_rows} >= {
-                ("submit", "return_value"),
-                ("wait", "return_value"),
-            }
-
-            # ---- the token: nowhere in the DB (trigger kwargs decrypted), nowhere in the logs
-            assert trigger_rows, "no trigger row seen while 'wait' was deferred"
-            for row in trigger_rows:
-                assert row["classpath"] == "airflow_flux.triggers.flux.FluxStatusTrigger"
-                kwargs = af.decrypt(row["kwargs"]) or row["kwargs"]
-                assert request_id in kwargs and "flux_default" in kwargs
-                assert TOKEN not in kwargs and TOKEN not in json.dumps(row, default=str)
-            assert af.query(f"SELECT * FROM rendered_task_instance_fields WHERE dag_id = '{DAG_ID}'")
-            assert _token_leaks_in_db(af) == []
-            logs = [p for p in (home / "logs").rglob("*") if p.is_file()]
-            task_logs = [p for p in logs if "dag_id=" in str(p)]
-            assert len(task_logs) >= 2, logs
-            leaking = [str(p) for p in [*logs, *af.outputs.values()] if TOKEN in p.read_text(errors="replace")]
-            assert leaking == []
-
-            # ---- the trigger's progress lines reached the sensor's task log
-            wait_logs = "\n".join(p.read_text(errors="replace") for p in task_logs if "task_id=wait" in str(p))
-            assert f"FLUX request {request_id} is IN_PROGRESS" in wait_logs
-            assert f"FLUX request {request_id} completed with 1 image(s)." in wait_logs
+            for dag_id in (DAG_ID, REUSE_DAG_ID):
+                af.dag_id = dag_id
+                af.wait_until(f"DAG {dag_id} to be parsed", af.dag_parsed, timeout=90)
+            af.mark("dags parsed")
+            yield _Stack(af=af, home=home, emu=emu, reuse_emu=reuse_emu, s3=s3)
         except BaseException:
             print(f"\n---------- Airflow output (home {home}) ----------\n{af.tails()}")
             raise
@@ -359,3 +353,166 @@ def test_submit_and_deferred_sensor_on_real_scheduler_and_triggerer(tmp_path: Pa
             af.stop()
             af.mark("stopped")
             print(f"\nphases (since start): {', '.join(af.timings)}; total {time.monotonic() - started:.1f}s")
+
+
+@contextlib.contextmanager
+def _tails_on_failure(stack: _Stack) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        print(f"\n---------- Airflow output (home {stack.home}) ----------\n{stack.af.tails()}")
+        raise
+
+
+def test_submit_and_deferred_sensor_on_real_scheduler_and_triggerer(stack: _Stack) -> None:
+    af, emu, home = stack.af, stack.emu, stack.home
+    with _tails_on_failure(stack):
+        af.cli("dags", "unpause", DAG_ID)
+        af.cli("dags", "trigger", DAG_ID, "--run-id", RUN_ID)
+        af.mark("triggered")
+
+        def kill_triggerer_mid_wait() -> None:
+            # Once the triggerer follows the request, it dies and a new one starts: the
+            # wait must carry on from the trigger row alone (same request, no new submit).
+            af.wait_until("the triggerer to open the status stream", lambda: emu.calls(kind="stream"), timeout=30)
+            af.crash("triggerer")
+            af.mark("triggerer killed")
+            af.restart("triggerer")
+
+        run_state, states, wait_states, trigger_rows = _watch_run(af, timeout=180, on_deferred=kill_triggerer_mid_wait)
+        af.mark("run finished")
+
+        # ---- the run, and the proof that the wait left the worker for the triggerer
+        assert run_state == "success", states
+        assert states == {"submit": "success", "wait": "success"}
+        assert "deferred" in wait_states, f"'wait' was never seen deferred: {wait_states}"
+        assert wait_states[-1] == "success"
+
+        # ---- what the emulator saw: one paid submit, the status stream, all with the token
+        assert len(emu.calls(kind="submit")) == 1, [r.kind for r in emu.requests]
+        # One stream per triggerer: the first died with its triggerer, the new one resumed.
+        assert len(emu.calls(kind="stream")) >= 2, [r.kind for r in emu.requests]
+        assert emu.calls(kind="result"), [r.kind for r in emu.requests]
+        api_calls = [r for r in emu.requests if r.kind in ("submit", "status", "stream", "result", "cancel")]
+        assert all(r.authorization and TOKEN in r.authorization for r in api_calls)
+        assert not emu.calls(kind="cancel")
+        (request_id,) = emu.jobs
+
+        # ---- the sensor's result, through the REST API and in the xcom table
+        handle = af.get(f"dags/{DAG_ID}/dagRuns/{RUN_ID}/taskInstances/submit/xcomEntries/return_value")["value"]
+        result = af.get(f"dags/{DAG_ID}/dagRuns/{RUN_ID}/taskInstances/wait/xcomEntries/return_value")["value"]
+        handle, result = (json.loads(v) if isinstance(v, str) else v for v in (handle, result))
+        assert handle["request_id"] == request_id
+        assert result["request_id"] == request_id
+        assert result["prompt"] == "a fox seen by a real scheduler"
+        assert len(result["images"]) == 1 and result["images"][0]["url"]
+        xcom_rows = af.query(f"SELECT task_id, key FROM xcom WHERE dag_id = '{DAG_ID}'")
+        assert {(r["task_id"], r["key"]) for r in xcom_rows} >= {
+            ("submit", "return_value"),
+            ("wait", "return_value"),
+        }
+
+        # ---- the token: nowhere in the DB (trigger kwargs decrypted), nowhere in the logs
+        assert trigger_rows, "no trigger row seen while 'wait' was deferred"
+        for row in trigger_rows:
+            assert row["classpath"] == "airflow_flux.triggers.flux.FluxStatusTrigger"
+            kwargs = af.decrypt(row["kwargs"]) or row["kwargs"]
+            assert request_id in kwargs and "flux_default" in kwargs
+            assert TOKEN not in kwargs and TOKEN not in json.dumps(row, default=str)
+        assert af.query(f"SELECT * FROM rendered_task_instance_fields WHERE dag_id = '{DAG_ID}'")
+        assert _token_leaks_in_db(af) == []
+        logs = [p for p in (home / "logs").rglob("*") if p.is_file()]
+        task_logs = [p for p in logs if "dag_id=" in str(p)]
+        assert len(task_logs) >= 2, logs
+        leaking = [str(p) for p in [*logs, *af.outputs.values()] if TOKEN in p.read_text(errors="replace")]
+        assert leaking == []
+
+        # ---- the trigger's progress lines reached the sensor's task log
+        wait_logs = "\n".join(
+            p.read_text(errors="replace")
+            for p in task_logs
+            if f"dag_id={DAG_ID}" in str(p) and "task_id=wait" in str(p)
+        )
+        assert f"FLUX request {request_id} is IN_PROGRESS" in wait_logs
+        assert f"FLUX request {request_id} completed with 1 image(s)." in wait_logs
+
+
+def _manifest(stack: _Stack, run_id: str) -> dict[str, Any]:
+    body = stack.s3.get_object(Bucket=REUSE_BUCKET, Key=f"reuse/{run_id}/manifest.json")["Body"].read()
+    return json.loads(body)
+
+
+def _tries(af: _Airflow, run_id: str, task_id: str) -> int:
+    ti = af.get(f"dags/{REUSE_DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}")
+    return int(ti["try_number"])
+
+
+def test_retry_reuses_and_clear_after_a_list_change_submits_anew(stack: _Stack) -> None:
+    """A retry after a lost worker reuses its request; a clear is a new run of the task.
+
+    Run 1 maps over A, B, C; ``flaky_submit`` dies after its submit and its automatic retry
+    reuses that request. Then the list becomes A, C, D (index 0 unchanged, index 1 moved,
+    index 2 new) and the whole run is cleared: every submit pays anew, the unchanged index 0
+    and ``flaky_submit`` included, and each image in the manifest carries its own prompt.
+    """
+    af, emu = stack.af, stack.reuse_emu
+    run_id = "reuse_run"
+
+    def submitted() -> list[str]:
+        return [job.input["prompt"] for job in emu.jobs.values()]
+
+    def check_manifest(prompts: list[str], request_ids: set[str]) -> None:
+        manifest = _manifest(stack, run_id)
+        images = manifest["images"]
+        assert sorted(i["prompt"] for i in images) == sorted(prompts), images
+        for image in images:
+            assert image["status"] == "copied", image
+            # The image is the very request of that prompt, and a request of this run.
+            assert image["request_id"] in request_ids
+            assert emu.jobs[image["request_id"]].input["prompt"] == image["prompt"]
+            head = stack.s3.head_object(Bucket=REUSE_BUCKET, Key=image["key"])
+            assert head["Metadata"]["flux-request-id"] == image["request_id"]
+
+    with _tails_on_failure(stack):
+        first = ["a fox A", "a fox B", "a fox C"]
+        af.cli("variables", "set", "flux_system_prompts", json.dumps(first))
+        af.cli("dags", "unpause", REUSE_DAG_ID)
+        af.cli("dags", "trigger", REUSE_DAG_ID, "--run-id", run_id)
+        af.mark("reuse run triggered")
+        state, states, _, _ = _watch_run(af, timeout=180, dag_id=REUSE_DAG_ID, run_id=run_id)
+        af.mark("reuse run finished")
+        assert state == "success", states
+        # flaky_submit failed after its submit and was retried: one request for it.
+        assert _tries(af, run_id, "flaky_submit") == 2
+        assert sorted(submitted()) == sorted([*first, "a fox submitted once per run"])
+        check_manifest(first, set(emu.jobs))
+        before = set(emu.jobs)
+
+        second = ["a fox A", "a fox C", "a fox D"]
+        af.cli("variables", "set", "flux_system_prompts", json.dumps(second))
+        af.post(f"dags/{REUSE_DAG_ID}/dagRuns/{run_id}/clear", {"dry_run": False})
+        af.mark("reuse run cleared")
+        state, states, _, _ = _watch_run(af, timeout=180, dag_id=REUSE_DAG_ID, run_id=run_id)
+        af.mark("cleared run finished")
+        assert state == "success", states
+
+        new = set(emu.jobs) - before
+        assert sorted(emu.jobs[rid].input["prompt"] for rid in new) == sorted(
+            [*second, "a fox submitted once per run"]
+        ), "a clear must submit every request anew, unchanged inputs included"
+        check_manifest(second, new)
+        for index, prompt in enumerate(second):
+            handle = af.get(
+                f"dags/{REUSE_DAG_ID}/dagRuns/{run_id}/taskInstances/submit/xcomEntries/return_value", map_index=index
+            )["value"]
+            handle = json.loads(handle) if isinstance(handle, str) else handle
+            assert handle["request_id"] in new and emu.jobs[handle["request_id"]].input["prompt"] == prompt
+            assert handle["flux_conn_id"] == "flux_reuse"
+
+        logs = "\n".join(
+            p.read_text(errors="replace")
+            for p in (stack.home / "logs").rglob("*")
+            if p.is_file() and f"dag_id={REUSE_DAG_ID}" in str(p)
+        )
+        assert "was submitted before this task was cleared" in logs
+        assert _token_leaks_in_db(af) == []
