@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
         from airflow_flux.emulator import images
 
         _tiny_jpeg()  # import Pillow before the clock starts
-        images.render_image = _cheap_render  # server.py looks it up at call time
+        images.render_image = _cheap_render  # emulator.outputs looks it up at call time
     from airflow_flux.emulator.__main__ import main as emulator_main
 
     return emulator_main(argv)

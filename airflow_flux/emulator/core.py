@@ -1,0 +1,270 @@
+"""What every handler shares: the emulator's state, and the plumbing around the handlers.
+
+:class:`_CoreState` holds the recorded requests, jobs, scenarios, image cache and render
+threads; it runs the middleware (request recording, auth, aiohttp errors as fal JSON) and
+builds fal-shaped error bodies. The handlers are mixins on top of it (``queue_api``,
+``outputs``, ``admin``), put together with the routes in ``app``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import contextvars
+import hmac
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from airflow_flux.emulator import images
+from airflow_flux.emulator.scenarios import _API_KINDS, RecordedRequest, Scenario
+
+if TYPE_CHECKING:
+    from airflow_flux.emulator.jobs import Job
+
+FAL_QUEUE_BASE = "https://queue.fal.run"
+
+_CONTENT_POLICY_MSG = "The content could not be processed because it contained material flagged by a content checker."
+# (detail, error_type) for infrastructure errors, as fal reports them.
+_INFRA_ERRORS: dict[int, tuple[str, str]] = {
+    500: ("Internal server error", "internal_error"),
+    502: ("Bad gateway", "bad_gateway"),
+    503: ("Service unavailable", "runner_disconnected"),
+    504: ("Request timed out", "request_timeout"),
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Per-request bookkeeping shared by the middleware and handlers. Handlers run in the
+# middleware's task, so context variables work and avoid aiohttp's request-key API,
+# which changed across the supported aiohttp versions.
+_current_record: contextvars.ContextVar[RecordedRequest | None] = contextvars.ContextVar("flux_record", default=None)
+_current_stream: contextvars.ContextVar[web.StreamResponse | None] = contextvars.ContextVar("flux_stream", default=None)
+
+
+def _record() -> RecordedRequest:
+    record = _current_record.get()
+    if record is None:  # only possible if a handler runs without the middleware
+        raise RuntimeError("no request record in context")
+    return record
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _format_seconds(value: float) -> str:
+    return f"{value:g}"
+
+
+def _http_reason(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return "Error"
+
+
+class _CoreState:
+    """State shared by the request handlers; everything here runs on the server's event
+    loop except the public accessors, which take ``lock``."""
+
+    def __init__(
+        self,
+        *,
+        queue_seconds: float,
+        run_seconds: float,
+        token: str | None,
+        url_mode: str,
+        ping_interval: float,
+    ) -> None:
+        self.queue_seconds = queue_seconds
+        self.run_seconds = run_seconds
+        self.token = token
+        self.url_mode = url_mode
+        self.ping_interval = ping_interval
+        self.base_url = ""  # set once the socket is bound
+        self.public_url: str | None = None
+        self.lock = threading.Lock()
+        self.requests: list[RecordedRequest] = []
+        self.jobs: dict[str, Job] = {}
+        # Insertion-ordered: the first registered match found in the prompt wins.
+        self.scenarios: dict[str, Scenario] = {}
+        self.default_scenario = Scenario()
+        self.submit_error_counts: dict[str | None, int] = {}
+        self.cache = images.ImageCache()
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._inflight: dict[tuple[str, int], asyncio.Future[bytes]] = {}
+        # Keyed per stream (several streams may watch one job): woken all at shutdown.
+        self._active_streams: dict[int, asyncio.Event] = {}
+        self.closing = False
+        self._closing_event: asyncio.Event | None = None
+
+    # ---- lifecycle (called by the runner, see server.FluxEmulator)
+
+    def on_started(self) -> None:
+        """Called on the loop once listening (again after a restart)."""
+        self.closing = False
+        self._closing_event = asyncio.Event()
+        # Pillow work runs here, off the event loop.
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="flux-emulator-render")
+
+    def on_stopped(self) -> None:
+        """Release the render threads (pending renders are dropped)."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = None
+
+    def begin_shutdown(self) -> None:
+        """Wake every sleeping stream / slow download so the server can stop promptly."""
+        self.closing = True
+        if self._closing_event is not None:
+            self._closing_event.set()
+        for event in list(self._active_streams.values()):
+            event.set()
+
+    # ---- public-state helpers (any thread)
+
+    def public_base(self) -> str:
+        """Base URL for CDN links and ``url_mode="self"``."""
+        return (self.public_url or self.base_url).rstrip("/")
+
+    def queue_base(self) -> str:
+        """Base URL of the queue URLs returned by submit."""
+        if self.url_mode == "fal":
+            return FAL_QUEUE_BASE
+        if self.url_mode == "self":
+            return self.public_base()
+        return self.url_mode.rstrip("/")
+
+    def add_scenario(self, scenario: Scenario, match: str | None) -> None:
+        with self.lock:
+            if match is None:
+                self.default_scenario = scenario
+            else:
+                self.scenarios.pop(match, None)
+                self.scenarios[match] = scenario
+            self.submit_error_counts.pop(match, None)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests.clear()
+            self.jobs.clear()
+            self.scenarios.clear()
+            self.default_scenario = Scenario()
+            self.submit_error_counts.clear()
+        self.cache.clear()
+
+    def _match_scenario(self, prompt: str) -> tuple[str | None, Scenario]:
+        with self.lock:
+            for match, scenario in self.scenarios.items():
+                if match in prompt:
+                    return match, scenario
+            return None, self.default_scenario
+
+    # ---- middleware: recording, auth, JSON errors
+
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route_name = request.match_info.route.name
+        kind = route_name.split("-")[0] if route_name else "other"
+        record = RecordedRequest(
+            kind=kind,
+            method=request.method,
+            path=request.path,
+            query=request.query_string,
+            status=0,
+            authorization=request.headers.get("Authorization"),
+            request_id=request.match_info.get("id"),
+            time=time.time(),
+            headers=dict(request.headers),
+        )
+        with self.lock:
+            self.requests.append(record)
+        record_token = _current_record.set(record)
+        stream_token = _current_stream.set(None)
+        response: web.StreamResponse | None = None
+        try:
+            if kind in _API_KINDS:
+                response = self._check_auth(request)
+            if response is None:
+                try:
+                    response = await handler(request)
+                except web.HTTPException as exc:
+                    # aiohttp's own 404/405 etc.: answer in fal's JSON shape.
+                    headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+                    response = _json({"detail": exc.reason}, exc.status, headers)
+            return response
+        finally:
+            status = response.status if response is not None else 0
+            stream = _current_stream.get()
+            if status == 0 and stream is not None:
+                status = stream.status  # stream ended by disconnect/cancel
+            with self.lock:
+                record.status = status
+            _current_stream.reset(stream_token)
+            _current_record.reset(record_token)
+
+    def _check_auth(self, request: web.Request) -> web.Response | None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, credential = header.strip().partition(" ")
+        credential = credential.strip()
+        if scheme.lower() not in ("key", "bearer") or not credential:
+            return _json({"detail": "Missing or invalid authorization"}, 401)
+        if self.token is not None and not hmac.compare_digest(credential.encode(), self.token.encode()):
+            return _json({"detail": "Invalid API key"}, 403)
+        return None
+
+    # ---- error bodies
+
+    def _error_response(self, code: int, *, retry_after: float | None = None, prompt: Any = None) -> web.Response:
+        """A fal-shaped error for ``code`` (used by scripted faults)."""
+        headers: dict[str, str] = {}
+        body: dict[str, Any]
+        if code == 422:
+            body = {
+                "detail": [
+                    {
+                        "loc": ["body", "prompt"],
+                        "msg": _CONTENT_POLICY_MSG,
+                        "type": "content_policy_violation",
+                        "ctx": {},
+                        "input": prompt,
+                    }
+                ]
+            }
+        elif code == 429:
+            body = {"detail": "Too many requests"}
+        elif code == 404:
+            body = {"detail": "Request not found"}
+        elif code >= 500:
+            detail, error_type = _INFRA_ERRORS.get(code, ("Internal server error", "internal_error"))
+            body = {"detail": detail, "error_type": error_type}
+            headers["X-Fal-Error-Type"] = error_type
+        else:
+            body = {"detail": _http_reason(code)}
+        if code in (429, 503) and retry_after is not None:
+            headers["Retry-After"] = _format_seconds(retry_after)
+        return _json(body, code, headers)
+
+    # ---- shared by the handlers
+
+    def _get_job(self, request: web.Request) -> Job | None:
+        with self.lock:
+            job = self.jobs.get(request.match_info["id"])
+        # Like fal, the id lives under the app that ran it: another owner/app is a 404.
+        app_id = f"{request.match_info.get('owner')}/{request.match_info.get('app')}"
+        if job is not None and "owner" in request.match_info and app_id != job.app_id:
+            return None
+        return job
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep that ends early when the server shuts down."""
+        if self._closing_event is None:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._closing_event.wait(), seconds)

@@ -1,0 +1,79 @@
+"""What a test scripts and what it observes: :class:`Scenario` and :class:`RecordedRequest`.
+
+A :class:`Scenario` sets timing and faults for the submits it applies to; every HTTP request
+the emulator receives is kept as a :class:`RecordedRequest`. Plain dataclasses, no aiohttp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Values of ``RecordedRequest.kind``.
+CALL_KINDS = ("submit", "status", "stream", "result", "cancel", "cdn", "admin", "other")
+_API_KINDS = frozenset({"submit", "status", "stream", "result", "cancel"})
+# Cancel answers and their HTTP status (also the allowed ``Scenario.cancel_response`` values).
+_CANCEL_CODES = {"CANCELLATION_REQUESTED": 202, "ALREADY_COMPLETED": 400, "NOT_FOUND": 404}
+
+
+@dataclass
+class Scenario:
+    """Behaviour (timing and faults) for the submits it applies to.
+
+    ``None`` timings fall back to the emulator's defaults. Counted faults
+    (``submit_errors``, ``status_errors``, ``result_errors``) are consumed in order.
+    """
+
+    queue_seconds: float | None = None
+    run_seconds: float | None = None
+    queue_position: int = 0
+    submit_errors: list[int] = field(default_factory=list)
+    retry_after: float | None = 1.0
+    status_errors: list[int | str] = field(default_factory=list)
+    stream: str = "ok"
+    stream_drop_after: float = 0.2
+    complete_error: dict[str, str] | None = None
+    result_errors: list[int] = field(default_factory=list)
+    result_error_always: int | None = None
+    result_expired: bool = False
+    never_complete: bool = False
+    nsfw: list[bool] | None = None
+    image_bytes: int | None = None
+    cdn_bytes_per_second: float | None = None
+    cdn_break_after: int | None = None
+    cancel_response: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.stream not in ("ok", "refuse", "drop"):
+            raise ValueError(f"stream must be 'ok', 'refuse' or 'drop', not {self.stream!r}")
+        for item in self.status_errors:
+            if not isinstance(item, int) and item != "malformed":
+                raise ValueError(f"status_errors items must be ints or 'malformed': {item!r}")
+        if self.cancel_response is not None and self.cancel_response not in _CANCEL_CODES:
+            raise ValueError(f"cancel_response must be one of {sorted(_CANCEL_CODES)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Scenario:
+        """Build from JSON (admin endpoint); unknown keys are an error, not silently dropped."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown scenario fields: {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class RecordedRequest:
+    """One HTTP request the emulator received (``status`` is 0 while a stream is open)."""
+
+    kind: str
+    method: str
+    path: str
+    query: str
+    status: int
+    authorization: str | None
+    request_id: str | None
+    time: float
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Any = None
