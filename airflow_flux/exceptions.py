@@ -92,3 +92,7 @@ class FluxTimeoutError(FluxError, TimeoutError):
 
 class FluxIntegrityError(FluxError):
     """An image's bytes are not what the result promised (short body, wrong type, bad data URI)."""
+
+
+class FluxImageExistsError(FluxError, FileExistsError):
+    """A destination key of a copy to S3 exists and ``replace`` is off; nothing was written."""

@@ -33,8 +33,9 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "extra-links": [
-            "airflow_flux.operators.flux.FluxRequestLink",
-            "airflow_flux.plugins.links.FluxGalleryLink",
+            "airflow_flux.links.flux.FluxRequestLink",
+            "airflow_flux.links.flux.FluxGalleryLink",
+            "airflow_flux.links.flux.FluxCopiedImagesLink",
         ],
         "connection-types": [
             {

@@ -272,6 +272,8 @@ class FluxResult(BaseModel):
     prompt: str | None = None
     timings: dict[str, Any] = Field(default_factory=dict)
     request_id: str | None = None
+    #: The fal model path the result came from, when known (the wait and the copy record it).
+    endpoint: str | None = None
 
     @model_validator(mode="before")
     @classmethod

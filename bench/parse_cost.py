@@ -18,7 +18,7 @@ not. A second zygote is forked from the first and becomes such a manager:
   serialization, timetables...), the migration check's modules (``airflow.utils.db``,
   alembic, ``import_all_models()``), logging and the local bundle, configures the ORM
   mappers (the manager queries the database) and loads the plugins
-  (``ensure_plugins_loaded``: the provider's gallery plugin and its ``plugins.links``);
+  (``ensure_plugins_loaded``: the provider's gallery plugin and its ``airflow_flux.links``);
 - it creates the in-process execution API (``_make_execution_api``, a manager attribute),
   calls ``gc.freeze()`` (``DagFileProcessorManager.before_run``), then builds the API's app
   (``.transport``: first used by ``_create_process``, before the first fork).

@@ -99,7 +99,7 @@ def worker(
 
     from airflow_flux.hooks import FluxHook
     from airflow_flux.transfers import FluxToS3Operator
-    from airflow_flux.transfers._s3stream import put_stream
+    from airflow_flux.transfers.s3stream import put_stream
 
     _connections(api, s3)
     client = boto3.client(

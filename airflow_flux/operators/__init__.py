@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from airflow_flux.operators.flux import FluxGenerateOperator, FluxRequestLink, FluxSubmitOperator
+from airflow_flux.links import FluxRequestLink
+from airflow_flux.operators.flux import FluxGenerateOperator, FluxSubmitOperator
 
 __all__ = ["FluxGenerateOperator", "FluxRequestLink", "FluxSubmitOperator"]

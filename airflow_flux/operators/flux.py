@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from airflow.sdk import BaseOperator, BaseOperatorLink
+from airflow.sdk import BaseOperator
 
-from airflow_flux.exceptions import FluxAPIError, FluxError, FluxRequestFailedError, FluxValidationError
-from airflow_flux.identity import DEFAULT_CONN_ID, RequestIdentity, conn_id_for
+from airflow_flux.exceptions import FluxValidationError
+from airflow_flux.identity import DEFAULT_CONN_ID, RequestIdentity
+from airflow_flux.links import FluxGalleryLink, FluxRequestLink
 from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE, build_payload
 from airflow_flux.operators.reuse import RequestReuse
-from airflow_flux.plugins.links import FluxGalleryLink
+from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, FluxWaitMixin, default_deferrable
+from airflow_flux.xcom_keys import LINK_XCOM_KEY
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-    from airflow.sdk.types import TaskInstanceKey
 
     from airflow_flux.hooks.flux import FluxHook
-    from airflow_flux.models import FluxStatus
 
 #: Request fields exposed as operator arguments (and template fields).
 REQUEST_FIELDS: tuple[str, ...] = (
@@ -35,9 +33,6 @@ REQUEST_FIELDS: tuple[str, ...] = (
     "enhance_prompt",
     "sync_mode",
 )
-#: XCom key holding the link the "FLUX request" extra link opens.
-LINK_XCOM_KEY = "flux_request_url"
-DEFAULT_WAIT_TIMEOUT = 60 * 60.0
 
 
 def _is_templated(value: Any) -> bool:
@@ -49,177 +44,6 @@ def _is_templated(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return any(_is_templated(v) for v in value)
     return not isinstance(value, int | float | bool | type(None))
-
-
-class FluxRequestLink(BaseOperatorLink):
-    """Extra link to the request's result (or its page, when the connection sets ``request_page_url``)."""
-
-    name = "FLUX request"
-
-    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        from airflow.sdk.execution_time.xcom import XCom
-
-        return XCom.get_value(ti_key=ti_key, key=LINK_XCOM_KEY) or ""
-
-
-class FluxWaitMixin:
-    """Waiting on a submitted request, shared by the sensor and the generate operator.
-
-    Deferrable: the wait runs in the triggerer (:class:`FluxStatusTrigger`); the resumed
-    task reads everything from the event, since it is a new instance.
-    """
-
-    flux_conn_id: str | None
-    deferrable: bool
-    use_stream: bool
-    poll_interval: float
-    max_poll_interval: float
-    cancel_on_timeout: bool
-    api_logs: bool
-    log: Any
-
-    @cached_property
-    def hook(self) -> FluxHook:
-        from airflow_flux.hooks.flux import FluxHook
-
-        return FluxHook(flux_conn_id=self.flux_conn_id or DEFAULT_CONN_ID)
-
-    def _use_connection_of(self, handle: Mapping[str, Any]) -> None:
-        """Wait with the connection the request was submitted with, unless the task names another."""
-        conn_id, warning = conn_id_for(handle, self.flux_conn_id)
-        if warning:
-            self.log.warning(warning)
-        if conn_id != self.flux_conn_id:
-            self.flux_conn_id = conn_id
-            self.__dict__.pop("hook", None)  # a hook made for another connection
-
-    def _wait_timeout(self) -> float:
-        raise NotImplementedError
-
-    def _timeout_error(self, message: str) -> BaseException:
-        from airflow_flux.exceptions import FluxTimeoutError
-
-        return FluxTimeoutError(message)
-
-    def _defer_wait(self, handle: Mapping[str, Any]) -> None:
-        from airflow_flux.triggers.flux import FluxStatusTrigger
-
-        wait = self._wait_timeout()
-        cast("BaseOperator", self).defer(
-            trigger=FluxStatusTrigger(
-                flux_conn_id=self.flux_conn_id or DEFAULT_CONN_ID,
-                handle=dict(handle),
-                end_time=time.time() + wait,
-                use_stream=self.use_stream,
-                poll_interval=self.poll_interval,
-                max_poll_interval=self.max_poll_interval,
-                api_logs=self.api_logs,
-            ),
-            method_name="execute_complete",
-            # A backstop after the trigger's own deadline, so the trigger's clean timeout
-            # event (which leads to a cancel) wins over a bare deferral timeout.
-            timeout=timedelta(seconds=wait + 120),
-        )
-
-    def _failed(self, status: FluxStatus, handle: Mapping[str, Any]) -> FluxRequestFailedError:
-        rid = handle["request_id"]
-        return FluxRequestFailedError(
-            f"FLUX request {rid} failed: {status.error_type or 'error'}: {status.error or 'no reason given'}",
-            status_code=200,
-            detail=status.error,
-            error_type=status.error_type,
-            request_id=rid,
-        )
-
-    def _result(self, handle: Mapping[str, Any], waited: float | None = None) -> dict[str, Any]:
-        try:
-            result = self.hook.get_result(handle)
-        except FluxAPIError as exc:
-            raise FluxRequestFailedError(
-                f"FLUX request {handle['request_id']} completed but has no result: {exc}",
-                status_code=exc.status_code,
-                detail=exc.detail,
-                error_type=exc.error_type,
-                request_id=handle["request_id"],
-            ) from None
-        return self._return_value(result.model_dump(mode="json"), handle, waited)
-
-    def _return_value(self, result: dict[str, Any], handle: Mapping[str, Any], waited: float | None) -> dict[str, Any]:
-        # waited_seconds: time spent waiting for completion (None when it was not measured).
-        result = {
-            **result,
-            "request_id": handle["request_id"],
-            "endpoint": handle.get("endpoint"),
-            "waited_seconds": waited,
-        }
-        self.log.info(
-            "FLUX request %s completed: %d image(s), seed %s",
-            handle["request_id"],
-            len(result.get("images") or []),
-            result.get("seed"),
-        )
-        return result
-
-    def _cancel_quietly(self, handle: Mapping[str, Any]) -> None:
-        try:
-            outcome = self.hook.cancel(handle)
-            self.log.info("Cancel of FLUX request %s: %s", handle["request_id"], outcome)
-        except Exception as exc:
-            self.log.warning("Could not cancel FLUX request %s: %s", handle["request_id"], exc)
-
-    def _wait_blocking(self, handle: Mapping[str, Any]) -> dict[str, Any]:
-        """Non-deferrable wait in the worker: the trigger's polling rules, with the sync hook."""
-        from airflow_flux.triggers.flux import next_poll_interval
-
-        started = time.time()
-        deadline = started + self._wait_timeout()
-        polls = 0
-        last: str | None = None
-        while True:
-            status = self.hook.get_status(handle, logs=self.api_logs)
-            if status.status != last:
-                self.log.info("FLUX request %s is %s", handle["request_id"], status.status)
-                last = status.status
-            if status.is_failed:
-                raise self._failed(status, handle)
-            if status.is_completed:
-                return self._result(handle, round(time.time() - started, 3))
-            if time.time() >= deadline:
-                if self.cancel_on_timeout:
-                    self._cancel_quietly(handle)
-                raise self._timeout_error(f"FLUX request {handle['request_id']} did not complete within the timeout.")
-            delay = next_poll_interval(
-                polls,
-                time.time() - started,
-                initial=self.poll_interval,
-                maximum=self.max_poll_interval,
-                queue_position=status.queue_position,
-            )
-            polls += 1
-            time.sleep(max(0.0, min(delay, deadline - time.time())))
-
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        """Resume after the trigger's event: return the result or raise the API's reason."""
-        handle = event["handle"]
-        self._use_connection_of(handle)  # a new instance: only the event knows the request
-        status = event.get("status")
-        if status == "success":
-            if event.get("result") is None:
-                return self._result(handle, event.get("waited_seconds"))
-            return self._return_value(event["result"], handle, event.get("waited_seconds"))
-        if status == "timeout":
-            if self.cancel_on_timeout:
-                self._cancel_quietly(handle)
-            raise self._timeout_error(event["message"])
-        if status == "failed":
-            raise FluxRequestFailedError(
-                event["message"],
-                status_code=event.get("status_code") or 200,
-                detail=event.get("error"),
-                error_type=event.get("error_type"),
-                request_id=handle["request_id"],
-            )
-        raise FluxError(event.get("message") or f"Unexpected event from the FLUX trigger: {event}")
 
 
 class FluxSubmitOperator(BaseOperator):
@@ -358,7 +182,8 @@ class FluxGenerateOperator(FluxWaitMixin, FluxSubmitOperator):
     ``request_id``) like :class:`~airflow_flux.sensors.FluxStatusSensor`. Takes every
     argument of :class:`FluxSubmitOperator`, plus:
 
-    :param deferrable: wait in the triggerer (default) or poll in the worker.
+    :param deferrable: wait in the triggerer or poll in the worker; default from
+        ``[operators] default_deferrable`` when the deployment sets it, else True.
     :param wait_timeout: seconds to wait for completion before cancelling and failing.
     :param use_stream: follow the SSE status stream when available.
     :param poll_interval: first polling interval (polling fallback), seconds.
@@ -371,7 +196,7 @@ class FluxGenerateOperator(FluxWaitMixin, FluxSubmitOperator):
     def __init__(
         self,
         *,
-        deferrable: bool = True,
+        deferrable: bool = default_deferrable(),
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
         use_stream: bool = True,
         poll_interval: float = 1.0,
@@ -381,13 +206,15 @@ class FluxGenerateOperator(FluxWaitMixin, FluxSubmitOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.deferrable = deferrable
         self.wait_timeout = wait_timeout
-        self.use_stream = use_stream
-        self.poll_interval = poll_interval
-        self.max_poll_interval = max_poll_interval
-        self.cancel_on_timeout = cancel_on_timeout
-        self.api_logs = api_logs
+        self._init_wait(
+            deferrable=deferrable,
+            use_stream=use_stream,
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            cancel_on_timeout=cancel_on_timeout,
+            api_logs=api_logs,
+        )
 
     def _wait_timeout(self) -> float:
         return float(self.wait_timeout)

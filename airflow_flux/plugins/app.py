@@ -29,7 +29,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from airflow_flux.plugins.links import airflow_base_path
+from airflow_flux.links.flux import airflow_base_path
 from airflow_flux.plugins.store import IMAGE_TYPES, THUMB_SIZE, GalleryError, GalleryImage, GalleryStore, RunGallery
 
 SECTION = "flux_gallery"

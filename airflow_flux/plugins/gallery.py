@@ -10,7 +10,7 @@ What it adds to the UI:
 * **Browse → Flux gallery**: the DAGs (that the user may read) whose runs stored images;
 * an **Images** tab on DAG pages (its latest runs) and on DAG run pages (every image of the run);
 * the app itself at ``/flux-gallery`` (see :mod:`airflow_flux.plugins.app`), also opened by
-  the tasks' "Flux gallery" extra link (:class:`~airflow_flux.plugins.links.FluxGalleryLink`).
+  the tasks' "Flux gallery" extra link (:class:`~airflow_flux.links.FluxGalleryLink`).
 
 Settings (``[flux_gallery]`` section, or ``AIRFLOW__FLUX_GALLERY__...`` variables), read by the api-server:
 
@@ -29,7 +29,7 @@ from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
-from airflow_flux.plugins.links import URL_PREFIX, airflow_base_path
+from airflow_flux.links.flux import URL_PREFIX, airflow_base_path
 
 
 @cache

@@ -1,7 +1,7 @@
 """Where the gallery's images come from: manifests found through the metadata DB, read from S3.
 
 A ``FluxToS3Operator`` task pushes its manifest's ``s3://`` URI as the XCom ``flux_manifest``
-(:data:`~airflow_flux.transfers.flux_to_s3.MANIFEST_XCOM_KEY`). The gallery runs in the
+(:data:`~airflow_flux.xcom_keys.MANIFEST_XCOM_KEY`). The gallery runs in the
 api-server, which has the metadata DB: it looks those XComs up for a run, reads the
 manifests with ``S3Hook`` (the connection the task itself used, from its rendered fields),
 and serves only images listed there, so a gallery URL can never name another S3 object.
@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
-from airflow_flux.transfers.flux_to_s3 import MANIFEST_XCOM_KEY
+from airflow_flux.manifest import STORED_STATUSES
+from airflow_flux.xcom_keys import MANIFEST_XCOM_KEY
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Statuses of manifest entries that have an object in S3.
-STORED = ("copied", "reused")
 #: Content types served as such; anything else is sent as a download (never rendered by the browser).
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
 DEFAULT_CONN_ID = "aws_default"
@@ -69,7 +68,7 @@ class GalleryImage:
 
     @property
     def stored(self) -> bool:
-        return self.entry.get("status") in STORED and bool(self.entry.get("key"))
+        return self.entry.get("status") in STORED_STATUSES and bool(self.entry.get("key"))
 
     @property
     def sha256(self) -> str | None:

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_flux.identity import coerce_handle
-from airflow_flux.operators.flux import DEFAULT_WAIT_TIMEOUT, FluxRequestLink, FluxWaitMixin
-from airflow_flux.plugins.links import FluxGalleryLink
+from airflow_flux.links import FluxGalleryLink, FluxRequestLink
+from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, FluxWaitMixin, default_deferrable
+from airflow_flux.xcom_keys import LINK_XCOM_KEY
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -32,7 +33,8 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
     :param flux_conn_id: the ``flux`` connection; by default the one the request was submitted
         with (recorded in the handle), else ``flux_default``. One that differs from the
         handle's wins, with a warning.
-    :param deferrable: wait in the triggerer (default) or poke from the worker.
+    :param deferrable: wait in the triggerer or poke from the worker; default from
+        ``[operators] default_deferrable`` when the deployment sets it, else True.
     :param use_stream: follow the SSE status stream when available.
     :param poll_interval: first polling interval of the polling fallback, seconds.
     :param max_poll_interval: cap of the polling interval, seconds.
@@ -50,7 +52,7 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
         *,
         request: Any,
         flux_conn_id: str | None = None,
-        deferrable: bool = True,
+        deferrable: bool = default_deferrable(),
         use_stream: bool = True,
         poll_interval: float = 1.0,
         max_poll_interval: float = 30.0,
@@ -63,12 +65,14 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
         super().__init__(timeout=timeout, **kwargs)
         self.request = request
         self.flux_conn_id = flux_conn_id
-        self.deferrable = deferrable
-        self.use_stream = use_stream
-        self.poll_interval = poll_interval
-        self.max_poll_interval = max_poll_interval
-        self.cancel_on_timeout = cancel_on_timeout
-        self.api_logs = api_logs
+        self._init_wait(
+            deferrable=deferrable,
+            use_stream=use_stream,
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            cancel_on_timeout=cancel_on_timeout,
+            api_logs=api_logs,
+        )
 
     def _wait_timeout(self) -> float:
         return float(self.timeout)
@@ -97,7 +101,7 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
 
     def execute(self, context: Context) -> Any:
         handle = self.handle
-        context["ti"].xcom_push(key="flux_request_url", value=handle.get("response_url", ""))
+        context["ti"].xcom_push(key=LINK_XCOM_KEY, value=handle.get("response_url", ""))
         if not self.deferrable:
             from airflow.sdk.exceptions import AirflowSensorTimeout, AirflowSkipException
 

@@ -3,38 +3,36 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from airflow_flux.exceptions import FluxError, FluxIntegrityError, FluxTransportError
+from airflow_flux.exceptions import FluxError, FluxImageExistsError, FluxIntegrityError, FluxTransportError
 from airflow_flux.identity import DEFAULT_CONN_ID, coerce_handle, conn_id_for
+from airflow_flux.links import FluxCopiedImagesLink
+from airflow_flux.manifest import ImageStatus, Manifest
 from airflow_flux.models import FluxResult
-from airflow_flux.plugins.links import FluxGalleryLink
-from airflow_flux.transfers._s3stream import MAX_SINGLE_PUT
+from airflow_flux.transfers.planning import ImageJob, NsfwPolicy, check_nsfw_policy, plan_images, sniff_content_type
+from airflow_flux.transfers.s3stream import MAX_SINGLE_PUT
+from airflow_flux.xcom_keys import MANIFEST_XCOM_KEY
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
     from airflow.sdk import Context
 
-    from airflow_flux.hooks.flux import FluxHook, ImageStream
+    from airflow_flux.hooks.download import ImageStream
+    from airflow_flux.hooks.flux import FluxHook
 
-NsfwPolicy = Literal["skip", "fail", "keep"]
 
 #: A prefix that is defined for every run, manual ones included ({{ ds }} is not, in Airflow 3).
 DEFAULT_PREFIX = "flux/{{ dag.dag_id }}/{{ run_id }}"
 DEFAULT_KEY_TEMPLATE = "{request_id}_{index}.{ext}"
-#: XCom key of the manifest's ``s3://`` URI (the Flux gallery finds the run's images through it).
-MANIFEST_XCOM_KEY = "flux_manifest"
 
 # Multipart defaults (images of unknown size or above max_single_put): (upload_concurrency
 # + 1) part buffers at most; the next part downloads while the previous one uploads.
@@ -42,52 +40,6 @@ MANIFEST_XCOM_KEY = "flux_manifest"
 # one part more.
 PART_SIZE = 8 * 1024 * 1024
 UPLOAD_CONCURRENCY = 1
-
-_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
-_MAGIC: dict[str, tuple[bytes, ...]] = {
-    "image/jpeg": (b"\xff\xd8\xff",),
-    "image/png": (b"\x89PNG\r\n\x1a\n",),
-    "image/webp": (b"RIFF",),
-}
-# S3 user metadata is sent as HTTP headers: 2 KB in all, US-ASCII only.
-_PROMPT_METADATA_LIMIT = 1024
-
-
-def _check_nsfw_policy(value: Any) -> None:
-    if value not in ("skip", "fail", "keep"):
-        raise ValueError(f"nsfw_policy: must be one of 'skip', 'fail', 'keep' (got {value!r})")
-
-
-class FluxImageExistsError(FluxError, FileExistsError):
-    """A destination key exists and ``replace`` is off; nothing was written."""
-
-
-def sniff_content_type(head: bytes) -> str | None:
-    """The image type its first bytes say it is."""
-    for content_type, magics in _MAGIC.items():
-        if any(head.startswith(m) for m in magics):
-            if content_type == "image/webp" and head[8:12] != b"WEBP":
-                continue
-            return content_type
-    return None
-
-
-@dataclass
-class _ImageJob:
-    """One image to copy: where from, where to, and what to record about it."""
-
-    result: FluxResult
-    index: int
-    url: str
-    key: str
-    nsfw: bool
-    content_type: str | None
-    status: str = "pending"  # pending -> copied | skipped | reused
-    reason: str | None = None
-    size: int | None = None
-    sha256: str | None = None
-    seconds: float | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 class FluxToS3Operator(BaseOperator):
@@ -144,7 +96,7 @@ class FluxToS3Operator(BaseOperator):
         "nsfw_policy",
     )
     ui_color = "#f7e1c8"
-    operator_extra_links = (FluxGalleryLink(),)
+    operator_extra_links = (FluxCopiedImagesLink(),)
 
     def __init__(
         self,
@@ -166,7 +118,7 @@ class FluxToS3Operator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         if "{{" not in str(nsfw_policy):
-            _check_nsfw_policy(nsfw_policy)
+            check_nsfw_policy(nsfw_policy)
         if max_workers < 1:
             raise ValueError(f"max_workers: must be at least 1 (got {max_workers!r})")
         self.source = source
@@ -241,57 +193,12 @@ class FluxToS3Operator(BaseOperator):
             results.append(result.model_copy(update={"endpoint": handle.get("endpoint")}))
         return results
 
-    def _key(self, result: FluxResult, index: int, content_type: str | None) -> str:
-        ext = _EXTENSIONS.get(content_type or "", "jpg" if content_type is None else "bin")
-        name = self.image_key_template.format(request_id=result.request_id, index=index, seed=result.seed, ext=ext)
-        prefix = self.s3_key_prefix.strip("/")
-        return f"{prefix}/{name}" if prefix else name
-
-    def _plan(self, results: list[FluxResult]) -> list[_ImageJob]:
-        jobs = []
-        for result in results:
-            for index, image in enumerate(result.images):
-                nsfw = bool(result.has_nsfw_concepts[index]) if index < len(result.has_nsfw_concepts) else False
-                content_type = image.content_type or (
-                    image.url[5:].split(";")[0] if image.url.startswith("data:") else None
-                )
-                job = _ImageJob(
-                    result=result,
-                    index=index,
-                    url=image.url,
-                    key=self._key(result, index, content_type),
-                    nsfw=nsfw,
-                    content_type=content_type,
-                )
-                job.metadata = self._metadata(job)
-                jobs.append(job)
-        keys = [j.key for j in jobs]
-        if len(set(keys)) != len(keys):
-            dupes = sorted({k for k in keys if keys.count(k) > 1})
-            raise FluxError(f"image_key_template gives several images the same key: {dupes[:5]}")
-        return jobs
-
-    def _metadata(self, job: _ImageJob) -> dict[str, str]:
-        result, image = job.result, job.result.images[job.index]
-        prompt = result.prompt or ""
-        meta = {
-            "flux-request-id": str(result.request_id or ""),
-            "flux-index": str(job.index),
-            "flux-seed": "" if result.seed is None else str(result.seed),
-            "flux-endpoint": str(getattr(result, "endpoint", None) or ""),
-            "flux-width": "" if image.width is None else str(image.width),
-            "flux-height": "" if image.height is None else str(image.height),
-            "flux-nsfw": str(job.nsfw).lower(),
-            "flux-prompt-sha256": hashlib.sha256(prompt.encode()).hexdigest(),
-        }
-        encoded = quote(prompt, safe=" ,.;:!?'()-_")
-        if len(encoded) <= _PROMPT_METADATA_LIMIT:
-            meta["flux-prompt"] = encoded  # URL-encoded: S3 metadata must be ASCII
-        return meta
+    def _plan(self, results: list[FluxResult]) -> list[ImageJob]:
+        return plan_images(results, prefix=self.s3_key_prefix, key_template=self.image_key_template)
 
     # -- copying -------------------------------------------------------------------------------
 
-    def _existing(self, job: _ImageJob) -> dict[str, str] | None:
+    def _existing(self, job: ImageJob) -> dict[str, str] | None:
         """The existing object's metadata, with ``flux-sha256`` filled in from S3's own
         whole-object SHA-256 when the metadata lacks it (a streamed PUT cannot know its
         digest before the body is sent; S3 verified and stored it)."""
@@ -311,7 +218,7 @@ class FluxToS3Operator(BaseOperator):
             meta["flux-sha256"] = base64.b64decode(checksum).hex()
         return meta
 
-    def _check_destinations(self, jobs: list[_ImageJob]) -> None:
+    def _check_destinations(self, jobs: list[ImageJob]) -> None:
         """Before writing anything: reuse this very image if a previous try copied it,
         refuse other existing keys unless ``replace``."""
         clashes = []
@@ -324,7 +231,8 @@ class FluxToS3Operator(BaseOperator):
                 and meta.get("flux-index") == job.metadata["flux-index"]
             )
             if ours and meta.get("flux-sha256") and not self.replace:
-                job.status, job.sha256, job.reason = "reused", meta["flux-sha256"], "already copied by an earlier try"
+                job.status, job.sha256 = ImageStatus.REUSED, meta["flux-sha256"]
+                job.reason = "already copied by an earlier try"
             elif not ours and not self.replace:
                 # (An object of this very image without its digest is an earlier try cut
                 # short between upload and verification: it is simply copied again.)
@@ -335,7 +243,7 @@ class FluxToS3Operator(BaseOperator):
                 "(set replace=True to overwrite). Nothing was written."
             )
 
-    def _copy(self, job: _ImageJob) -> None:
+    def _copy(self, job: ImageJob) -> None:
         """Stream one image into S3; retried as a whole on transient download failures."""
         started = time.monotonic()
 
@@ -344,16 +252,16 @@ class FluxToS3Operator(BaseOperator):
                 self._upload(job, stream)
 
         self.flux_hook.retry_policy.call(attempt)
-        job.status, job.seconds = "copied", round(time.monotonic() - started, 3)
+        job.status, job.seconds = ImageStatus.COPIED, round(time.monotonic() - started, 3)
 
-    def _upload(self, job: _ImageJob, stream: ImageStream) -> None:
-        from airflow_flux.transfers._s3stream import StreamNotResendableError, stream_to_s3
+    def _upload(self, job: ImageJob, stream: ImageStream) -> None:
+        from airflow_flux.transfers.s3stream import StreamNotResendableError, stream_to_s3
 
         actual = sniff_content_type(stream.peek(16))
         expected = job.content_type or stream.content_type
         if actual is None or (expected and expected.startswith("image/") and actual != expected):
             raise FluxIntegrityError(
-                f"Image {job.index} of request {job.metadata['flux-request-id']} is not a valid "
+                f"Image {job.index} of request {job.request_id} is not a valid "
                 f"{expected or 'image'}: its bytes say {actual or 'unknown format'}"
             )
         client = self.s3_hook.get_conn()
@@ -383,8 +291,8 @@ class FluxToS3Operator(BaseOperator):
         job.size, job.sha256, job.content_type = stream.bytes_read, stream.sha256, actual
         self.log.debug("s3://%s/%s uploaded (%s)", self.s3_bucket, job.key, mode)
 
-    def _rollback(self, jobs: list[_ImageJob]) -> None:
-        written = [j.key for j in jobs if j.status == "copied"]
+    def _rollback(self, jobs: list[ImageJob]) -> None:
+        written = [j.key for j in jobs if j.status is ImageStatus.COPIED]
         if not written:
             return
         self.log.warning("Deleting %d object(s) this try wrote, so a retry starts clean", len(written))
@@ -395,19 +303,19 @@ class FluxToS3Operator(BaseOperator):
     # -- execute ------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> list[str]:
-        _check_nsfw_policy(self.nsfw_policy)
+        check_nsfw_policy(self.nsfw_policy)
         results = self._results()
         jobs = self._plan(results)
         flagged = [j for j in jobs if j.nsfw]
         if flagged and self.nsfw_policy == "fail":
-            names = ", ".join(f"{j.metadata['flux-request-id']}#{j.index}" for j in flagged)
+            names = ", ".join(f"{j.request_id}#{j.index}" for j in flagged)
             raise FluxError(f"{len(flagged)} image(s) flagged NSFW by the API and nsfw_policy='fail': {names}")
         for job in flagged:
             if self.nsfw_policy == "skip":
-                job.status, job.reason = "skipped", "nsfw"
-        todo = [j for j in jobs if j.status == "pending"]
+                job.status, job.reason = ImageStatus.SKIPPED, "nsfw"
+        todo = [j for j in jobs if j.status is ImageStatus.PENDING]
         self._check_destinations(todo)
-        todo = [j for j in todo if j.status == "pending"]
+        todo = [j for j in todo if j.status is ImageStatus.PENDING]
 
         self.log.info(
             "Copying %d image(s) of %d request(s) to s3://%s/%s (%d skipped as NSFW)",
@@ -415,9 +323,9 @@ class FluxToS3Operator(BaseOperator):
             len(results),
             self.s3_bucket,
             self.s3_key_prefix.strip("/"),
-            len(jobs) - len(todo) - sum(j.status == "reused" for j in jobs),
+            len(jobs) - len(todo) - sum(j.status is ImageStatus.REUSED for j in jobs),
         )
-        errors: list[tuple[_ImageJob, BaseException]] = []
+        errors: list[tuple[ImageJob, BaseException]] = []
         with ThreadPoolExecutor(max_workers=min(self.max_workers, max(1, len(todo)))) as pool:
             futures = {pool.submit(self._copy, job): job for job in todo}
             for future in as_completed(futures):
@@ -434,47 +342,24 @@ class FluxToS3Operator(BaseOperator):
             ) from exc
 
         manifest_uri = self._write_manifest(jobs, context) if self.manifest_name else None
-        uris = [f"s3://{self.s3_bucket}/{j.key}" for j in jobs if j.status in ("copied", "reused")]
+        uris = [f"s3://{self.s3_bucket}/{j.key}" for j in jobs if j.stored]
         self._record_lineage(uris, manifest_uri, context)
         return uris
 
-    def _write_manifest(self, jobs: list[_ImageJob], context: Context) -> str:
+    def _write_manifest(self, jobs: list[ImageJob], context: Context) -> str:
         prefix = self.s3_key_prefix.strip("/")
         key = f"{prefix}/{self.manifest_name}" if prefix else str(self.manifest_name)
         ti = context["ti"]
-        manifest = {
-            "version": 1,
-            "created_at": datetime.now(timezone.utc).isoformat(),
-            "dag_id": ti.dag_id,
-            "run_id": ti.run_id,
-            "task_id": ti.task_id,
-            "map_index": ti.map_index,
-            "bucket": self.s3_bucket,
-            "prefix": prefix,
-            "images": [
-                {
-                    "status": j.status,
-                    "reason": j.reason,
-                    "s3_uri": f"s3://{self.s3_bucket}/{j.key}" if j.status in ("copied", "reused") else None,
-                    "key": j.key,
-                    "request_id": j.result.request_id,
-                    "index": j.index,
-                    "seed": j.result.seed,
-                    "prompt": j.result.prompt,
-                    "endpoint": getattr(j.result, "endpoint", None),
-                    "width": j.result.images[j.index].width,
-                    "height": j.result.images[j.index].height,
-                    "content_type": j.content_type,
-                    "size": j.size,
-                    "sha256": j.sha256,
-                    "nsfw": j.nsfw,
-                    "timings": j.result.timings,
-                    "copy_seconds": j.seconds,
-                    "source_url": None if j.url.startswith("data:") else j.url,
-                }
-                for j in jobs
-            ],
-        }
+        manifest = Manifest(
+            created_at=datetime.now(timezone.utc).isoformat(),
+            dag_id=ti.dag_id,
+            run_id=ti.run_id,
+            task_id=ti.task_id,
+            map_index=ti.map_index,
+            bucket=self.s3_bucket,
+            prefix=prefix,
+            images=[j.manifest_entry(self.s3_bucket) for j in jobs],
+        ).model_dump(mode="json")
         body = json.dumps(manifest, indent=2).encode()
         self.s3_hook.get_conn().put_object(
             Bucket=self.s3_bucket,

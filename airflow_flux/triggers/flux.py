@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiohttp  # noqa: F401
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_flux.events import FluxWaitEvent, WaitStatus
 from airflow_flux.exceptions import FluxAPIError, FluxError, FluxTransportError
 from airflow_flux.hooks.flux import FluxHook
+from airflow_flux.hooks.polling import next_poll_interval
 from airflow_flux.models import FluxRequestHandle, FluxStatus
 
 if TYPE_CHECKING:
@@ -60,28 +62,6 @@ async def _within(coro: Coroutine[Any, Any, T], seconds: float | None) -> T:
         async with asyncio.timeout(seconds):
             return await coro
     return await asyncio.wait_for(coro, seconds)  # pragma: no cover - Python 3.10
-
-
-def next_poll_interval(
-    polls: int,
-    elapsed: float,
-    *,
-    initial: float,
-    maximum: float,
-    queue_position: int | None = None,
-) -> float:
-    """Seconds to the next status poll.
-
-    Starts at ``initial`` and grows by half each poll, but never beyond a tenth of the time
-    already waited: a request that has run 10 minutes will not finish in the next second,
-    yet one that finishes is then noticed at most 10 % late (growth by poll count alone was
-    measured 14.6 s late on 120 s generations, bench/RESULTS.md). Far back in the queue
-    there is no point asking often either. Capped at ``maximum``.
-    """
-    interval = min(initial * 1.5**polls, max(initial, 0.1 * elapsed))
-    if queue_position:
-        interval = max(interval, 0.5 * queue_position)
-    return max(0.05, min(interval, maximum))
 
 
 class _Progress:
@@ -130,7 +110,8 @@ class FluxStatusTrigger(BaseTrigger):
     Follows the request's Server-Sent-Events stream when the API offers it (one call for
     the whole wait); otherwise polls with an interval that grows with the wait. Yields one
     event: ``success`` (with the result: fal keeps it for one hour only, so it is fetched
-    right away), ``failed`` (the API's reason and ``error_type``), ``timeout`` or ``error``.
+    right away), ``failed`` (the API's reason and ``error_type``), ``timeout`` or ``error``:
+    a :class:`~airflow_flux.events.FluxWaitEvent`, which ``execute_complete`` reads back.
 
     Only the connection id, the request's handle and settings are serialized: the token is
     looked up in :meth:`run` and never stored in the trigger row.
@@ -204,17 +185,16 @@ class FluxStatusTrigger(BaseTrigger):
     def _remaining(self) -> float | None:
         return None if self.end_time is None else self.end_time - time.time()
 
-    def _event(self, status: str, message: str, **extra: Any) -> TriggerEvent:
-        return TriggerEvent(
-            {
-                "status": status,
-                "message": message,
-                "request_id": self.handle["request_id"],
-                "handle": self.handle,
-                "waited_seconds": round(time.time() - self.started_at, 3),
-                **extra,
-            }
+    def _event(self, status: WaitStatus, message: str, **extra: Any) -> TriggerEvent:
+        event = FluxWaitEvent(
+            status=status,
+            message=message,
+            request_id=self.handle["request_id"],
+            handle=self.handle,
+            waited_seconds=round(time.time() - self.started_at, 3),
+            **extra,
         )
+        return TriggerEvent(event.payload())
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Yield exactly one terminal event. Reads only: safe to run again after a restart."""

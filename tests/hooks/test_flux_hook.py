@@ -352,3 +352,29 @@ async def test_hooks_on_one_loop_share_one_session_closed_with_its_last_user(emu
     assert not shared.closed, "closed while a hook still uses it"
     await hooks[-1].aclose()
     assert shared.closed
+
+
+def test_an_async_hook_used_without_async_with_leaves_no_session_open(tmp_path):
+    """A script's ``asyncio.run`` over the async API, no ``async with``: nothing left unclosed at exit."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import asyncio, json, os, tempfile\n"
+        "os.environ['AIRFLOW_HOME'] = tempfile.mkdtemp()\n"
+        "from airflow_flux.emulator import FluxEmulator\n"
+        "from airflow_flux.hooks import FluxHook\n"
+        "with FluxEmulator(queue_seconds=0.1, run_seconds=0.2) as emu:\n"
+        "    os.environ['AIRFLOW_CONN_FLUX_SCRIPT'] = json.dumps({'conn_type': 'flux', 'host': emu.base_url, 'password': 't'})\n"
+        "    hook = FluxHook(flux_conn_id='flux_script')\n"
+        "    async def main():\n"
+        "        handle = await hook.asubmit({'prompt': 'a scripted fox'})\n"
+        "        statuses = [s.status async for s in hook.astream_status(handle)]\n"
+        "        print(statuses[-1], (await hook.aget_status(handle)).status)\n"
+        "    asyncio.run(main())\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "COMPLETED COMPLETED" in proc.stdout, proc.stdout
+    assert "Unclosed" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr

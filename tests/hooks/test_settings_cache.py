@@ -8,7 +8,7 @@ import pytest
 from airflow.sdk import BaseHook
 
 from airflow_flux.hooks import FluxHook
-from airflow_flux.hooks import flux as flux_module
+from airflow_flux.hooks import shared as shared_module
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ async def test_concurrent_hooks_share_one_lookup(make_flux_conn, lookups):
 
 
 async def test_settings_are_read_again_after_the_ttl(make_flux_conn, lookups, monkeypatch):
-    monkeypatch.setattr(flux_module, "SETTINGS_TTL", 0.05)
+    monkeypatch.setattr(shared_module, "SETTINGS_TTL", 0.05)
     conn_id = make_flux_conn("http://127.0.0.1:1")
     await FluxHook(flux_conn_id=conn_id).aget_settings()
     make_flux_conn("http://127.0.0.1:3", conn_id=conn_id)  # edited connection

@@ -154,7 +154,7 @@ def test_without_a_triggerer_the_worker_polls_with_the_same_hook(dags, flux_defa
 
 
 def test_extra_link_points_at_the_request(dags, flux_default):
-    from airflow_flux.operators.flux import LINK_XCOM_KEY
+    from airflow_flux.xcom_keys import LINK_XCOM_KEY
 
     dr = dags.get_dag("flux_test_submit_sensor").test(run_conf={"prompt": "a linked fox"})
     assert dr.state == "success", task_states(dr)

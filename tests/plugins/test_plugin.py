@@ -6,7 +6,7 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
-from airflow_flux.plugins.links import FluxGalleryLink, gallery_path
+from airflow_flux.links import FluxGalleryLink, gallery_path
 
 
 def test_gallery_urls_quote_ids_and_keep_the_base_path():
@@ -65,7 +65,7 @@ def test_plugin_import_is_light():
         check=True,
     )
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
-    assert "airflow_flux.plugins.links" in imported
+    assert "airflow_flux.links.flux" in imported
     assert not {name.split(".")[0] for name in imported} & {"fastapi", "starlette", "boto3", "botocore", "PIL"}
     assert "airflow_flux.plugins.app" not in imported
 

@@ -11,8 +11,8 @@ from airflow.sdk._shared.module_loading import import_string
 
 from airflow_flux.emulator import Scenario
 from airflow_flux.hooks import FluxHook
+from airflow_flux.hooks.polling import next_poll_interval
 from airflow_flux.triggers import FluxStatusTrigger
-from airflow_flux.triggers.flux import next_poll_interval
 from tests.conftest import FAST_RETRY, TOKEN
 
 

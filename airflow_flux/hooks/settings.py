@@ -1,0 +1,158 @@
+"""The ``flux`` connection, resolved once: base URL, token, auth scheme, and which hosts may see the token.
+
+:class:`FluxConnectionSettings` is the one place that decides where the token may be sent:
+:meth:`~FluxConnectionSettings.resolve` either re-bases a URL the API returned onto the
+connection's host (aggregators) or refuses a URL on a host that is neither the
+connection's nor trusted, so the token never leaves the configured API hosts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from airflow_flux.exceptions import FluxConfigError, FluxUntrustedURLError
+from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE
+
+if TYPE_CHECKING:
+    from airflow.sdk import Connection
+
+DEFAULT_BASE_URL = "https://queue.fal.run"
+#: fal's own queue hosts: a connection on one of them uses ``Key`` auth and trusts both.
+FAL_QUEUE_HOSTS: frozenset[str] = frozenset({"queue.fal.run", "queue.falrun.com"})
+DEFAULT_TIMEOUT = 60.0
+
+
+def _is_fal_host(hostname: str) -> bool:
+    return hostname in FAL_QUEUE_HOSTS or hostname.endswith((".fal.run", ".falrun.com"))
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    return bool(value)
+
+
+def _host_key(url: str) -> tuple[str, int | None]:
+    parts = urlsplit(url)
+    return (parts.hostname or "").lower(), parts.port
+
+
+@dataclass(frozen=True)
+class FluxConnectionSettings:
+    """Everything the hook needs from a ``flux`` connection, resolved once.
+
+    Build it with :meth:`from_connection`; ``token`` is excluded from ``repr`` so the
+    settings can be logged.
+    """
+
+    base_url: str
+    token: str = field(repr=False)
+    auth_scheme: str
+    endpoint: str
+    rebase_urls: bool
+    trusted_hosts: frozenset[str]
+    timeout: float
+
+    @classmethod
+    def from_connection(cls, conn: Connection) -> FluxConnectionSettings:
+        extra = conn.extra_dejson or {}
+
+        def opt(name: str, default: Any = None) -> Any:
+            # The connection form stores declarative fields with or without the prefix.
+            for key in (name, f"extra__flux__{name}"):
+                if extra.get(key) not in (None, ""):
+                    return extra[key]
+            return default
+
+        base_url = cls._base_url(conn)
+        hostname = (urlsplit(base_url).hostname or "").lower()
+        fal = _is_fal_host(hostname)
+
+        scheme = str(opt("auth_scheme", "Key" if fal else "Bearer")).strip()
+        normalized = {"key": "Key", "bearer": "Bearer"}.get(scheme.lower())
+        if normalized is None:
+            raise FluxConfigError(
+                f"Connection {conn.conn_id!r}: extra auth_scheme must be 'Bearer' or 'Key', got {scheme!r}"
+            )
+
+        trusted = opt("trusted_hosts", [])
+        if isinstance(trusted, str):
+            trusted = [h for h in trusted.replace(",", " ").split() if h]
+        hosts = {urlsplit(base_url).netloc.lower()}
+        if fal:
+            hosts |= FAL_QUEUE_HOSTS
+        hosts |= {str(h).strip().lower() for h in trusted}
+
+        try:
+            timeout = float(opt("timeout", DEFAULT_TIMEOUT))
+        except (TypeError, ValueError):
+            raise FluxConfigError(f"Connection {conn.conn_id!r}: extra timeout must be a number of seconds") from None
+
+        return cls(
+            base_url=base_url,
+            token=conn.password or "",
+            auth_scheme=normalized,
+            endpoint=str(opt("endpoint", KONTEXT_TEXT_TO_IMAGE)).strip("/"),
+            rebase_urls=_as_bool(opt("rebase_urls", not fal)),
+            trusted_hosts=frozenset(hosts),
+            timeout=timeout,
+        )
+
+    @staticmethod
+    def _base_url(conn: Connection) -> str:
+        host = (conn.host or "").strip()
+        if not host:
+            return DEFAULT_BASE_URL
+        if "://" not in host:
+            # URI-style connections split the URL: rebuild it (schema carries the scheme,
+            # as in the http provider).
+            scheme = (conn.schema or "https").strip()
+            host = f"{scheme}://{host}" + (f":{conn.port}" if conn.port else "")
+        parts = urlsplit(host)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FluxConfigError(f"Connection {conn.conn_id!r}: host must be an http(s) base URL, got {host!r}")
+        return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"{self.auth_scheme} {self.token}", "Accept": "application/json"}
+
+    def is_trusted(self, url: str) -> bool:
+        parts = urlsplit(url)
+        base = urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https"):
+            return False
+        # Never downgrade to plain http on a host the base reaches over https.
+        if parts.scheme == "http" and base.scheme == "https":
+            return False
+        hostname, port = _host_key(url)
+        return parts.netloc.lower() in self.trusted_hosts or (port is None and hostname in self.trusted_hosts)
+
+    def rebase(self, url: str) -> str:
+        """Move ``url`` onto the connection's base URL, keeping path and query."""
+        parts = urlsplit(url)
+        base = urlsplit(self.base_url)
+        path = parts.path
+        if base.path and not (parts.netloc.lower() == base.netloc.lower() and path.startswith(base.path + "/")):
+            path = base.path + path
+        return urlunsplit((base.scheme, base.netloc, path, parts.query, ""))
+
+    def resolve(self, url: str) -> str:
+        """The URL to call with the token, or :class:`FluxUntrustedURLError`.
+
+        With ``rebase_urls`` every returned URL is re-based (aggregators return fal's
+        hosts and ask callers to rewrite them); without it, a URL on an untrusted host is
+        refused rather than called, so the token cannot leak there.
+        """
+        if self.rebase_urls:
+            return self.rebase(url)
+        if not self.is_trusted(url):
+            host = urlsplit(url).netloc or url
+            raise FluxUntrustedURLError(
+                f"Refusing to send the API token to {host!r}: it is not the connection's host "
+                f"({urlsplit(self.base_url).netloc}) nor in its trusted_hosts. Set extra "
+                "'rebase_urls': true for an aggregator, or add the host to 'trusted_hosts'."
+            )
+        return url

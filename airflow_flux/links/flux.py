@@ -1,0 +1,100 @@
+"""The "FLUX request" and "Flux gallery" extra links, and the gallery's URLs.
+
+Each operator lists the link class that fits it, so a link needs nothing from the operators:
+it reads what the task pushed to XCom (keys in :mod:`airflow_flux.xcom_keys`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode, urlsplit
+
+from airflow.sdk import BaseOperatorLink
+
+from airflow_flux.xcom_keys import LINK_XCOM_KEY
+
+if TYPE_CHECKING:
+    from airflow.sdk import BaseOperator
+    from airflow.sdk.types import TaskInstanceKey
+
+#: Where the api-server mounts the gallery app (under ``[api] base_url``'s path).
+URL_PREFIX = "/flux-gallery"
+
+
+def airflow_base_path() -> str:
+    """The path Airflow is served under (``[api] base_url``), without a trailing slash."""
+    from airflow.sdk.configuration import conf
+
+    base_url = conf.get("api", "base_url", fallback="") or ""
+    return urlsplit(base_url).path.rstrip("/")
+
+
+def gallery_path(
+    dag_id: str | None = None, run_id: str | None = None, *, base_path: str | None = None, **filters: Any
+) -> str:
+    """The gallery's URL path (root-relative, so it works from the UI whatever its host).
+
+    :param dag_id: the DAG's page; None for the gallery's index.
+    :param run_id: the run's page (needs ``dag_id``).
+    :param base_path: the path Airflow is served under; default from ``[api] base_url``.
+    :param filters: query parameters (``task_id``, ``map_index``, ``request_id``, ``page``...);
+        None values are left out.
+    """
+    path = (airflow_base_path() if base_path is None else base_path.rstrip("/")) + URL_PREFIX + "/"
+    if dag_id:
+        path += f"dags/{quote(dag_id, safe='')}"
+        if run_id:
+            path += f"/runs/{quote(run_id, safe='')}"
+    query = urlencode({k: v for k, v in filters.items() if v is not None})
+    return f"{path}?{query}" if query else path
+
+
+def _request_url(ti_key: TaskInstanceKey) -> str | None:
+    """The request's URL the task pushed, or None (it failed before it knew its request)."""
+    from airflow.sdk.execution_time.xcom import XCom
+
+    try:
+        url = XCom.get_value(ti_key=ti_key, key=LINK_XCOM_KEY)
+    except Exception:
+        return None
+    return url if isinstance(url, str) and url else None
+
+
+class FluxRequestLink(BaseOperatorLink):
+    """Extra link to the request's result URL (the API's ``response_url``), on the submit and the wait."""
+
+    name = "FLUX request"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        return _request_url(ti_key) or ""
+
+
+class FluxGalleryLink(BaseOperatorLink):
+    """Opens the Flux gallery on the images of this task's FLUX request.
+
+    On the submit, the generate operator and the sensor: the run's gallery filtered on the
+    request id, once a copy task has stored its images.
+    """
+
+    name = "Flux gallery"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        """The gallery URL for ``ti_key`` (computed by the worker when the task ends, then kept in XCom).
+
+        :param operator: the task.
+        :param ti_key: the task instance.
+        """
+        # The request's URL is pushed as soon as the task knows the request (before any
+        # deferral; the result does not exist yet when Airflow asks for links at deferral,
+        # and asking for a missing XCom logs an error): its last segment is the request id.
+        url = _request_url(ti_key)
+        request_id = url.rstrip("/").rsplit("/", 1)[-1] if url else None
+        return gallery_path(ti_key.dag_id, ti_key.run_id, request_id=request_id)
+
+
+class FluxCopiedImagesLink(FluxGalleryLink):
+    """Opens the Flux gallery on the images a ``FluxToS3Operator`` task copied (its task and map index)."""
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        map_index = ti_key.map_index if ti_key.map_index is not None and ti_key.map_index >= 0 else None
+        return gallery_path(ti_key.dag_id, ti_key.run_id, task_id=ti_key.task_id, map_index=map_index)

@@ -1,0 +1,73 @@
+"""The manifest a copy to S3 writes beside its images, typed once for the writer and the gallery.
+
+A leaf module: :class:`~airflow_flux.transfers.FluxToS3Operator` writes it, the Flux gallery
+(:mod:`airflow_flux.plugins.store`) and other jobs read it. Its JSON keys are the
+contract: ``version`` changes if a key's meaning does.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+MANIFEST_VERSION = 1
+
+
+class ImageStatus(str, Enum):
+    """What became of one image."""
+
+    #: planned, not copied yet (never in a written manifest).
+    PENDING = "pending"
+    #: copied by this try.
+    COPIED = "copied"
+    #: not copied: ``reason`` says why (``nsfw``).
+    SKIPPED = "skipped"
+    #: an earlier try copied this very image: left as it is.
+    REUSED = "reused"
+
+
+#: Statuses of entries that have an object in S3.
+STORED_STATUSES: frozenset[str] = frozenset({ImageStatus.COPIED.value, ImageStatus.REUSED.value})
+
+
+class ManifestImage(BaseModel):
+    """One image of the manifest, copied or not."""
+
+    model_config = ConfigDict(defer_build=True)
+
+    status: ImageStatus
+    reason: str | None = None
+    s3_uri: str | None = None
+    key: str
+    request_id: str | None = None
+    index: int
+    seed: int | None = None
+    prompt: str | None = None
+    endpoint: str | None = None
+    width: int | None = None
+    height: int | None = None
+    content_type: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    nsfw: bool = False
+    timings: dict[str, Any] | None = None
+    copy_seconds: float | None = None
+    source_url: str | None = None
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: the run and task that wrote it, and every image it planned."""
+
+    model_config = ConfigDict(defer_build=True)
+
+    version: int = MANIFEST_VERSION
+    created_at: str
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int
+    bucket: str
+    prefix: str
+    images: list[ManifestImage]
