@@ -9,9 +9,9 @@ over time and a new field must never fail a paid generation.
 Every model is ``defer_build``: its validator is built on first use, not on import. DAG
 files import this module through the operators, and the DAG processor imports
 ``airflow_flux`` again for every parse (it pre-imports ``airflow.*`` modules only); building
-the six validators cost about 8 of the 14 ms of this import (``bench/parse_cost.py``). A
-parse builds the request model only (about 2 ms, to validate the values known at parse
-time); the others are built by the worker or triggerer that uses them.
+every validator was most of this import's cost (``bench/RESULTS.md``, parse cost). A parse
+builds the request model only (to validate the values known at parse time); the others are
+built by the worker or triggerer that uses them.
 """
 
 from __future__ import annotations

@@ -117,9 +117,9 @@ class RetryPolicy:
 
     # Nearly every call succeeds at once. The first attempt is therefore a plain call and a
     # tenacity controller is only built after a retryable failure, which it is handed as its
-    # own first attempt, so counting, waits and logging stay tenacity's. Measured in
-    # bench/trigger_scale.py: a controller around every call cost 1.6-2.5 KB per waiting
-    # trigger and about a fifth of the polling fallback's CPU.
+    # own first attempt, so counting, waits and logging stay tenacity's. A controller around
+    # every call cost memory per waiting trigger and a share of the polling fallback's CPU
+    # (bench/ANALYSIS.md, trigger scale).
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` under this policy (blocking)."""

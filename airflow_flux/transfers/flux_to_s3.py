@@ -35,9 +35,8 @@ DEFAULT_PREFIX = "flux/{{ dag.dag_id }}/{{ run_id }}"
 DEFAULT_KEY_TEMPLATE = "{request_id}_{index}.{ext}"
 
 # Multipart defaults (images of unknown size or above max_single_put): (upload_concurrency
-# + 1) part buffers at most; the next part downloads while the previous one uploads.
-# Measured on loopback (64 MB image): 2 uploads at once were no faster than 1 and held
-# one part more.
+# + 1) part buffers at most; the next part downloads while the previous one uploads. On
+# loopback, 2 uploads at once were no faster than 1 and held one part more (bench/).
 PART_SIZE = 8 * 1024 * 1024
 UPLOAD_CONCURRENCY = 1
 
@@ -287,7 +286,7 @@ class FluxToS3Operator(BaseOperator):
         # streamed ones as S3 checksum only (a trailer: known too late for the metadata);
         # multipart ones a SHA-256 per part (S3 checked each on receipt). The whole-object
         # digest of what was read goes to the manifest. (A server-side self-copy to stamp it on
-        # multipart objects too cost 0.22 s per 50 MB on moto, 18 % of the copy: not worth it.)
+        # multipart objects too cost a sizeable share of the copy: not worth it, bench/ANALYSIS.md.)
         job.size, job.sha256, job.content_type = stream.bytes_read, stream.sha256, actual
         self.log.debug("s3://%s/%s uploaded (%s)", self.s3_bucket, job.key, mode)
 

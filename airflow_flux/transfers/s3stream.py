@@ -10,7 +10,8 @@ only, then in 1 MiB chunks it holds and copies, see :class:`_AwsChunkedBody`.)
 
 Sources of unknown size, or larger than one PUT may be, go as a multipart upload. Why
 not boto3's ``upload_fileobj`` there: for a non-seekable source s3transfer slices and
-concatenates ``bytes``, measured here at about 3x the part size per part held. Here each
+concatenates ``bytes``, holding several times the part size per part (``bench/ANALYSIS.md``,
+transfer). Here each
 part is read straight into one of ``concurrency + 1`` preallocated buffers and uploaded
 from a zero-copy view, so memory is ``(concurrency + 1) x part_size`` whatever the size.
 """
@@ -31,9 +32,8 @@ if TYPE_CHECKING:
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 MAX_SINGLE_PUT = 5 * 1024**3  # S3's largest PutObject
 # Payload per aws-chunked chunk: the largest MinIO accepts (it refuses more). Fewer chunks
-# are cheaper for the server, moto joins them in quadratic time: copying a 100 MB image
-# (bench/transfer.py) took 1.14 s at 16 MiB, 1.33 s at 8 MiB, 0.88 s as a single chunk
-# (what the AWS CRT client sends per part) and 4.3-4.8 s in botocore's own 1 MiB chunks.
+# are cheaper for the server (moto joins them in quadratic time): botocore's own 1 MiB
+# chunks made a large copy several times slower (bench/ANALYSIS.md, transfer).
 AWS_CHUNK_SIZE = 16 * 1024 * 1024
 
 

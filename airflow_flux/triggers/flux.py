@@ -129,7 +129,7 @@ class FluxStatusTrigger(BaseTrigger):
     :param started_at: when the wait began (epoch seconds), for progress lines and intervals.
     :param api_logs: ask the API for its log lines with each status and print them in the
         task log. False makes every status event smaller: at 5,000 waits in one triggerer,
-        about a sixth less CPU per wait and half the CPU while waiting (bench/ANALYSIS.md).
+        less CPU per wait and while waiting (bench/ANALYSIS.md).
     """
 
     def __init__(
