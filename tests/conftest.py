@@ -13,24 +13,18 @@ import os
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parent.parent
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="airflow-flux-tests-")
 os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME
 # dag.test() re-parses the DAG folder: test DAGs live at module level in tests/dags/.
-os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "tests" / "dags")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(_REPO / "tests" / "dags")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 
 import pytest  # noqa: E402
 
 from airflow_flux.emulator import FluxEmulator  # noqa: E402
-from airflow_flux.hooks.retry import RetryPolicy  # noqa: E402
-
-#: A token distinctive enough that finding it anywhere (logs, XCom, DB rows) is a leak.
-TOKEN = "flux-test-token-7c1e9a4f0b"
-
-#: Fast backoff so retry tests take milliseconds, with the same rules as production.
-FAST_RETRY = RetryPolicy(max_attempts=4, initial_wait=0.01, max_wait=0.05, max_total=10)
+from tests.helpers import TOKEN, free_port, moto_aws_conn, moto_s3_client, start_server  # noqa: E402
 
 _conn_ids = itertools.count()
 
@@ -74,50 +68,6 @@ def airflow_db():
     db.initdb()
 
 
-def run_dag(dag, **kwargs):
-    """Run ``dag`` with dag.test() (triggers run in line) and return the DagRun.
-
-    dag.test() does not raise when a task fails: callers assert on ``dr.state``.
-    """
-    return dag.test(**kwargs)
-
-
-def task_states(dr) -> dict[str, str]:
-    return {
-        f"{ti.task_id}[{ti.map_index}]" if ti.map_index >= 0 else ti.task_id: ti.state for ti in dr.get_task_instances()
-    }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(args: list[str], health_url: str, *, timeout: float = 30):
-    """Start a local server process (own memory and CPU, not the test's) and wait for its health URL.
-
-    Returns the ``Popen``; the caller terminates it.
-    """
-    import subprocess
-    import time
-    import urllib.request
-
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(health_url, timeout=1).close()
-            return proc
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"{args[:3]} did not start") from None
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="session")
 def moto_server():
     """A real S3 protocol server (moto) in its own process, so its memory and CPU are not ours."""
@@ -136,26 +86,8 @@ def s3(moto_server, monkeypatch):
     """A fresh bucket on the moto server, and ``aws_default`` pointing at it."""
     import uuid
 
-    import boto3
-
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_AWS_DEFAULT",
-        json.dumps(
-            {
-                "conn_type": "aws",
-                "login": "testing",
-                "password": "testing",
-                "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"},
-            }
-        ),
-    )
-    client = boto3.client(
-        "s3",
-        endpoint_url=moto_server,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(moto_aws_conn(moto_server)))
+    client = moto_s3_client(moto_server)
     bucket = f"flux-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=bucket)
     client.bucket = bucket  # type: ignore[attr-defined]
@@ -179,8 +111,3 @@ def dags():
     bag = DagBag()
     assert not bag.import_errors, bag.import_errors
     return bag
-
-
-def xcom(dr, task_id: str, map_index: int = -1):
-    (ti,) = [ti for ti in dr.get_task_instances() if ti.task_id == task_id and ti.map_index == map_index]
-    return ti.xcom_pull(task_ids=task_id, map_indexes=map_index)

@@ -15,7 +15,7 @@ import json
 import pytest
 
 from airflow_flux.emulator import FluxEmulator, Scenario
-from tests.conftest import TOKEN, task_states, xcom
+from tests.helpers import TOKEN, task_states, xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 

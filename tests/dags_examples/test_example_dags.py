@@ -25,7 +25,7 @@ from PIL import Image
 from demo.run_demo import run_demo
 from demo.services import group_members
 from demo.summary import MARKER, prepare_output
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DAGS = REPO / "dags"
 PROMPTS = [

@@ -23,7 +23,7 @@ from airflow_flux.exceptions import (
 from airflow_flux.hooks import FluxConnectionSettings, FluxHook
 from airflow_flux.hooks.retry import RetryPolicy, is_retryable_status, parse_retry_after
 from airflow_flux.models import FluxRequestHandle, KontextTextToImageRequest
-from tests.conftest import FAST_RETRY, TOKEN
+from tests.helpers import FAST_RETRY, TOKEN
 
 
 def _hook(conn_id: str, policy: RetryPolicy = FAST_RETRY) -> FluxHook:

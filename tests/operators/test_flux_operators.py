@@ -9,32 +9,13 @@ import pytest
 from airflow_flux.emulator import FluxEmulator, Scenario
 from airflow_flux.exceptions import FluxValidationError
 from airflow_flux.operators import FluxGenerateOperator, FluxSubmitOperator
-from tests.conftest import TOKEN, task_states, xcom
+from tests.helpers import TOKEN, task_states, xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
 
 def _api_calls(emu: FluxEmulator) -> list[str]:
     return [r.kind for r in emu.requests if r.kind in ("submit", "status", "stream", "result", "cancel")]
-
-
-def test_submit_then_deferred_sensor(dags, flux_default, capfd):
-    dr = dags.get_dag("flux_test_submit_sensor").test(run_conf={"prompt": "a red fox"})
-    logs = capfd.readouterr()
-    assert dr.state == "success", task_states(dr)
-
-    handle = xcom(dr, "submit")
-    result = xcom(dr, "wait")
-    assert set(handle) == {"request_id", "status_url", "response_url", "cancel_url", "endpoint", "flux_conn_id"}
-    assert handle["flux_conn_id"] == "flux_default"
-    assert result["request_id"] == handle["request_id"]
-    assert result["prompt"] == "a red fox" and result["seed"] == 11
-    assert result["images"][0]["width"] == 1392 and result["has_nsfw_concepts"] == [False]
-
-    # submit + one synchronous check + the SSE stream + the result.
-    assert _api_calls(flux_default) == ["submit", "status", "stream", "result"]
-    assert TOKEN not in logs.out + logs.err
-    assert f"FLUX request {handle['request_id']} is IN_PROGRESS" in logs.out + logs.err
 
 
 def test_generate_in_one_task_costs_three_calls(dags, flux_default, capfd):
@@ -71,41 +52,6 @@ def test_transient_faults_are_survived_with_one_submit(dags, flux_default, promp
     assert dr.state == "success", task_states(dr)
     assert len(flux_default.jobs) == 1, "paid for more than one request"
     assert xcom(dr, "generate")["prompt"] == prompt
-
-
-@pytest.mark.parametrize(
-    ("prompt", "scenario", "expected"),
-    [
-        (
-            "broken fox",
-            Scenario(complete_error={"error": "Internal error during inference", "error_type": "internal_error"}),
-            ["internal_error", "Internal error during inference"],
-        ),
-        (
-            "policy fox",
-            Scenario(result_error_always=422),
-            ["content_policy_violation", "flagged by a content checker"],
-        ),
-    ],
-)
-def test_remote_failures_fail_the_task_with_the_api_reason(dags, flux_default, capfd, prompt, scenario, expected):
-    flux_default.add_scenario(scenario, match=prompt)
-    dr = dags.get_dag("flux_test_submit_sensor").test(run_conf={"prompt": prompt})
-    logs = capfd.readouterr().out
-    assert dr.state == "failed"
-    assert task_states(dr) == {"submit": "success", "wait": "failed"}
-    for text in expected:
-        assert text in logs
-    assert len(flux_default.calls(kind="submit")) == 1
-
-
-def test_never_completing_request_times_out_and_is_cancelled(dags, flux_default):
-    flux_default.add_scenario(Scenario(never_complete=True), match="stuck fox")
-    dr = dags.get_dag("flux_test_timeout").test(run_conf={"prompt": "stuck fox"})
-    assert task_states(dr) == {"submit": "success", "wait": "failed", "submit_soft": "success", "wait_soft": "skipped"}
-    # Each timed-out wait cancelled its own request, once.
-    assert sorted(c.request_id for c in flux_default.calls(kind="cancel")) == sorted(flux_default.jobs)
-    assert len(flux_default.calls(kind="submit")) == 2
 
 
 def test_retry_of_a_submit_reuses_the_request_in_flight(dags, flux_default, capfd):
@@ -163,23 +109,3 @@ def test_extra_link_points_at_the_request(dags, flux_default):
     assert ti.xcom_pull(task_ids="submit", key=LINK_XCOM_KEY) == handle["response_url"]
     # Airflow stores the rendered link itself under the link's own key at the end of the task.
     assert ti.xcom_pull(task_ids="submit", key="_link_FluxRequestLink") == handle["response_url"]
-
-
-def test_api_logs_false_reaches_the_trigger_and_the_worker_poll(flux_conn, emulator):
-    from airflow.sdk.exceptions import TaskDeferred
-
-    from airflow_flux.hooks import FluxHook
-    from airflow_flux.sensors import FluxStatusSensor
-
-    handle = FluxHook(flux_conn_id=flux_conn).submit({"prompt": "a quiet fox"}).model_dump()
-    sensor = FluxStatusSensor(task_id="wait", request=handle, flux_conn_id=flux_conn, api_logs=False)
-    with pytest.raises(TaskDeferred) as deferred:
-        sensor._defer_wait(handle)
-    assert deferred.value.trigger.serialize()[1]["api_logs"] is False
-    assert FluxGenerateOperator(task_id="g", prompt="x", api_logs=False).api_logs is False
-
-    emulator.clear_requests()
-    result = sensor._wait_blocking(handle)  # the non-deferrable path, real HTTP
-    assert result["request_id"] == handle["request_id"]
-    asked = [r.query for r in emulator.requests if r.kind == "status"]
-    assert asked and all(q == "logs=0" for q in asked), asked

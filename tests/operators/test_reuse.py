@@ -16,8 +16,7 @@ import pytest
 from airflow_flux.emulator import FluxEmulator
 from airflow_flux.identity import STATE_KEY
 from airflow_flux.operators import FluxSubmitOperator
-from airflow_flux.sensors import FluxStatusSensor
-from tests.conftest import TOKEN, task_states, xcom
+from tests.helpers import TOKEN, task_states, xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -161,17 +160,3 @@ def test_the_handles_connection_drives_sensor_and_copy(dags, emulator, make_flux
     key = uri.split("/", 3)[3]
     assert s3.head_object(Bucket=s3.bucket, Key=key)["Metadata"]["flux-request-id"] == handle["request_id"]
     assert len(emulator.calls(kind="result")) == 2  # the wait's and the copy's
-
-
-def test_an_explicit_connection_wins_over_the_handles_with_a_warning(emulator, make_flux_conn, capfd):
-    from airflow_flux.hooks import FluxHook
-
-    team_a = make_flux_conn(emulator.base_url)
-    team_b = make_flux_conn(emulator.base_url)
-    handle = FluxHook(flux_conn_id=team_a).submit({"prompt": "a fox"}).model_dump()
-    implicit = FluxStatusSensor(task_id="w1", request=handle)
-    assert implicit.handle["flux_conn_id"] == team_a and implicit.hook.flux_conn_id == team_a
-    explicit = FluxStatusSensor(task_id="w2", request=handle, flux_conn_id=team_b)
-    explicit.handle  # noqa: B018
-    assert explicit.hook.flux_conn_id == team_b
-    assert f"was submitted with connection {team_a!r}; using flux_conn_id={team_b!r}" in _task_log(capfd)

@@ -29,7 +29,7 @@ import pytest
 import requests
 
 from airflow_flux.emulator import FluxEmulator, Scenario
-from tests.conftest import TOKEN, free_port
+from tests.helpers import TOKEN, free_port, moto_aws_conn, moto_s3_client
 from tests.plugins.cdp import find_chromium
 
 AIRFLOW = Path(sys.executable).with_name("airflow")
@@ -167,7 +167,6 @@ def _run(dags: Any, **conf: Any) -> str:
 @pytest.fixture(scope="module")
 def gallery_env(airflow_db, dags, moto_server, tmp_path_factory) -> Any:
     """Two runs of ``flux_test_to_s3`` in moto S3, and an api-server (simple auth, 3 users) serving them."""
-    import boto3
 
     started = time.monotonic()
     home = Path(os.environ["AIRFLOW_HOME"])
@@ -177,20 +176,9 @@ def gallery_env(airflow_db, dags, moto_server, tmp_path_factory) -> Any:
     port = free_port()
     api = f"http://127.0.0.1:{port}"
     bucket = f"gallery-{uuid.uuid4().hex[:10]}"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=moto_server,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    s3 = moto_s3_client(moto_server)
     s3.create_bucket(Bucket=bucket)
-    aws_conn = {
-        "conn_type": "aws",
-        "login": "testing",
-        "password": "testing",
-        "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"},
-    }
+    aws_conn = moto_aws_conn(moto_server)
     with FluxEmulator(queue_seconds=0.1, run_seconds=0.1, url_mode="fal") as emu, pytest.MonkeyPatch.context() as mp:
         mp.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(aws_conn))
         mp.setenv(

@@ -40,7 +40,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from airflow_flux.emulator import FluxEmulator
 from demo.airflow_api import AirflowApi
-from tests.conftest import TOKEN
+from tests.helpers import TOKEN, moto_aws_conn, moto_s3_client
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -302,17 +302,9 @@ class _Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, moto_server: str) -> Iterator[_Stack]:
-    import boto3
-
     started = time.monotonic()
     home = tmp_path_factory.mktemp("airflow_home")
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=moto_server,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    s3 = moto_s3_client(moto_server)
     s3.create_bucket(Bucket=REUSE_BUCKET)
     with (
         FluxEmulator(queue_seconds=3, run_seconds=12) as emu,
@@ -325,14 +317,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, moto_server: str) -> Iterato
                 "AIRFLOW_CONN_FLUX_REUSE": json.dumps(
                     {"conn_type": "flux", "host": reuse_emu.base_url, "password": TOKEN}
                 ),
-                "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
-                    {
-                        "conn_type": "aws",
-                        "login": "testing",
-                        "password": "testing",
-                        "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"},
-                    }
-                ),
+                "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(moto_aws_conn(moto_server)),
             },
         )
         try:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from airflow_flux.emulator import Scenario
 from airflow_flux.transfers.flux_to_s3 import sniff_content_type
-from tests.conftest import task_states, xcom
+from tests.helpers import task_states, xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 

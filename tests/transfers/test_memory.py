@@ -14,7 +14,7 @@ import requests
 from airflow_flux.exceptions import FluxError
 from airflow_flux.hooks import FluxHook
 from airflow_flux.transfers import FluxToS3Operator
-from tests.conftest import FAST_RETRY, free_port, start_server
+from tests.helpers import FAST_RETRY, free_port, start_server
 
 MB = 1024 * 1024
 

@@ -17,7 +17,7 @@ from airflow_flux.emulator import Scenario
 from airflow_flux.hooks import FluxHook
 from airflow_flux.transfers import FluxToS3Operator
 from airflow_flux.transfers.s3stream import AWS_CHUNK_SIZE, _AwsChunkedBody, put_stream, stream_to_s3
-from tests.conftest import FAST_RETRY
+from tests.helpers import FAST_RETRY
 
 MB = 1024 * 1024
 

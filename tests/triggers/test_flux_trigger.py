@@ -13,7 +13,7 @@ from airflow_flux.emulator import Scenario
 from airflow_flux.hooks import FluxHook
 from airflow_flux.hooks.polling import next_poll_interval
 from airflow_flux.triggers import FluxStatusTrigger
-from tests.conftest import FAST_RETRY, TOKEN
+from tests.helpers import FAST_RETRY, TOKEN
 
 
 def _submit(conn_id: str, prompt: str) -> dict:
