@@ -13,7 +13,7 @@ from airflow_flux.identity import DEFAULT_CONN_ID, RequestIdentity
 from airflow_flux.links import FluxGalleryLink, FluxRequestLink
 from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE, build_payload
 from airflow_flux.operators.reuse import RequestReuse
-from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, FluxWaitMixin, default_deferrable
+from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, FluxWaitMixin
 from airflow_flux.xcom_keys import LINK_XCOM_KEY
 
 if TYPE_CHECKING:
@@ -196,25 +196,11 @@ class FluxGenerateOperator(FluxWaitMixin, FluxSubmitOperator):
     def __init__(
         self,
         *,
-        deferrable: bool = default_deferrable(),
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
-        use_stream: bool = True,
-        poll_interval: float = 1.0,
-        max_poll_interval: float = 30.0,
-        cancel_on_timeout: bool = True,
-        api_logs: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.wait_timeout = wait_timeout
-        self._init_wait(
-            deferrable=deferrable,
-            use_stream=use_stream,
-            poll_interval=poll_interval,
-            max_poll_interval=max_poll_interval,
-            cancel_on_timeout=cancel_on_timeout,
-            api_logs=api_logs,
-        )
 
     def _wait_timeout(self) -> float:
         return float(self.wait_timeout)

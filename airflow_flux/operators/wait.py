@@ -15,6 +15,8 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from airflow.sdk.bases.operator import BaseOperatorMeta
+
 from airflow_flux.events import FluxWaitEvent
 from airflow_flux.exceptions import FluxAPIError, FluxRequestFailedError, FluxTimeoutError
 from airflow_flux.identity import DEFAULT_CONN_ID, conn_id_for
@@ -52,22 +54,37 @@ def default_deferrable() -> bool:
 class FluxWaitMixin(_Operator):
     """The wait of a FLUX request: deferred to the triggerer, or polled from the worker.
 
-    Subclasses call :meth:`_init_wait` from ``__init__`` and say how long a wait may take
-    (:meth:`_wait_timeout`) and what a timeout raises (:meth:`_timeout_error`).
+    Takes the wait's own arguments (as ``ResumableJobMixin`` takes ``durable``) and passes the
+    rest on; subclasses say how long a wait may take (:meth:`_wait_timeout`) and what a
+    timeout raises (:meth:`_timeout_error`).
+
+    :param deferrable: wait in the triggerer, or poll from the worker; default from
+        ``[operators] default_deferrable`` when the deployment sets it, else True.
+    :param use_stream: follow the SSE status stream when available.
+    :param poll_interval: first polling interval (polling fallback), seconds.
+    :param max_poll_interval: cap of the polling interval, seconds.
+    :param cancel_on_timeout: cancel the remote request when the wait times out.
+    :param api_logs: ask the API for its log lines while waiting and print them in the task
+        log; False makes each status smaller (cheaper for thousands of waits per triggerer).
     """
 
     flux_conn_id: str | None
 
-    def _init_wait(
+    # The mixin is not a BaseOperator at run time, so the metaclass does not wrap this
+    # __init__: wrapping it here lets default_args reach these arguments too.
+    @BaseOperatorMeta._apply_defaults  # type: ignore[type-var]
+    def __init__(
         self,
         *,
-        deferrable: bool,
-        use_stream: bool,
-        poll_interval: float,
-        max_poll_interval: float,
-        cancel_on_timeout: bool,
-        api_logs: bool,
+        deferrable: bool = default_deferrable(),
+        use_stream: bool = True,
+        poll_interval: float = 1.0,
+        max_poll_interval: float = 30.0,
+        cancel_on_timeout: bool = True,
+        api_logs: bool = True,
+        **kwargs: Any,
     ) -> None:
+        super().__init__(**kwargs)
         self.deferrable = deferrable
         self.use_stream = use_stream
         self.poll_interval = poll_interval

@@ -8,7 +8,7 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_flux.identity import coerce_handle
 from airflow_flux.links import FluxGalleryLink, FluxRequestLink
-from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, FluxWaitMixin, default_deferrable
+from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, FluxWaitMixin
 from airflow_flux.xcom_keys import LINK_XCOM_KEY
 
 if TYPE_CHECKING:
@@ -52,27 +52,13 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
         *,
         request: Any,
         flux_conn_id: str | None = None,
-        deferrable: bool = default_deferrable(),
-        use_stream: bool = True,
-        poll_interval: float = 1.0,
-        max_poll_interval: float = 30.0,
-        cancel_on_timeout: bool = True,
         timeout: float = DEFAULT_WAIT_TIMEOUT,
-        api_logs: bool = True,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("poke_interval", 5.0)
         super().__init__(timeout=timeout, **kwargs)
         self.request = request
         self.flux_conn_id = flux_conn_id
-        self._init_wait(
-            deferrable=deferrable,
-            use_stream=use_stream,
-            poll_interval=poll_interval,
-            max_poll_interval=max_poll_interval,
-            cancel_on_timeout=cancel_on_timeout,
-            api_logs=api_logs,
-        )
 
     def _wait_timeout(self) -> float:
         return float(self.timeout)
