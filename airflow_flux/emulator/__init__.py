@@ -1,4 +1,7 @@
-"""A local stand-in for fal's queue API serving FLUX.1 Kontext [pro].
+"""A local stand-in for fal's queue API serving the FLUX.1 Kontext family.
+
+Text-to-image, edit (``image_url``) and multi (``image_urls``), [pro] and [max]: edit
+inputs are fetched the way fal fetches them, and outputs are derived from them.
 
 Start it in-process with :class:`FluxEmulator` (tests) or as a process with
 ``python -m airflow_flux.emulator`` (demos). The server module (aiohttp) and Pillow are
@@ -7,17 +10,19 @@ imported only when first used so that importing ``airflow_flux`` stays light.
 The emulator is independent of the client code it checks, so a bug in one cannot hide in
 the other: nothing here imports ``airflow_flux.models``, ``airflow_flux.hooks``,
 ``airflow_flux.identity`` or anything else outside ``airflow_flux.emulator``, only the
-standard library, aiohttp and Pillow.
+standard library, aiohttp (with its yarl) and Pillow.
 
 Modules, each importing only those listed before it:
 
 * ``images``: deterministic placeholder images (Pillow) and their LRU cache;
-* ``scenarios``: :class:`Scenario` (scripted timing and faults) and :class:`RecordedRequest`;
+* ``scenarios``: :class:`Scenario` (scripted timing and faults), :class:`RecordedRequest`
+  and ``InputFetch`` (what was fetched for an edit's input image);
 * ``jobs``: ``Job``, the job clock (state, queue position, logs and outcome over time);
-* ``validation``: the Kontext [pro] input validation fal answers 422 with;
+* ``validation``: the Kontext family's input and request-header validation fal answers 422 with;
 * ``core``: the state the handlers share, the middleware and fal-shaped error bodies;
-* ``queue_api``, ``outputs``, ``admin``: the handlers (submit/status/stream/cancel,
-  result/CDN, ``/_emulator/``), mixins on ``core``;
+* ``fetch``: loading edit inputs when their job leaves the queue, a mixin on ``core``;
+* ``queue_api`` (on ``fetch``), ``outputs``, ``admin``: the handlers (submit/status/stream/
+  cancel, result/CDN, ``/_emulator/``), mixins on ``core``;
 * ``app``: the aiohttp app (routes; its docstring lists endpoints and simplifications);
 * ``server``: :class:`FluxEmulator`, the threaded runner, re-exporting the public names;
 * ``__main__``: the command line.

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m airflow_flux.emulator",
-        description="Emulate fal's queue API for FLUX.1 Kontext [pro] on a local port.",
+        description="Emulate fal's queue API for the FLUX.1 Kontext family on a local port.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8787, help="TCP port, 0 for any free port")
@@ -36,6 +36,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--public-url",
         default=None,
         help="URL clients use to reach this server (CDN links, url-mode self); default: bind address",
+    )
+    parser.add_argument(
+        "--input-fetch-timeout", type=float, default=10.0, help="seconds to download one input image of an edit"
     )
     parser.add_argument("--access-log", action="store_true", help="log every request to stderr")
     return parser
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             public_url=args.public_url,
             access_log=args.access_log,
+            input_fetch_timeout=args.input_fetch_timeout,
         )
         emulator.start()
     except (OSError, ValueError) as exc:

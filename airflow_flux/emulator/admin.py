@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from airflow_flux.emulator.core import _CoreState, _json
 from airflow_flux.emulator.scenarios import Scenario
 
 if TYPE_CHECKING:
     from aiohttp import web
+
+    from airflow_flux.emulator.jobs import Job
 
 
 class _AdminHandlers(_CoreState):
@@ -37,20 +39,7 @@ class _AdminHandlers(_CoreState):
         now = time.time()
         with self.lock:
             jobs = list(self.jobs.values())
-        return _json(
-            [
-                {
-                    "request_id": j.request_id,
-                    "model_path": j.model_path,
-                    "status": j.state_at(now),
-                    "submitted_at": j.submitted_at,
-                    "completed_at": j.completed_at,
-                    "cancelled": j.cancelled,
-                    "input": j.input,
-                }
-                for j in jobs
-            ]
-        )
+        return _json([_job_summary(j, now) for j in jobs])
 
     async def admin_scenarios(self, request: web.Request) -> web.Response:
         """Register a scenario: ``{"match": str | null, "scenario": {...}}``."""
@@ -71,3 +60,42 @@ class _AdminHandlers(_CoreState):
         """Forget jobs, scenarios and recorded requests."""
         self.reset()
         return _json({"ok": True})
+
+
+def _strip_url(url: Any) -> Any:
+    """A URL without its query string or fragment (signed URLs carry secrets there);
+    ``data:`` URIs are cut to their header. Anything that is not a string is left alone."""
+    if not isinstance(url, str):
+        return url
+    if url.lower().startswith("data:"):
+        header = url.partition(",")[0]
+        return f"{header},…({len(url)} chars)"
+    return url.split("#", 1)[0].split("?", 1)[0]
+
+
+def _job_summary(job: Job, now: float) -> dict[str, Any]:
+    body = dict(job.input)
+    for name in ("image_url", "image_urls"):
+        if name in body:
+            value = body[name]
+            body[name] = [_strip_url(u) for u in value] if isinstance(value, list) else _strip_url(value)
+    fetches = []
+    for fetch in job.input_fetches:
+        row = dataclasses.asdict(fetch)
+        row["url"] = _strip_url(fetch.url)
+        fetches.append(row)
+    return {
+        "request_id": job.request_id,
+        "model_path": job.model_path,
+        "status": job.state_at(now),
+        "outcome": job.outcome if job.completed_at is not None else None,
+        "submitted_at": job.submitted_at,
+        "completed_at": job.completed_at,
+        "cancelled": job.cancelled,
+        "input": body,
+        "priority": job.priority,
+        "request_timeout": job.request_timeout,
+        "store_io": job.store_io,
+        "object_lifecycle_preference": job.object_lifecycle_preference,
+        "input_fetches": fetches,
+    }

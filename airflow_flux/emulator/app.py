@@ -1,4 +1,4 @@
-"""The aiohttp application that behaves like fal's queue API for FLUX.1 Kontext [pro].
+"""The aiohttp application that behaves like fal's queue API for the FLUX.1 Kontext family.
 
 :class:`_EmulatorCore` puts the handler mixins together (``queue_api``, ``outputs``,
 ``admin``, all on the shared state in ``core``) and holds the route table. The job clock
@@ -6,7 +6,9 @@ is in ``jobs``; the threaded runner that serves this app is ``server.FluxEmulato
 
 Endpoints (``{app}`` = owner/app, the first two segments of the model path):
 
-* ``POST /{model path}`` submit (200, 422 validation, scripted 429/503/...)
+* ``POST /{model path}`` submit (200, 422 validation, scripted 429/503/...); validated:
+  ``fal-ai/flux-pro/kontext[/max]`` (edit), ``.../kontext[/max]/multi``,
+  ``.../kontext[/max]/text-to-image``; other paths take any JSON object
 * ``GET /{app}/requests/{id}/status[?logs=1]`` 202 IN_QUEUE/IN_PROGRESS, 200 COMPLETED
 * ``GET /{app}/requests/{id}/status/stream[?logs=1]`` SSE, closed after COMPLETED
 * ``GET /{app}/requests/{id}`` result (400 while running or if cancelled)
@@ -20,9 +22,17 @@ Decisions where fal's behaviour is unknown or simplified:
   ``error_type: request_cancelled``; its result is 400 ``Request was cancelled``.
   ``Scenario.cancel_response`` answers with the given status and leaves the job alone
   (e.g. "acknowledged, but it still finishes", which fal allows).
-* ``X-Fal-Request-Timeout`` shorter than the queue time ends the job COMPLETED with
-  ``error_type: request_timeout``; its result is 504 with
-  ``X-Fal-Request-Timeout-Type: user``.
+* ``X-Fal-Request-Timeout`` shorter than the queue time ends the job COMPLETED at the
+  deadline, without running, with ``error_type: request_timeout``; its result is 504 with
+  ``X-Fal-Request-Timeout-Type: user``. A value of 1 s or less, or not a number, is a 422
+  naming ``["header", "x-fal-request-timeout"]`` (fal's clients require > 1 s).
+* ``X-Fal-Queue-Priority`` must be ``normal`` or ``low`` (else 422 naming the header); it
+  is recorded on the job but does not change its timing.
+* Edit inputs are loaded when the job leaves the queue (``fetch``); the job cannot complete
+  before they are. One that cannot be loaded ends the job COMPLETED at once, with no
+  ``error`` in the status body; its result is 422 ``image_load_error`` naming the field
+  (``["body", "image_urls", 1]``) and echoing the URL in ``msg`` and ``input``.
+* Unknown body fields are ignored (not rejected), on every endpoint.
 * Images flagged by ``Scenario.nsfw`` are rendered black, as FLUX returns them.
 * ``status_errors`` entry ``"malformed"`` on a stream sends one truncated ``data:``
   event and closes; a ``"drop"`` stream whose first event is already COMPLETED just

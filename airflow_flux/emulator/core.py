@@ -81,12 +81,15 @@ class _CoreState:
         token: str | None,
         url_mode: str,
         ping_interval: float,
+        input_fetch_timeout: float = 10.0,
     ) -> None:
         self.queue_seconds = queue_seconds
         self.run_seconds = run_seconds
         self.token = token
         self.url_mode = url_mode
         self.ping_interval = ping_interval
+        #: Seconds allowed to download one input image of an edit (see ``fetch``).
+        self.input_fetch_timeout = input_fetch_timeout
         self.base_url = ""  # set once the socket is bound
         self.public_url: str | None = None
         self.lock = threading.Lock()
@@ -101,6 +104,8 @@ class _CoreState:
         self._inflight: dict[tuple[str, int], asyncio.Future[bytes]] = {}
         # Keyed per stream (several streams may watch one job): woken all at shutdown.
         self._active_streams: dict[int, asyncio.Event] = {}
+        # Tasks not tied to a request (input fetches): kept referenced, cancelled at shutdown.
+        self._background_tasks: set[asyncio.Task[None]] = set()
         self.closing = False
         self._closing_event: asyncio.Event | None = None
 
@@ -126,6 +131,8 @@ class _CoreState:
             self._closing_event.set()
         for event in list(self._active_streams.values()):
             event.set()
+        for task in list(self._background_tasks):
+            task.cancel()
 
     # ---- public-state helpers (any thread)
 

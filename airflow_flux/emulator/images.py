@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import random
 import struct
 import textwrap
 import threading
 import zlib
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 #: FLUX.1 Kontext [pro] output sizes per aspect ratio (width, height).
 ASPECT_RATIO_SIZES: dict[str, tuple[int, int]] = {
@@ -39,6 +43,36 @@ _PAD_BLOCK_SIZE = 64 * 1024
 def image_size(aspect_ratio: str | None) -> tuple[int, int]:
     """Return (width, height) for an aspect ratio, falling back to 1:1 like the model default."""
     return ASPECT_RATIO_SIZES.get(aspect_ratio or "1:1", ASPECT_RATIO_SIZES["1:1"])
+
+
+def nearest_aspect_ratio(width: int, height: int) -> str:
+    """The supported aspect ratio closest to ``width:height`` (what an edit keeps by default)."""
+    if width <= 0 or height <= 0:
+        return "1:1"
+    target = math.log(width / height)
+    return min(ASPECT_RATIO_SIZES, key=lambda r: abs(math.log(_ratio(r)) - target))
+
+
+def _ratio(aspect_ratio: str) -> float:
+    w, h = ASPECT_RATIO_SIZES[aspect_ratio]
+    return w / h
+
+
+def probe_image(data: bytes) -> tuple[int, int, str]:
+    """``(width, height, format)`` of an encoded image; raises if Pillow cannot decode it.
+
+    The whole image is decoded, so a truncated file is refused too. Call it off the event loop.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            size, fmt = img.size, img.format or "unknown"
+            img.load()
+    except Image.UnidentifiedImageError:
+        # Pillow's own message names a BytesIO object's address: not worth echoing.
+        raise ValueError("cannot identify image file") from None
+    return size[0], size[1], fmt
 
 
 def normalize_format(output_format: str | None) -> str:
@@ -69,6 +103,7 @@ def render_image(
     output_format: str | None = "jpeg",
     min_bytes: int | None = None,
     blank: bool = False,
+    inputs: Sequence[bytes] | None = None,
 ) -> bytes:
     """Render one image and return its encoded bytes.
 
@@ -77,6 +112,10 @@ def render_image(
     black frame, which is what FLUX returns for images flagged as NSFW.
     ``min_bytes`` pads the file with an ignorable segment/chunk so that it is at least
     that large while staying a valid image of the same size and format.
+
+    ``inputs`` (the encoded input images of an edit or multi request) replace the
+    gradient: see :func:`_derived_base` for how the output is derived from them. The
+    caption band is drawn on either.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -86,6 +125,10 @@ def render_image(
 
     if blank:
         img = Image.new("RGB", (width, height), (0, 0, 0))
+    elif inputs:
+        img = _derived_base(inputs, width, height)
+        label = f"edit of {len(inputs)} input{'s' if len(inputs) > 1 else ''}"
+        _draw_caption(ImageDraw.Draw(img), ImageFont, prompt, seed, index, width, height, label)
     else:
         # Gradient between two colours at a hash-derived angle; built at 256x256 and
         # scaled up because per-pixel work at full size would be far too slow.
@@ -130,7 +173,39 @@ def _load_font(image_font: Any, size: int) -> Any:
         return image_font.load_default()
 
 
-def _draw_caption(draw: Any, image_font: Any, prompt: str, seed: int, index: int, width: int, height: int) -> None:
+def _derived_base(inputs: Sequence[bytes], width: int, height: int) -> Any:
+    """The output of an edit, derived visibly from its input images (no model, of course).
+
+    The output (``width`` x ``height``) is cut into as many vertical strips of equal width
+    as there are inputs, left to right in input order; strip ``i`` shows input ``i`` scaled
+    to *cover* the strip, keeping its aspect ratio, and centre-cropped (``ImageOps.fit``).
+    One input (an edit) fills the whole image, so a solid red input gives a red output
+    away from the caption band at the bottom; two inputs give a left and a right half.
+    """
+    from PIL import Image, ImageOps
+
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    count = len(inputs)
+    for i, data in enumerate(inputs):
+        left, right = i * width // count, (i + 1) * width // count
+        size = (max(1, right - left), height)
+        with Image.open(io.BytesIO(data)) as src:
+            src.draft("RGB", size)  # cheap JPEG downscale while decoding
+            tile = ImageOps.fit(src.convert("RGB"), size, Image.Resampling.BILINEAR)
+        canvas.paste(tile, (left, 0))
+    return canvas
+
+
+def _draw_caption(
+    draw: Any,
+    image_font: Any,
+    prompt: str,
+    seed: int,
+    index: int,
+    width: int,
+    height: int,
+    label: str | None = None,
+) -> None:
     font_size = max(16, width // 36)
     font = _load_font(image_font, font_size)
     chars_per_line = max(10, int(width * 0.9 / (font_size * 0.55)))
@@ -138,7 +213,7 @@ def _draw_caption(draw: Any, image_font: Any, prompt: str, seed: int, index: int
     if len(lines) > _MAX_TEXT_LINES:
         lines = lines[:_MAX_TEXT_LINES]
         lines[-1] = lines[-1][: max(0, chars_per_line - 1)] + "…"
-    lines.append(f"FLUX emulator · seed {seed} · image {index}")
+    lines.append(f"FLUX emulator · seed {seed} · image {index}" + (f" · {label}" if label else ""))
     line_height = int(font_size * 1.3)
     block_height = line_height * len(lines) + font_size
     top = height - block_height - height // 20

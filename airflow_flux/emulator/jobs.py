@@ -5,8 +5,14 @@ no background task runs per job: polling computes the state, and SSE streams sle
 until the next moment their output can change. That keeps many open streams cheap
 on one event loop (how many was measured: see bench/RESULTS.md and bench/ANALYSIS.md).
 
-Queue position, log lines and the outcome (completed, cancelled, timed out) are derived
-the same way, from the submit time, the scenario and the times of cancel or deadline.
+Queue position, log lines and the outcome (completed, cancelled, timed out, input error)
+are derived the same way, from the submit time, the scenario and the times of cancel,
+deadline or input fetch.
+
+Edit and multi jobs also wait for their input images: they are fetched when the job
+leaves the queue (see ``fetch``), and the job cannot complete before they are in. Until
+then the job has no known end; once they are, it ends at the later of its natural end and
+the fetch, or, if an input could not be loaded, as soon as the fetch failed.
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from airflow_flux.emulator.scenarios import Scenario
+    from airflow_flux.emulator.scenarios import InputFetch, Scenario
 
 IN_QUEUE = "IN_QUEUE"
 IN_PROGRESS = "IN_PROGRESS"
 COMPLETED = "COMPLETED"
 _STEPS = 28
+# How often a stream re-checks a job whose inputs are still being fetched.
+_INPUT_POLL_SECONDS = 0.05
 
 
 def _iso(ts: float) -> str:
@@ -52,6 +60,23 @@ class Job:
     deadline_at: float | None = None
     status_calls: int = 0
     result_calls: int = 0
+    #: ``X-Fal-Queue-Priority`` (recorded only: it does not change the timing).
+    priority: str = "normal"
+    #: ``X-Fal-Request-Timeout`` in seconds, as sent (None: not sent).
+    request_timeout: float | None = None
+    #: Raw ``X-Fal-Store-IO`` and ``X-Fal-Object-Lifecycle-Preference`` values (None: not sent).
+    store_io: str | None = None
+    object_lifecycle_preference: str | None = None
+    #: ``(field label, loc, url)`` of each input image (edit/multi endpoints), in order.
+    input_refs: list[tuple[str, list[str | int], str]] = field(default_factory=list)
+    #: What was fetched for each input, in input order; filled when the fetch is over.
+    input_fetches: list[InputFetch] = field(default_factory=list)
+    #: When every input was in (or one had failed); None while fetching or not yet started.
+    inputs_done_at: float | None = None
+    #: fal's 422 ``detail`` items for the inputs that could not be loaded (empty: none).
+    input_errors: list[dict[str, Any]] = field(default_factory=list)
+    #: The encoded input images that loaded, in order (what edit outputs are derived from).
+    input_images: list[bytes] = field(default_factory=list, repr=False)
     # Woken on cancel or shutdown so sleeping SSE streams react at once.
     wakeup: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -62,10 +87,29 @@ class Job:
 
     @property
     def natural_end(self) -> float | None:
-        """When the job completes if nothing interrupts it (None: never)."""
+        """When the job completes if nothing interrupts it (None: never, or not known yet
+        because its input images are still being fetched)."""
         if self.scenario.never_complete:
             return None
-        return self.queue_end + self.run_seconds
+        run_end = self.queue_end + self.run_seconds
+        if not self.input_refs:
+            return run_end
+        done = self.inputs_done_at
+        if done is None:
+            return None
+        # fal fails the request as soon as an input cannot be loaded.
+        return done if self.input_errors else max(run_end, done)
+
+    @property
+    def inputs_pending(self) -> bool:
+        """True while the job has input images that are not fetched yet."""
+        return bool(self.input_refs) and self.inputs_done_at is None
+
+    @property
+    def started(self) -> bool:
+        """Whether the job left the queue (or will, if it has not ended before)."""
+        end = self.end_time
+        return end is None or end > self.queue_end
 
     @property
     def end_time(self) -> float | None:
@@ -75,12 +119,14 @@ class Job:
 
     @property
     def outcome(self) -> str:
-        """``"ok"``, ``"cancelled"`` or ``"timeout"``: how the job ends (or will end)."""
+        """``"ok"``, ``"cancelled"``, ``"timeout"`` or ``"input_error"``: how the job ends (or will end)."""
         end = self.end_time
         if end is not None and end == self.cancelled_at:
             return "cancelled"
         if end is not None and end == self.deadline_at:
             return "timeout"
+        if self.input_errors and end is not None:
+            return "input_error"
         return "ok"
 
     @property
@@ -124,10 +170,13 @@ class Job:
             (start + self.run_seconds * 10 / _STEPS, f"Step 10/{_STEPS}"),
             (start + self.run_seconds * 20 / _STEPS, f"Step 20/{_STEPS}"),
         ]
+        if self.inputs_done_at is not None and not self.input_errors:
+            count = len(self.input_refs)
+            schedule.append((self.inputs_done_at, f"Loaded {count} input image{'s' if count > 1 else ''}"))
         natural = self.natural_end
-        if natural is not None:
+        if natural is not None and not self.input_errors:
             schedule.append((natural, "Generation complete"))
-        return schedule
+        return sorted(schedule, key=lambda item: item[0])
 
     def logs_at(self, now: float) -> list[dict[str, str]]:
         """Log lines visible at ``now``; later lines appear as time passes."""
@@ -139,7 +188,16 @@ class Job:
             entries = [(t, m) for t, m in entries if t < end] + [(end, "Request cancelled")]
         if self.outcome == "timeout" and end is not None and now >= end:
             entries = [(end, "Request timed out in queue")]
-        return [{"message": msg, "level": "INFO", "source": "user", "timestamp": _iso(t)} for t, msg in entries]
+        levels: dict[str, str] = {}
+        if self.outcome == "input_error" and end is not None and now >= end:
+            fields = ", ".join(str(f.field) for f in self.input_fetches if not f.ok)
+            message = f"Could not load input image {fields}"
+            entries = [(t, m) for t, m in entries if t < end] + [(end, message)]
+            levels[message] = "ERROR"
+        return [
+            {"message": msg, "level": levels.get(msg, "INFO"), "source": "user", "timestamp": _iso(t)}
+            for t, msg in entries
+        ]
 
     def next_change(self, now: float, with_logs: bool) -> float | None:
         """Earliest time after ``now`` at which the status body can change."""
@@ -156,6 +214,8 @@ class Job:
                 candidates.append(self.submitted_at + step * slot)
         if with_logs:
             candidates.extend(t for t, _ in self._log_schedule())
+        if self.inputs_pending and now >= self.queue_end:
+            candidates.append(now + _INPUT_POLL_SECONDS)
         future = [t for t in candidates if t > now]
         return min(future) if future else None
 

@@ -1,7 +1,10 @@
 """The model output: the result endpoint and the CDN that serves the images.
 
 Images are rendered by :mod:`airflow_flux.emulator.images` off the event loop, once per
-image even under concurrency, and kept in an LRU. ``images.render_image`` is looked up at
+image even under concurrency, and kept in an LRU. Edit and multi outputs are derived from
+the job's input images (``images._derived_base`` documents how), with the same caption;
+their size follows ``aspect_ratio`` when given, else the supported ratio nearest to the
+first input's. ``images.render_image`` is looked up at
 call time (``bench/_emulator.py`` replaces it). A mixin on
 :class:`~airflow_flux.emulator.core._CoreState`; see ``app`` for the routes.
 """
@@ -57,6 +60,9 @@ class _OutputHandlers(_CoreState):
             )
         if scenario.result_expired:
             return _json({"detail": "Request not found"}, 404)
+        if outcome == "input_error":
+            # fal's answer when an input image cannot be loaded: the model's own 422.
+            return _json({"detail": job.input_errors}, 422)
         if scenario.complete_error:
             fields = job.error_fields()
             return _json(
@@ -119,6 +125,7 @@ class _OutputHandlers(_CoreState):
                 output_format=job.input.get("output_format"),
                 min_bytes=job.scenario.image_bytes,
                 blank=_nsfw_flags(job)[index],
+                inputs=job.input_images or None,
             )
             future = loop.run_in_executor(self.executor, render)
             self._inflight[key] = future
@@ -178,7 +185,13 @@ class _OutputHandlers(_CoreState):
 
 def _aspect_ratio(job: Job) -> str:
     value = job.input.get("aspect_ratio")
-    return value if isinstance(value, str) and value in images.ASPECT_RATIO_SIZES else "1:1"
+    if isinstance(value, str) and value in images.ASPECT_RATIO_SIZES:
+        return value
+    # An edit without aspect_ratio keeps (the nearest supported ratio to) its first input's.
+    first = next((f for f in job.input_fetches if f.ok), None)
+    if first is not None and first.width and first.height:
+        return images.nearest_aspect_ratio(first.width, first.height)
+    return "1:1"
 
 
 def _nsfw_flags(job: Job) -> list[bool]:

@@ -1,6 +1,7 @@
 """fal's queue API proper: submit, status (poll and SSE stream) and cancel.
 
-A mixin on :class:`~airflow_flux.emulator.core._CoreState`; see ``app`` for the routes.
+A mixin on :class:`~airflow_flux.emulator.core._CoreState` (through ``fetch``, which loads
+the input images of edit jobs); see ``app`` for the routes.
 """
 
 from __future__ import annotations
@@ -8,20 +9,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import time
 import uuid
 from typing import Any
 
 from aiohttp import web
 
-from airflow_flux.emulator.core import _CoreState, _current_stream, _json, _record
+from airflow_flux.emulator.core import _current_stream, _json, _record
+from airflow_flux.emulator.fetch import _InputFetchHandlers
 from airflow_flux.emulator.jobs import COMPLETED, IN_QUEUE, Job
 from airflow_flux.emulator.scenarios import _CANCEL_CODES
-from airflow_flux.emulator.validation import KONTEXT_TEXT_TO_IMAGE, _validation_error, validate_kontext_input
+from airflow_flux.emulator.validation import (
+    KONTEXT_ENDPOINTS,
+    _validation_error,
+    input_image_refs,
+    validate_kontext_input,
+    validate_request_headers,
+)
 
 
-class _QueueHandlers(_CoreState):
+class _QueueHandlers(_InputFetchHandlers):
     """Handlers for ``POST /{model path}`` and ``.../requests/{id}/{status,status/stream,cancel}``."""
 
     # ---- submit
@@ -54,10 +61,11 @@ class _QueueHandlers(_CoreState):
             code = scenario.submit_errors[attempt]
             return self._error_response(code, retry_after=scenario.retry_after, prompt=prompt)
 
-        if model_path == KONTEXT_TEXT_TO_IMAGE:
-            errors = validate_kontext_input(body)
-            if errors:
-                return _json({"detail": errors}, 422)
+        options, errors = validate_request_headers(request.headers)
+        if model_path in KONTEXT_ENDPOINTS:
+            errors += validate_kontext_input(body, KONTEXT_ENDPOINTS[model_path])
+        if errors:
+            return _json({"detail": errors}, 422)
 
         now = time.time()
         request_id = str(uuid.uuid4())
@@ -84,17 +92,20 @@ class _QueueHandlers(_CoreState):
             response_url=base,
             status_url=f"{base}/status",
             cancel_url=f"{base}/cancel",
+            priority=options["priority"],
+            request_timeout=options["request_timeout"],
+            store_io=options["store_io"],
+            object_lifecycle_preference=options["object_lifecycle_preference"],
+            input_refs=input_image_refs(model_path, body),
         )
-        timeout = request.headers.get("X-Fal-Request-Timeout")
-        if timeout:
-            try:
-                seconds = float(timeout)
-            except ValueError:
-                seconds = math.inf
-            if seconds < queue_seconds:
-                job.deadline_at = now + max(0.0, seconds)
+        seconds = options["request_timeout"]
+        if seconds is not None and seconds < queue_seconds:
+            # It would not leave the queue in time: it ends at the deadline, never runs.
+            job.deadline_at = now + seconds
         with self.lock:
             self.jobs[request_id] = job
+        if job.input_refs:
+            self._schedule_input_fetch(job)
         _record().request_id = request_id
         return _json(
             {

@@ -1,7 +1,9 @@
-"""What a test scripts and what it observes: :class:`Scenario` and :class:`RecordedRequest`.
+"""What a test scripts and what it observes: :class:`Scenario`, :class:`RecordedRequest`
+and :class:`InputFetch`.
 
 A :class:`Scenario` sets timing and faults for the submits it applies to; every HTTP request
-the emulator receives is kept as a :class:`RecordedRequest`. Plain dataclasses, no aiohttp.
+the emulator receives is kept as a :class:`RecordedRequest`; every input image the emulator
+fetched for an edit is kept as an :class:`InputFetch` on its job. Plain dataclasses, no aiohttp.
 """
 
 from __future__ import annotations
@@ -77,3 +79,39 @@ class RecordedRequest:
     time: float
     headers: dict[str, str] = field(default_factory=dict)
     body: Any = None
+
+
+@dataclass
+class InputFetch:
+    """One input image the emulator loaded for a job, the way fal loads it.
+
+    ``http(s)://`` URLs are fetched with a plain GET (no credentials: no ``Authorization``
+    header, user info in the URL is dropped); ``data:`` URIs are decoded. ``headers_sent``
+    are the headers of the (last) GET as sent, ``authorization_sent`` whether they held an
+    ``Authorization`` header. ``error`` is the short reason the input was refused
+    (``"HTTP 403"``, ``"not an image: ..."``), None when it loaded as an image.
+    """
+
+    #: ``"image_url"`` or ``"image_urls[1]"``.
+    field: str
+    #: Where fal's 422 names it: ``["body", "image_url"]`` or ``["body", "image_urls", 1]``.
+    loc: list[str | int]
+    url: str
+    scheme: str
+    status: int | None = None
+    error: str | None = None
+    byte_count: int = 0
+    sha256: str | None = None
+    content_type: str | None = None
+    authorization_sent: bool = False
+    headers_sent: dict[str, str] = dataclasses.field(default_factory=dict)
+    width: int | None = None
+    height: int | None = None
+    image_format: str | None = None
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the input loaded as an image."""
+        return self.error is None

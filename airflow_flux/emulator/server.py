@@ -27,7 +27,7 @@ from airflow_flux.emulator.jobs import COMPLETED as COMPLETED
 from airflow_flux.emulator.jobs import IN_PROGRESS as IN_PROGRESS
 from airflow_flux.emulator.jobs import IN_QUEUE as IN_QUEUE
 from airflow_flux.emulator.jobs import Job
-from airflow_flux.emulator.scenarios import CALL_KINDS, RecordedRequest, Scenario
+from airflow_flux.emulator.scenarios import CALL_KINDS, InputFetch, RecordedRequest, Scenario
 from airflow_flux.emulator.validation import KONTEXT_TEXT_TO_IMAGE as KONTEXT_TEXT_TO_IMAGE
 from airflow_flux.emulator.validation import validate_kontext_input as validate_kontext_input
 
@@ -35,6 +35,7 @@ __all__ = [
     "CALL_KINDS",
     "FAL_QUEUE_BASE",
     "FluxEmulator",
+    "InputFetch",
     "Job",
     "RecordedRequest",
     "Scenario",
@@ -45,6 +46,12 @@ class FluxEmulator:
     """Runs the emulator on a real socket in a daemon thread with its own event loop.
 
     Use as a context manager, or call :meth:`start` / :meth:`stop`.
+    ``input_fetch_timeout`` bounds the download of each input image of an edit.
+
+    What a test reads: :attr:`requests` / :meth:`calls` (every HTTP request received) and
+    :attr:`jobs` (request id -> live :class:`Job`: ``priority``, ``request_timeout``,
+    ``store_io``, ``object_lifecycle_preference``, and for edits ``input_fetches``, a list
+    of :class:`InputFetch`, filled once the job has left the queue and loaded its inputs).
     """
 
     def __init__(
@@ -59,11 +66,14 @@ class FluxEmulator:
         *,
         public_url: str | None = None,
         access_log: bool = False,
+        input_fetch_timeout: float = 10.0,
     ) -> None:
         if url_mode not in ("fal", "self") and not url_mode.startswith("http"):
             raise ValueError("url_mode must be 'fal', 'self' or an http(s) base URL")
         if ping_interval <= 0:
             raise ValueError("ping_interval must be positive")
+        if input_fetch_timeout <= 0:
+            raise ValueError("input_fetch_timeout must be positive")
         self.host = host
         self._requested_port = port
         self._access_log = access_log
@@ -73,6 +83,7 @@ class FluxEmulator:
             token=token,
             url_mode=url_mode,
             ping_interval=ping_interval,
+            input_fetch_timeout=input_fetch_timeout,
         )
         self._core.public_url = public_url
         self._port: int | None = None

@@ -608,19 +608,50 @@ def test_cdn_unknown_file(emu: FluxEmulator) -> None:
 
 
 def test_request_timeout_header(emu: FluxEmulator) -> None:
-    emu.add_scenario(Scenario(queue_seconds=1))
+    # fal's clients require more than 1 s, so the shortest deadline is just above that.
+    emu.add_scenario(Scenario(queue_seconds=5))
     resp = requests.post(
         emu.base_url + MODEL,
         json={"prompt": "late"},
-        headers={**AUTH, "X-Fal-Request-Timeout": "0.05"},
+        headers={**AUTH, "X-Fal-Request-Timeout": "1.1"},
         timeout=5,
     )
     sub = resp.json()
+    assert emu.jobs[sub["request_id"]].request_timeout == 1.1
     done = wait_completed(emu, sub)
     assert done["error_type"] == "request_timeout"
+    assert [entry["message"] for entry in done["logs"]] == ["Request timed out in queue"]
+    completed_at = emu.complete_time(sub["request_id"])
+    assert completed_at is not None
+    assert completed_at - emu.jobs[sub["request_id"]].submitted_at == pytest.approx(1.1, abs=0.01)
     res = result(emu, sub)
     assert res.status_code == 504
+    assert res.json() == {"detail": "Request timed out before it started", "error_type": "request_timeout"}
     assert res.headers["X-Fal-Request-Timeout-Type"] == "user"
+    assert res.headers["X-Fal-Error-Type"] == "request_timeout"
+
+
+def test_request_timeout_longer_than_the_queue_is_not_hit(emu: FluxEmulator) -> None:
+    resp = requests.post(
+        emu.base_url + MODEL, json={"prompt": "in time"}, headers={**AUTH, "X-Fal-Request-Timeout": "30"}, timeout=5
+    )
+    sub = resp.json()
+    done = wait_completed(emu, sub)
+    assert "error" not in done
+    assert result(emu, sub).status_code == 200
+
+
+@pytest.mark.parametrize("value", ["1", "0.5", "0", "-3", "soon", "", "nan", "inf"])
+def test_request_timeout_must_be_more_than_one_second(emu: FluxEmulator, value: str) -> None:
+    resp = requests.post(
+        emu.base_url + MODEL, json={"prompt": "x"}, headers={**AUTH, "X-Fal-Request-Timeout": value}, timeout=5
+    )
+    assert resp.status_code == 422
+    (err,) = resp.json()["detail"]
+    assert err["loc"] == ["header", "x-fal-request-timeout"]
+    assert err["msg"] == "X-Fal-Request-Timeout must be a number of seconds greater than 1"
+    assert err["input"] == value
+    assert emu.jobs == {}
 
 
 def test_request_id_is_scoped_to_its_app(emu: FluxEmulator) -> None:
