@@ -78,6 +78,24 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "Timeout of one HTTP call, in seconds. Default: 60.",
                         "schema": {"type": ["number", "null"]},
                     },
+                    "store_io": {
+                        "label": "Let fal store payloads",
+                        "description": "Off: fal keeps no copy of the requests' input and output payloads "
+                        "(X-Fal-Store-IO: 0). Default: on (fal's own default).",
+                        "schema": {"type": ["boolean", "null"]},
+                    },
+                    "media_expires_in": {
+                        "label": "CDN file lifetime (s)",
+                        "description": "Seconds fal's CDN keeps generated files "
+                        "(X-Fal-Object-Lifecycle-Preference). Default: fal's.",
+                        "schema": {"type": ["integer", "null"], "minimum": 1},
+                    },
+                    "price_per_image": {
+                        "label": "Price per image (USD)",
+                        "description": "This connection's price, for cost_usd (an aggregator's). "
+                        "Default: each endpoint's published price.",
+                        "schema": {"type": ["number", "null"], "minimum": 0},
+                    },
                 },
             }
         ],

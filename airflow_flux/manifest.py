@@ -55,6 +55,10 @@ class ManifestImage(BaseModel):
     timings: dict[str, Any] | None = None
     copy_seconds: float | None = None
     source_url: str | None = None
+    #: The caller's input images of an edit (``s3://`` URIs, never presigned URLs).
+    inputs: list[str] | None = None
+    #: This image's share of its request's cost, US dollars.
+    cost_usd: float | None = None
 
 
 class Manifest(BaseModel):
@@ -71,3 +75,5 @@ class Manifest(BaseModel):
     bucket: str
     prefix: str
     images: list[ManifestImage]
+    #: What the requests behind these images cost in all, US dollars (None: no price known).
+    cost_usd: float | None = None

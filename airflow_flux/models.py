@@ -31,9 +31,39 @@ from pydantic import (
 )
 
 from airflow_flux.exceptions import FluxValidationError
+from airflow_flux.redact import redact_presigned
 
-#: The fal model this provider is built for.
+#: The fal model this provider is built for, and the rest of the FLUX.1 Kontext family.
 KONTEXT_TEXT_TO_IMAGE = "fal-ai/flux-pro/kontext/text-to-image"
+KONTEXT_EDIT = "fal-ai/flux-pro/kontext"
+KONTEXT_MULTI = "fal-ai/flux-pro/kontext/multi"
+KONTEXT_MAX_TEXT_TO_IMAGE = "fal-ai/flux-pro/kontext/max/text-to-image"
+KONTEXT_MAX_EDIT = "fal-ai/flux-pro/kontext/max"
+KONTEXT_MAX_MULTI = "fal-ai/flux-pro/kontext/max/multi"
+
+#: Published price per generated image, in US dollars (Black Forest Labs' and fal's lists:
+#: [pro] $0.04, [max] $0.08). An aggregator resells at its own price: the connection's
+#: ``price_per_image`` extra overrides these.
+PRICE_PER_IMAGE_USD: dict[str, float] = {
+    KONTEXT_TEXT_TO_IMAGE: 0.04,
+    KONTEXT_EDIT: 0.04,
+    KONTEXT_MULTI: 0.04,
+    KONTEXT_MAX_TEXT_TO_IMAGE: 0.08,
+    KONTEXT_MAX_EDIT: 0.08,
+    KONTEXT_MAX_MULTI: 0.08,
+}
+#: Request fields that carry input images (the caller's URIs; see ``operators.inputs``).
+IMAGE_INPUT_FIELDS: tuple[str, ...] = ("image_url", "image_urls")
+
+
+def cost_usd(endpoint: str | None, images: int, *, price_per_image: float | None = None) -> float | None:
+    """What ``images`` images of ``endpoint`` cost: ``price_per_image`` or the published price.
+
+    None when neither is known (an endpoint outside the family, with no price set).
+    """
+    price = price_per_image if price_per_image is not None else PRICE_PER_IMAGE_USD.get((endpoint or "").strip("/"))
+    return None if price is None else round(price * images, 6)
+
 
 ASPECT_RATIOS: tuple[str, ...] = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
 OUTPUT_FORMATS: tuple[str, ...] = ("jpeg", "png")
@@ -58,23 +88,24 @@ def _tolerance_to_str(value: Any) -> Any:
     return value
 
 
-class KontextTextToImageRequest(BaseModel):
-    """Input of ``fal-ai/flux-pro/kontext/text-to-image``.
+class _KontextRequest(BaseModel):
+    """The fields every FLUX.1 Kontext endpoint shares.
 
-    :param prompt: what to draw; must not be empty.
+    :param prompt: what to draw (or how to edit); must not be empty.
     :param seed: makes the output reproducible for the same prompt and settings.
     :param guidance_scale: how closely to follow the prompt, 1 to 20 (API default 3.5).
     :param num_images: images to generate, 1 to 4 (API default 1).
     :param output_format: ``jpeg`` or ``png`` (API default ``jpeg``).
     :param safety_tolerance: ``"1"`` (strictest) to ``"6"`` (API default ``"2"``).
-    :param aspect_ratio: one of 21:9, 16:9, 4:3, 3:2, 1:1, 2:3, 3:4, 9:16, 9:21 (API default 1:1).
+    :param aspect_ratio: one of 21:9, 16:9, 4:3, 3:2, 1:1, 2:3, 3:4, 9:16, 9:21 (text-to-image
+        default 1:1; an edit keeps its input's when unset).
     :param enhance_prompt: let the API rewrite the prompt before generating.
     :param sync_mode: return images inline as ``data:`` URIs instead of CDN URLs.
     """
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True, defer_build=True)
 
-    endpoint: ClassVar[str] = KONTEXT_TEXT_TO_IMAGE
+    endpoint: ClassVar[str]
 
     prompt: str = Field(min_length=1)
     seed: int | None = None
@@ -91,8 +122,65 @@ class KontextTextToImageRequest(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
+class KontextTextToImageRequest(_KontextRequest):
+    """Input of ``fal-ai/flux-pro/kontext/text-to-image``: the shared fields."""
+
+    endpoint: ClassVar[str] = KONTEXT_TEXT_TO_IMAGE
+
+
+class KontextEditRequest(_KontextRequest):
+    """Input of ``fal-ai/flux-pro/kontext`` (an edit of one image).
+
+    :param image_url: the image to edit: a URL fal can fetch without credentials, or a
+        ``data:`` URI (the operators turn ``s3://`` URIs into one of these).
+    """
+
+    endpoint: ClassVar[str] = KONTEXT_EDIT
+
+    image_url: str = Field(min_length=1)
+
+
+class KontextMultiRequest(_KontextRequest):
+    """Input of ``fal-ai/flux-pro/kontext/multi`` (several reference images).
+
+    :param image_urls: the reference images, at least one (URLs or ``data:`` URIs).
+    """
+
+    endpoint: ClassVar[str] = KONTEXT_MULTI
+
+    image_urls: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+
+
+class KontextMaxTextToImageRequest(KontextTextToImageRequest):
+    """Input of ``fal-ai/flux-pro/kontext/max/text-to-image``."""
+
+    endpoint: ClassVar[str] = KONTEXT_MAX_TEXT_TO_IMAGE
+
+
+class KontextMaxEditRequest(KontextEditRequest):
+    """Input of ``fal-ai/flux-pro/kontext/max``."""
+
+    endpoint: ClassVar[str] = KONTEXT_MAX_EDIT
+
+
+class KontextMaxMultiRequest(KontextMultiRequest):
+    """Input of ``fal-ai/flux-pro/kontext/max/multi``."""
+
+    endpoint: ClassVar[str] = KONTEXT_MAX_MULTI
+
+
 #: Request models by endpoint. Endpoints not listed here take a free-form JSON object.
-REQUEST_MODELS: dict[str, type[BaseModel]] = {KONTEXT_TEXT_TO_IMAGE: KontextTextToImageRequest}
+REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    model.endpoint: model
+    for model in (
+        KontextTextToImageRequest,
+        KontextEditRequest,
+        KontextMultiRequest,
+        KontextMaxTextToImageRequest,
+        KontextMaxEditRequest,
+        KontextMaxMultiRequest,
+    )
+}
 
 
 def _allowed_values(model: type[BaseModel], field: str) -> str | None:
@@ -117,6 +205,10 @@ def _allowed_values(model: type[BaseModel], field: str) -> str | None:
         return "one of " + ", ".join(repr(c) for c in choices)
     if field == "prompt":
         return "a non-empty string"
+    if field == "image_url":
+        return "a non-empty image URL (s3://, https:// or data:)"
+    if field.startswith("image_urls"):
+        return "a non-empty list of image URLs (s3://, https:// or data:)"
     return None
 
 
@@ -165,6 +257,49 @@ def build_payload(request: BaseModel | Mapping[str, Any], endpoint: str) -> dict
     return validated.model_dump(exclude_none=True)
 
 
+class RequestOptions(BaseModel):
+    """fal's per-request options (headers of the submit, not fields of the input).
+
+    :param start_timeout: seconds the request may wait to *start* (queue included), sent as
+        ``X-Fal-Request-Timeout``; when it passes, fal answers 504 with
+        ``X-Fal-Request-Timeout-Type: user``, which is final. fal's clients require more than 1 s.
+    :param priority: ``normal`` or ``low`` (``X-Fal-Queue-Priority``): low lets a backfill
+        queue behind an account's normal work.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    start_timeout: float | None = Field(default=None, gt=1)
+    priority: Literal["normal", "low"] | None = None
+
+    @classmethod
+    def build(cls, **values: Any) -> RequestOptions:
+        """The options, or :class:`FluxValidationError` naming the field and what is allowed."""
+        try:
+            return cls.model_validate({k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            errors = []
+            for err in exc.errors(include_url=False):
+                field = ".".join(str(p) for p in err["loc"]) or "options"
+                allowed = {
+                    "start_timeout": "a number of seconds greater than 1",
+                    "priority": "one of 'normal', 'low'",
+                }.get(field, err["msg"])
+                errors.append((field, f"must be {allowed} (got {err.get('input')!r})"))
+            raise FluxValidationError(
+                "Invalid request options: " + "; ".join(f"{f}: {m}" for f, m in errors), errors=errors
+            ) from None
+
+    def headers(self) -> dict[str, str]:
+        """The submit's headers for these options."""
+        headers = {}
+        if self.start_timeout is not None:
+            headers["X-Fal-Request-Timeout"] = f"{self.start_timeout:g}"
+        if self.priority is not None:
+            headers["X-Fal-Queue-Priority"] = self.priority
+        return headers
+
+
 class LogEntry(BaseModel):
     """One log line of a request, as the status endpoint reports it."""
 
@@ -174,6 +309,12 @@ class LogEntry(BaseModel):
     level: str | None = None
     source: str | None = None
     timestamp: str | None = None
+
+    @field_validator("message", mode="after")
+    @classmethod
+    def _no_signatures(cls, value: str) -> str:
+        # The API's log lines may name an input URL; a presigned one is a credential.
+        return redact_presigned(value)
 
 
 class FluxStatus(BaseModel):
@@ -191,6 +332,11 @@ class FluxStatus(BaseModel):
     response_url: str | None = None
     status_url: str | None = None
     cancel_url: str | None = None
+
+    @field_validator("error", mode="after")
+    @classmethod
+    def _no_signatures(cls, value: str | None) -> str | None:
+        return None if value is None else redact_presigned(value)
 
     @property
     def is_completed(self) -> bool:
@@ -218,6 +364,9 @@ class FluxRequestHandle(BaseModel):
     cancel_url: str
     endpoint: str = KONTEXT_TEXT_TO_IMAGE
     flux_conn_id: str | None = None
+    #: The caller's input images (``s3://`` URIs, unsigned URLs, ``data:`` summaries), never a
+    #: presigned URL: what the result and the manifest say the request was made from.
+    inputs: list[str] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -274,6 +423,10 @@ class FluxResult(BaseModel):
     request_id: str | None = None
     #: The fal model path the result came from, when known (the wait and the copy record it).
     endpoint: str | None = None
+    #: The caller's input images of an edit (see :attr:`FluxRequestHandle.inputs`).
+    inputs: list[str] | None = None
+    #: What the request cost: price per image (published, or the connection's) x images.
+    cost_usd: float | None = None
 
     @model_validator(mode="before")
     @classmethod

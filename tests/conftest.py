@@ -75,7 +75,11 @@ def moto_server():
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], f"{url}/moto-api/")
+    # Its request recorder (tests that check what reached S3) writes here, not into the repo.
+    env = {**os.environ, "MOTO_RECORDER_FILEPATH": os.path.join(_AIRFLOW_HOME, "moto_recording")}
+    proc = start_server(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], f"{url}/moto-api/", env=env
+    )
     yield url
     proc.terminate()
     proc.wait(timeout=10)

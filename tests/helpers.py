@@ -33,7 +33,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args: list[str], health_url: str, *, timeout: float = 30):
+def start_server(args: list[str], health_url: str, *, timeout: float = 30, env: dict[str, str] | None = None):
     """Start a local server process (own memory and CPU, not the test's) and wait for its health URL.
 
     Returns the ``Popen``; the caller terminates it.
@@ -42,7 +42,7 @@ def start_server(args: list[str], health_url: str, *, timeout: float = 30):
     import time
     import urllib.request
 
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + timeout
     while True:
         try:

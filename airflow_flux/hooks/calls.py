@@ -22,7 +22,7 @@ from airflow_flux.hooks.responses import (
     parse_status,
     result_error,
 )
-from airflow_flux.models import FluxRequestHandle, FluxResult, FluxStatus, build_payload
+from airflow_flux.models import FluxRequestHandle, FluxResult, FluxStatus, RequestOptions, build_payload
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -50,6 +50,7 @@ class ApiCall(Generic[T]):
     :param params: query parameters.
     :param idempotent: whether sending it twice is harmless (a submit is not: it pays).
     :param on_error: turns an API error into the call's result, or into a better error.
+    :param headers: headers beyond the connection's own (a submit's fal options).
     """
 
     method: str
@@ -61,6 +62,7 @@ class ApiCall(Generic[T]):
     params: Mapping[str, str] | None = None
     idempotent: bool = True
     on_error: Callable[[FluxAPIError], T] | None = None
+    headers: Mapping[str, str] | None = None
 
 
 def handle_from(handle: HandleLike, settings: FluxConnectionSettings, flux_conn_id: str) -> FluxRequestHandle:
@@ -93,10 +95,12 @@ def submit_call(
     *,
     endpoint: str | None,
     webhook_url: str | None,
+    options: RequestOptions | None = None,
 ) -> ApiCall[FluxRequestHandle]:
     """Queue a request (validated first: :class:`FluxValidationError` before any call)."""
     path = (endpoint or settings.endpoint).strip("/")
     payload = build_payload(request, path)
+    headers = {**settings.submit_headers, **(options.headers() if options else {})}
 
     def parse(body: Any) -> FluxRequestHandle:
         handle = parse_handle(body, settings, path, flux_conn_id)
@@ -112,6 +116,7 @@ def submit_call(
         params={"fal_webhook": webhook_url} if webhook_url else None,
         # Not idempotent: a resend after an ambiguous failure could pay for two images.
         idempotent=False,
+        headers=headers or None,
     )
 
 

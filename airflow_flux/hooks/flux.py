@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from airflow_flux.hooks.download import ImageStream
-    from airflow_flux.models import FluxRequestHandle, FluxResult
+    from airflow_flux.models import FluxRequestHandle, FluxResult, RequestOptions
 
 __all__ = ["DEFAULT_BASE_URL", "FluxConnectionSettings", "FluxHook", "HandleLike"]
 
@@ -168,7 +168,7 @@ class FluxHook(BaseHook):
                     target,
                     json=call.json_body,
                     params=call.params,
-                    headers=settings.headers,
+                    headers={**settings.headers, **(call.headers or {})},
                     timeout=settings.timeout,
                     # A redirect could carry the token elsewhere: treat it as an error.
                     allow_redirects=False,
@@ -214,7 +214,7 @@ class FluxHook(BaseHook):
                     target,
                     json=call.json_body,
                     params=call.params,
-                    headers=settings.headers,
+                    headers={**settings.headers, **(call.headers or {})},
                     timeout=timeout,
                     allow_redirects=False,
                 ) as resp:
@@ -243,16 +243,20 @@ class FluxHook(BaseHook):
         *,
         endpoint: str | None = None,
         webhook_url: str | None = None,
+        options: RequestOptions | None = None,
     ) -> FluxRequestHandle:
         """Validate ``request`` and queue it; return the handle of the new request.
 
         :param request: a request model or a plain mapping, validated the same way first.
         :param endpoint: fal model path; defaults to the connection's ``endpoint``.
         :param webhook_url: optional ``fal_webhook`` to notify on completion.
+        :param options: fal's request options (start deadline, queue priority).
         :raises FluxValidationError: before any call, when the request is invalid.
         """
         return self._run(
-            submit_call(self.settings, self.flux_conn_id, request, endpoint=endpoint, webhook_url=webhook_url)
+            submit_call(
+                self.settings, self.flux_conn_id, request, endpoint=endpoint, webhook_url=webhook_url, options=options
+            )
         )
 
     def get_status(self, handle: HandleLike, *, logs: bool = True) -> FluxStatus:
@@ -369,12 +373,19 @@ class FluxHook(BaseHook):
         return self._asession
 
     async def asubmit(
-        self, request: BaseModel | Mapping[str, Any], *, endpoint: str | None = None, webhook_url: str | None = None
+        self,
+        request: BaseModel | Mapping[str, Any],
+        *,
+        endpoint: str | None = None,
+        webhook_url: str | None = None,
+        options: RequestOptions | None = None,
     ) -> FluxRequestHandle:
         """Async twin of :meth:`submit`."""
         settings = await self.aget_settings()
         return await self._arun(
-            submit_call(settings, self.flux_conn_id, request, endpoint=endpoint, webhook_url=webhook_url)
+            submit_call(
+                settings, self.flux_conn_id, request, endpoint=endpoint, webhook_url=webhook_url, options=options
+            )
         )
 
     async def aget_status(self, handle: HandleLike, *, logs: bool = True) -> FluxStatus:

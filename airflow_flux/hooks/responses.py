@@ -21,6 +21,7 @@ from airflow_flux.exceptions import (
 )
 from airflow_flux.hooks.retry import RESUBMIT_SAFE_STATUS, is_retryable_status, parse_retry_after
 from airflow_flux.models import FluxRequestHandle, FluxResult, FluxStatus
+from airflow_flux.redact import redact_presigned, redact_value
 
 if TYPE_CHECKING:
     from airflow_flux.hooks.settings import FluxConnectionSettings
@@ -96,7 +97,12 @@ def api_error(
     what: str,
     request_id: str | None,
 ) -> FluxAPIError:
-    """The typed error of a non-2xx answer: status, fal's ``error_type`` and ``detail``, retryability."""
+    """The typed error of a non-2xx answer: status, fal's ``error_type`` and ``detail``, retryability.
+
+    A signed URL the API echoes back (an input it could not fetch) is redacted first.
+    """
+    body = redact_value(body)
+    raw = redact_presigned(raw.decode("utf-8", "replace")).encode() if raw and b"?" in raw else raw
     detail, error_type = _detail(body, raw, headers.get("X-Fal-Error-Type"))
     retryable = is_retryable_status(status, headers)
     retry_after = parse_retry_after(headers.get("Retry-After")) if retryable else None

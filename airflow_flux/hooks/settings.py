@@ -8,6 +8,7 @@ connection's nor trusted, so the token never leaves the configured API hosts.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -54,6 +55,12 @@ class FluxConnectionSettings:
     rebase_urls: bool
     trusted_hosts: frozenset[str]
     timeout: float
+    #: False: fal keeps no copy of the request's input and output payloads (``X-Fal-Store-IO: 0``).
+    store_io: bool = True
+    #: Seconds fal's CDN keeps generated files (``X-Fal-Object-Lifecycle-Preference``); None: fal's default.
+    media_expires_in: int | None = None
+    #: What one image costs on this connection (an aggregator's price); None: the published price.
+    price_per_image: float | None = None
 
     @classmethod
     def from_connection(cls, conn: Connection) -> FluxConnectionSettings:
@@ -90,6 +97,19 @@ class FluxConnectionSettings:
         except (TypeError, ValueError):
             raise FluxConfigError(f"Connection {conn.conn_id!r}: extra timeout must be a number of seconds") from None
 
+        def number(name: str, kind: type[float] | type[int]) -> Any:
+            value = opt(name)
+            if value is None:
+                return None
+            try:
+                parsed = kind(value)
+            except (TypeError, ValueError):
+                parsed = -1
+            if parsed < 0 or (kind is int and parsed == 0):
+                what = "a positive number of seconds" if kind is int else "a number of US dollars, 0 or more"
+                raise FluxConfigError(f"Connection {conn.conn_id!r}: extra {name} must be {what}, got {value!r}")
+            return parsed
+
         return cls(
             base_url=base_url,
             token=conn.password or "",
@@ -98,6 +118,9 @@ class FluxConnectionSettings:
             rebase_urls=_as_bool(opt("rebase_urls", not fal)),
             trusted_hosts=frozenset(hosts),
             timeout=timeout,
+            store_io=_as_bool(opt("store_io", True)),
+            media_expires_in=number("media_expires_in", int),
+            price_per_image=number("price_per_image", float),
         )
 
     @staticmethod
@@ -118,6 +141,18 @@ class FluxConnectionSettings:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"{self.auth_scheme} {self.token}", "Accept": "application/json"}
+
+    @property
+    def submit_headers(self) -> dict[str, str]:
+        """The account-wide policy headers every submit on this connection sends."""
+        headers = {}
+        if not self.store_io:
+            headers["X-Fal-Store-IO"] = "0"
+        if self.media_expires_in is not None:
+            headers["X-Fal-Object-Lifecycle-Preference"] = json.dumps(
+                {"expiration_duration_seconds": self.media_expires_in}
+            )
+        return headers
 
     def is_trusted(self, url: str) -> bool:
         parts = urlsplit(url)

@@ -11,7 +11,15 @@ from airflow.sdk import BaseOperator
 from airflow_flux.exceptions import FluxValidationError
 from airflow_flux.identity import DEFAULT_CONN_ID, RequestIdentity
 from airflow_flux.links import FluxGalleryLink, FluxRequestLink
-from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE, build_payload
+from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE, RequestOptions, build_payload
+from airflow_flux.operators.inputs import (
+    INPUT_DELIVERIES,
+    InputResolver,
+    check_inputs,
+    describe_inputs,
+    has_s3_inputs,
+    url_expires_in,
+)
 from airflow_flux.operators.reuse import RequestReuse
 from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, FluxWaitMixin
 from airflow_flux.xcom_keys import LINK_XCOM_KEY
@@ -32,7 +40,15 @@ REQUEST_FIELDS: tuple[str, ...] = (
     "aspect_ratio",
     "enhance_prompt",
     "sync_mode",
+    "image_url",
+    "image_urls",
 )
+#: Stand-ins for required fields that are only known after rendering (checked then).
+_TEMPLATED = {
+    "prompt": "(templated)",
+    "image_url": "https://templated.invalid/",
+    "image_urls": ["https://templated.invalid/"],
+}
 
 
 def _is_templated(value: Any) -> bool:
@@ -72,15 +88,39 @@ class FluxSubmitOperator(BaseOperator):
     :param aspect_ratio: 21:9, 16:9, 4:3, 3:2, 1:1, 2:3, 3:4, 9:16 or 9:21.
     :param enhance_prompt: let the API rewrite the prompt.
     :param sync_mode: images inline as ``data:`` URIs (large XCom; prefer the default).
+    :param image_url: the image to edit (``fal-ai/flux-pro/kontext`` and ``.../max``):
+        ``s3://bucket/key`` (sent presigned, or inlined with ``input_delivery="data_uri"``),
+        an ``https://`` URL or a ``data:`` URI.
+    :param image_urls: the reference images of the ``.../multi`` endpoints, the same forms.
     :param extra_input: more input fields, for other fal endpoints (explicit arguments win).
     :param endpoint: fal model path; defaults to the connection's (Kontext text-to-image).
+        The typed family: ``fal-ai/flux-pro/kontext`` (edit), ``.../kontext/multi``,
+        ``.../kontext/max``, ``.../kontext/max/multi``, ``.../kontext/max/text-to-image``.
+    :param start_timeout: seconds the request may wait to start (queue included), more than 1
+        (``X-Fal-Request-Timeout``); when it passes the task fails, nothing is billed.
+    :param priority: ``normal`` or ``low`` (``X-Fal-Queue-Priority``), e.g. low for backfills.
+    :param aws_conn_id: the amazon provider's connection for ``s3://`` inputs.
+    :param input_delivery: how ``s3://`` inputs reach fal: ``presigned_url`` (default) or
+        ``data_uri`` (inlined, up to 10 MiB each).
+    :param input_url_expires_in: lifetime of presigned input URLs, seconds; default one
+        hour, or the start deadline plus 15 minutes when that is longer.
     :param webhook_url: optional ``fal_webhook`` notified on completion.
     :param flux_conn_id: the ``flux`` connection.
     :param reuse_request: on an automatic retry, reuse the request an earlier try submitted
         for the same input (``ResumableJobMixin``'s ``durable``); False submits on every try.
     """
 
-    template_fields: Sequence[str] = (*REQUEST_FIELDS, "extra_input", "endpoint", "webhook_url", "flux_conn_id")
+    template_fields: Sequence[str] = (
+        *REQUEST_FIELDS,
+        "extra_input",
+        "endpoint",
+        "webhook_url",
+        "flux_conn_id",
+        "start_timeout",
+        "priority",
+        "aws_conn_id",
+        "input_delivery",
+    )
     template_fields_renderers: ClassVar[dict[str, str]] = {"extra_input": "json"}
     operator_extra_links = (FluxRequestLink(), FluxGalleryLink())
     ui_color = "#d9c8f5"
@@ -97,11 +137,18 @@ class FluxSubmitOperator(BaseOperator):
         aspect_ratio: str | None = None,
         enhance_prompt: bool | str | None = None,
         sync_mode: bool | str | None = None,
+        image_url: str | None = None,
+        image_urls: list[str] | str | None = None,
         extra_input: dict[str, Any] | None = None,
         endpoint: str | None = None,
         webhook_url: str | None = None,
         flux_conn_id: str | None = DEFAULT_CONN_ID,
         reuse_request: bool = True,
+        start_timeout: float | str | None = None,
+        priority: str | None = None,
+        aws_conn_id: str | None = "aws_default",
+        input_delivery: str = "presigned_url",
+        input_url_expires_in: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -114,11 +161,18 @@ class FluxSubmitOperator(BaseOperator):
         self.aspect_ratio = aspect_ratio
         self.enhance_prompt = enhance_prompt
         self.sync_mode = sync_mode
+        self.image_url = image_url
+        self.image_urls = image_urls
         self.extra_input = extra_input
         self.endpoint = endpoint
         self.webhook_url = webhook_url
         self.flux_conn_id = flux_conn_id
         self.reuse_request = reuse_request
+        self.start_timeout = start_timeout
+        self.priority = priority
+        self.aws_conn_id = aws_conn_id
+        self.input_delivery = input_delivery
+        self.input_url_expires_in = input_url_expires_in
         self._validate_known_values()
 
     def _request_fields(self, *, known_only: bool = False) -> dict[str, Any]:
@@ -136,11 +190,24 @@ class FluxSubmitOperator(BaseOperator):
         endpoint = self.endpoint
         if endpoint is not None and _is_templated(endpoint):
             return
-        fields = {k: v for k, v in self._request_fields(known_only=True).items() if not _is_templated(v)}
-        if "prompt" not in fields and self.prompt is not None:
-            fields["prompt"] = "(templated)"  # checked after rendering
+        given = self._request_fields(known_only=True)
+        fields = {k: v for k, v in given.items() if not _is_templated(v)}
+        for name, stand_in in _TEMPLATED.items():
+            if name in given and name not in fields:
+                fields[name] = stand_in  # checked after rendering
+        known_options = {
+            name: getattr(self, name)
+            for name in ("start_timeout", "priority")
+            if not _is_templated(getattr(self, name))
+        }
         try:
             build_payload(fields, endpoint or KONTEXT_TEXT_TO_IMAGE)
+            check_inputs(fields)
+            RequestOptions.build(**known_options)
+            if not _is_templated(self.input_delivery) and self.input_delivery not in INPUT_DELIVERIES:
+                raise FluxValidationError(
+                    f"input_delivery: must be one of 'presigned_url', 'data_uri' (got {self.input_delivery!r})"
+                )
         except FluxValidationError as exc:
             raise FluxValidationError(f"Task {self.task_id!r}: {exc}", errors=exc.errors) from None
 
@@ -153,7 +220,11 @@ class FluxSubmitOperator(BaseOperator):
     def submit(self, context: Context) -> dict[str, Any]:
         """Submit (or reuse) the request and record it before anything else can fail."""
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
-        payload = build_payload(self._request_fields(), endpoint)  # rendered values, before any call
+        # The rendered values, checked before any call; the caller's own (s3:// inputs not yet
+        # presigned), so the fingerprint is the same on every try.
+        payload = build_payload(self._request_fields(), endpoint)
+        check_inputs(payload)
+        options = RequestOptions.build(start_timeout=self.start_timeout, priority=self.priority)
         reuse = RequestReuse(
             context,
             hook=self.hook,
@@ -163,12 +234,29 @@ class FluxSubmitOperator(BaseOperator):
         )
         handle = reuse.reusable()
         if handle is None:
-            handle = self.hook.submit(payload, endpoint=endpoint, webhook_url=self.webhook_url).model_dump()
+            sent = self._resolve_inputs(payload, options)
+            handle = self.hook.submit(
+                sent, endpoint=endpoint, webhook_url=self.webhook_url, options=options
+            ).model_dump()
+            handle["inputs"] = describe_inputs(payload)  # the caller's URIs, never a presigned one
             reuse.record(handle)
             self.log.info("Submitted FLUX request %s", handle["request_id"])
         # XCom right away: if the worker dies now, the id is still on record.
         context["ti"].xcom_push(key=LINK_XCOM_KEY, value=handle["response_url"])
         return handle
+
+    def _resolve_inputs(self, payload: dict[str, Any], options: RequestOptions) -> dict[str, Any]:
+        """What fal is sent for the payload's ``s3://`` inputs (no S3 call when there are none)."""
+        if not has_s3_inputs(payload):
+            return payload
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        resolver = InputResolver(
+            S3Hook(aws_conn_id=self.aws_conn_id),
+            delivery=self.input_delivery,
+            expires_in=url_expires_in(options.start_timeout, self.input_url_expires_in),
+        )
+        return resolver.resolve(payload)
 
     def execute(self, context: Context) -> dict[str, Any]:
         return self.submit(context)

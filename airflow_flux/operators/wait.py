@@ -20,6 +20,7 @@ from airflow.sdk.bases.operator import BaseOperatorMeta
 from airflow_flux.events import FluxWaitEvent
 from airflow_flux.exceptions import FluxAPIError, FluxRequestFailedError, FluxTimeoutError
 from airflow_flux.identity import DEFAULT_CONN_ID, conn_id_for
+from airflow_flux.models import cost_usd
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -157,18 +158,23 @@ class FluxWaitMixin(_Operator):
         return self._return_value(result.model_dump(mode="json"), handle, waited)
 
     def _return_value(self, result: dict[str, Any], handle: Mapping[str, Any], waited: float | None) -> dict[str, Any]:
+        images = len(result.get("images") or [])
+        cost = cost_usd(handle.get("endpoint"), images, price_per_image=self.hook.settings.price_per_image)
         # waited_seconds: time spent waiting for completion (None when it was not measured).
         result = {
             **result,
             "request_id": handle["request_id"],
             "endpoint": handle.get("endpoint"),
+            "inputs": handle.get("inputs"),
+            "cost_usd": cost,
             "waited_seconds": waited,
         }
         self.log.info(
-            "FLUX request %s completed: %d image(s), seed %s",
+            "FLUX request %s completed: %d image(s), seed %s, cost %s",
             handle["request_id"],
-            len(result.get("images") or []),
+            images,
             result.get("seed"),
+            "unknown (no price for this endpoint)" if cost is None else f"${cost:.4f}",
         )
         return result
 

@@ -17,7 +17,7 @@ from airflow_flux.exceptions import FluxError, FluxImageExistsError, FluxIntegri
 from airflow_flux.identity import DEFAULT_CONN_ID, coerce_handle, conn_id_for
 from airflow_flux.links import FluxCopiedImagesLink
 from airflow_flux.manifest import ImageStatus, Manifest
-from airflow_flux.models import FluxResult
+from airflow_flux.models import FluxResult, cost_usd
 from airflow_flux.transfers.planning import ImageJob, NsfwPolicy, check_nsfw_policy, plan_images, sniff_content_type
 from airflow_flux.transfers.s3stream import MAX_SINGLE_PUT
 from airflow_flux.xcom_keys import MANIFEST_XCOM_KEY
@@ -39,6 +39,12 @@ DEFAULT_KEY_TEMPLATE = "{request_id}_{index}.{ext}"
 # loopback, 2 uploads at once were no faster than 1 and held one part more (bench/).
 PART_SIZE = 8 * 1024 * 1024
 UPLOAD_CONCURRENCY = 1
+
+
+def _total_cost(jobs: list[ImageJob]) -> float | None:
+    """What the requests behind ``jobs`` cost (each counted once), or None when none has a price."""
+    costs = {id(j.result): j.result.cost_usd for j in jobs if j.result.cost_usd is not None}
+    return round(sum(costs.values()), 6) if costs else None
 
 
 class FluxToS3Operator(BaseOperator):
@@ -188,8 +194,13 @@ class FluxToS3Operator(BaseOperator):
             conn_id, warning = conn_id_for(handle, self.flux_conn_id)
             if warning:
                 self.log.warning(warning)
-            result = self._api_hook(conn_id).get_result(handle)
-            results.append(result.model_copy(update={"endpoint": handle.get("endpoint")}))
+            hook = self._api_hook(conn_id)
+            result = hook.get_result(handle)
+            endpoint = handle.get("endpoint")
+            cost = cost_usd(endpoint, len(result.images), price_per_image=hook.settings.price_per_image)
+            results.append(
+                result.model_copy(update={"endpoint": endpoint, "inputs": handle.get("inputs"), "cost_usd": cost})
+            )
         return results
 
     def _plan(self, results: list[FluxResult]) -> list[ImageJob]:
@@ -358,6 +369,7 @@ class FluxToS3Operator(BaseOperator):
             bucket=self.s3_bucket,
             prefix=prefix,
             images=[j.manifest_entry(self.s3_bucket) for j in jobs],
+            cost_usd=_total_cost(jobs),
         ).model_dump(mode="json")
         body = json.dumps(manifest, indent=2).encode()
         self.s3_hook.get_conn().put_object(

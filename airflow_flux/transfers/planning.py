@@ -94,7 +94,17 @@ class ImageJob:
             timings=self.result.timings,
             copy_seconds=self.seconds,
             source_url=None if self.url.startswith("data:") else self.url,
+            inputs=self.result.inputs,
+            cost_usd=self.cost_usd,
         )
+
+    @property
+    def cost_usd(self) -> float | None:
+        """This image's share of its request's cost."""
+        result = self.result
+        if result.cost_usd is None or not result.images:
+            return None
+        return round(result.cost_usd / len(result.images), 6)
 
 
 def image_key(result: FluxResult, index: int, content_type: str | None, *, prefix: str, key_template: str) -> str:

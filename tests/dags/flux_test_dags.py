@@ -11,6 +11,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, Param
 
+from airflow_flux.models import KONTEXT_EDIT, KONTEXT_MAX_MULTI
 from airflow_flux.operators import FluxGenerateOperator, FluxSubmitOperator
 from airflow_flux.sensors import FluxStatusSensor
 from airflow_flux.transfers import FluxToS3Operator
@@ -159,3 +160,34 @@ with DAG("flux_test_team_connection", schedule=None, start_date=START, params=S3
     submit = FluxSubmitOperator(task_id="submit", prompt="{{ params.prompt }}", flux_conn_id="flux_team_a")
     wait = FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=60)
     wait >> FluxToS3Operator(task_id="to_s3", source=submit.output, s3_bucket="{{ params.bucket }}")
+
+EDIT_PARAMS = {
+    "bucket": Param("flux-test", type="string"),
+    "key": Param("inputs/red.png", type="string"),
+    "other": Param("data:,", type="string"),
+}
+
+with DAG("flux_test_edit_from_s3", schedule=None, start_date=START, params=EDIT_PARAMS, catchup=False):
+    # An edit of an image in S3: the submit presigns it, the emulator fetches it from moto.
+    submit = FluxSubmitOperator(
+        task_id="submit",
+        endpoint=KONTEXT_EDIT,
+        prompt="the same fox in winter",
+        image_url="s3://{{ params.bucket }}/{{ params.key }}",
+    )
+    wait = FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=60)
+    FluxToS3Operator(task_id="to_s3", source=wait.output, s3_bucket="{{ params.bucket }}", s3_key_prefix="edits")
+
+with DAG("flux_test_edit_multi_retry", schedule=None, start_date=START, params=EDIT_PARAMS, catchup=False):
+    # [max] multi with two inputs, in one task that dies after its submit on try 1: the retry
+    # presigns anew (another URL) yet recognises its own request.
+    FluxGenerateOperator(
+        task_id="generate",
+        endpoint=KONTEXT_MAX_MULTI,
+        prompt="both foxes together",
+        image_urls=["s3://{{ params.bucket }}/{{ params.key }}", "{{ params.other }}"],
+        num_images=2,
+        poll_interval=0.2,
+        wait_timeout=60,
+        **RETRY,
+    )

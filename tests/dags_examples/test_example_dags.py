@@ -53,7 +53,12 @@ def bag():
 
 def test_every_dag_file_imports_without_errors_or_network(bag):
     assert bag.import_errors == {}
-    assert set(bag.dag_ids) == {"flux_kontext_to_s3", "flux_content_pipeline", "flux_generate_one_task"}
+    assert set(bag.dag_ids) == {
+        "flux_kontext_to_s3",
+        "flux_content_pipeline",
+        "flux_generate_one_task",
+        "flux_edit_from_s3",
+    }
     assert {Path(dag.fileloc).name for dag in bag.dags.values()} == {p.name for p in DAGS.glob("*.py")}
     for dag in bag.dags.values():
         assert dag.doc_md, f"{dag.dag_id}: no doc_md for the UI"
@@ -106,6 +111,98 @@ def test_flux_content_pipeline_shape(bag):
     assert to_s3.manifest_name == "manifest.json"
     assert to_s3.retries >= 1
     assert Asset("flux_daily_images") in to_s3.outlets
+
+
+def test_flux_edit_from_s3_shape(bag):
+    from airflow_flux.models import KONTEXT_EDIT
+
+    dag = bag.dags.get("flux_edit_from_s3")
+    assert set(dag.task_ids) == {"list_inputs", "input_uris", "edit", "to_s3"}
+    assert _upstream(dag, "input_uris") == {"list_inputs"}
+    assert _upstream(dag, "edit") == {"input_uris"}
+    assert _upstream(dag, "to_s3") == {"edit"}
+    edit = dag.get_task("edit")
+    assert type(edit).__name__ == "MappedOperator"
+    assert edit.partial_kwargs["endpoint"] == KONTEXT_EDIT
+    assert edit.partial_kwargs["max_active_tis_per_dag"] >= 1 and edit.partial_kwargs["retries"] >= 1
+    uris = dag.get_task("input_uris").python_callable
+    assert uris(["p/a.png", "p/", "p/notes.txt", "p/b.JPG"], "shop", 5) == ["s3://shop/p/a.png", "s3://shop/p/b.JPG"]
+    with pytest.raises(ValueError, match="max_images"):
+        uris([f"p/{i}.png" for i in range(3)], "shop", 2)
+
+
+def test_flux_edit_from_s3_edits_every_image_under_the_prefix(tmp_path, emulator, moto_server):
+    """The example DAG end to end (dag.test() in a child process, as ``make demo`` runs DAGs):
+    the listed images are edited from presigned URLs and copied back with their manifest."""
+    import json
+
+    from tests.helpers import TOKEN, moto_aws_conn, moto_s3_client
+
+    s3 = moto_s3_client(moto_server)
+    bucket = f"edit-example-{os.getpid()}-{int(time.time())}"
+    s3.create_bucket(Bucket=bucket)
+    colours = {"products/red.png": (220, 20, 20), "products/blue.png": (20, 20, 220)}
+    for key, colour in colours.items():
+        body = io.BytesIO()
+        Image.new("RGB", (40, 30), colour).save(body, format="PNG")
+        s3.put_object(Bucket=bucket, Key=key, Body=body.getvalue(), ContentType="image/png")
+    s3.put_object(Bucket=bucket, Key="products/readme.txt", Body=b"not an image")
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            "AIRFLOW_CONN_FLUX_DEFAULT": json.dumps(
+                {"conn_type": "flux", "host": emulator.base_url, "password": TOKEN}
+            ),
+            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(moto_aws_conn(moto_server)),
+        }
+    )
+    result = tmp_path / "result.json"
+    conf = {"bucket": bucket, "prefix": "products/", "prompt": "the same product in winter"}
+    command = ["-m", "demo.pipeline", "--dag-id", "flux_edit_from_s3", "--conf", json.dumps(conf)]
+    proc = subprocess.run(
+        [sys.executable, *command, "--result", str(result)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    outcome = json.loads(result.read_text()) if result.exists() else {}
+    assert outcome.get("state") == "success", (proc.stdout[-3000:], proc.stderr[-3000:])
+    states = {(t["task_id"], t["map_index"]): t["state"] for t in outcome["task_instances"]}
+    assert states == {
+        ("list_inputs", -1): "success",
+        ("input_uris", -1): "success",
+        ("edit", 0): "success",
+        ("edit", 1): "success",
+        ("to_s3", -1): "success",
+    }
+    # Each listed image was fetched by "fal" from a presigned URL, never with our token.
+    assert len(emulator.jobs) == 2
+    for job in emulator.jobs.values():
+        assert "Signature=" in job.input["image_url"]  # presigned (SigV4 or SigV2, as the connection says)
+        assert [f.status for f in job.input_fetches] == [200] and not job.input_fetches[0].authorization_sent
+    # The manifest lists both edits, each with its own input, and each output keeps its input's colour.
+    prefix = f"flux/edits/{outcome['run_id']}"
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read())
+    assert sorted(i["inputs"][0] for i in manifest["images"]) == sorted(f"s3://{bucket}/{k}" for k in colours)
+    for image in manifest["images"]:
+        data = s3.get_object(Bucket=bucket, Key=image["key"])["Body"].read()
+        picture = Image.open(io.BytesIO(data)).convert("RGB")
+        centre = picture.getpixel((picture.width // 2, picture.height // 2))
+        expected = colours[image["inputs"][0].split("/", 3)[3]]
+        assert all(abs(c - e) < 70 for c, e in zip(centre, expected, strict=True)), (centre, expected)
+    assert manifest["cost_usd"] == pytest.approx(0.08)
+    assert "Signature=" not in json.dumps(manifest) + proc.stdout + proc.stderr
 
 
 def test_load_prompts_reads_params_or_the_file(bag):

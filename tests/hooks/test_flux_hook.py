@@ -15,6 +15,7 @@ from airflow_flux.emulator import FluxEmulator, Scenario
 from airflow_flux.exceptions import (
     FluxAPIError,
     FluxAuthError,
+    FluxConfigError,
     FluxResultExpiredError,
     FluxTransportError,
     FluxUntrustedURLError,
@@ -315,7 +316,15 @@ async def test_async_refuses_foreign_host(make_flux_conn):
 def test_handle_is_json_safe_and_holds_no_secret(emulator, flux_conn):
     handle = _hook(flux_conn).submit({"prompt": "a fox"})
     dumped = handle.model_dump()
-    assert set(dumped) == {"request_id", "status_url", "response_url", "cancel_url", "endpoint", "flux_conn_id"}
+    assert set(dumped) == {
+        "request_id",
+        "status_url",
+        "response_url",
+        "cancel_url",
+        "endpoint",
+        "flux_conn_id",
+        "inputs",
+    }
     # The connection's id, never its token: a sensor fed this handle uses the same account.
     assert dumped["flux_conn_id"] == flux_conn
     assert TOKEN not in json.dumps(dumped)
@@ -378,3 +387,41 @@ def test_an_async_hook_used_without_async_with_leaves_no_session_open(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "COMPLETED COMPLETED" in proc.stdout, proc.stdout
     assert "Unclosed" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_signed_urls_the_api_echoes_back_are_redacted_in_errors_and_statuses():
+    from airflow_flux.hooks.responses import api_error
+    from airflow_flux.models import FluxStatus
+
+    signed = "http://s3.local/bkt/in.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AK&X-Amz-Signature=abc123"
+    v2 = "https://s3.local/bkt/in.png?AWSAccessKeyId=AK&Signature=def456&Expires=1"
+    body = {
+        "detail": [{"loc": ["body", "image_url"], "msg": f"Could not download the image at {signed}", "input": signed}]
+    }
+    err = api_error(422, {}, body, b"", what="Fetching the result", request_id="r")
+    assert "abc123" not in str(err) and "abc123" not in json.dumps(err.body)
+    assert "image_url" in str(err) and "http://s3.local/bkt/in.png?<signed query redacted>" in str(err)
+    raw = f"<html>{v2} refused</html>".encode()
+    assert "def456" not in str(api_error(502, {}, None, raw, what="Status check", request_id="r"))
+    status = FluxStatus.model_validate(
+        {"status": "COMPLETED", "error": f"cannot fetch {signed}", "logs": [{"message": f"fetching {v2}"}]}
+    )
+    assert "abc123" not in status.error and "def456" not in status.logs[0].message
+    # Unsigned URLs are left as they are.
+    assert api_error(404, {}, {"detail": "see https://x.example/a?b=1"}, b"", what="x", request_id=None).detail == (
+        "see https://x.example/a?b=1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"media_expires_in": 0}, "media_expires_in must be a positive number of seconds"),
+        ({"media_expires_in": "soon"}, "media_expires_in must be a positive number of seconds"),
+        ({"price_per_image": -1}, "price_per_image must be a number of US dollars, 0 or more"),
+    ],
+)
+def test_bad_policy_extras_are_refused_naming_the_extra(make_flux_conn, extra, message):
+    conn_id = make_flux_conn("https://queue.fal.run", **extra)
+    with pytest.raises(FluxConfigError, match=message):
+        _hook(conn_id).settings  # noqa: B018

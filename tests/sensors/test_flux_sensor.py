@@ -30,7 +30,15 @@ def test_submit_then_deferred_sensor(dags, flux_default, capfd):
 
     handle = xcom(dr, "submit")
     result = xcom(dr, "wait")
-    assert set(handle) == {"request_id", "status_url", "response_url", "cancel_url", "endpoint", "flux_conn_id"}
+    assert set(handle) == {
+        "request_id",
+        "status_url",
+        "response_url",
+        "cancel_url",
+        "endpoint",
+        "flux_conn_id",
+        "inputs",
+    }
     assert handle["flux_conn_id"] == "flux_default"
     assert result["request_id"] == handle["request_id"]
     assert result["prompt"] == "a red fox" and result["seed"] == 11
