@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 
 from airflow_flux.exceptions import FluxValidationError
-from airflow_flux.identity import DEFAULT_CONN_ID, RequestIdentity
+from airflow_flux.identity import DEFAULT_CONN_ID
 from airflow_flux.links import FluxGalleryLink, FluxRequestLink
 from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE, RequestOptions, build_payload
 from airflow_flux.operators.inputs import (
@@ -20,7 +20,6 @@ from airflow_flux.operators.inputs import (
     has_s3_inputs,
     url_expires_in,
 )
-from airflow_flux.operators.reuse import RequestReuse
 from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, FluxWaitMixin
 from airflow_flux.xcom_keys import LINK_XCOM_KEY
 
@@ -219,6 +218,10 @@ class FluxSubmitOperator(BaseOperator):
 
     def submit(self, context: Context) -> dict[str, Any]:
         """Submit (or reuse) the request and record it before anything else can fail."""
+        # Imported here, not at the top: a DAG parse imports this module and never submits.
+        from airflow_flux.identity import RequestIdentity
+        from airflow_flux.operators.reuse import RequestReuse
+
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
         # The rendered values, checked before any call; the caller's own (s3:// inputs not yet
         # presigned), so the fingerprint is the same on every try.

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.bases.operator import BaseOperatorMeta
 
-from airflow_flux.events import FluxWaitEvent
 from airflow_flux.exceptions import FluxAPIError, FluxRequestFailedError, FluxTimeoutError
 from airflow_flux.identity import DEFAULT_CONN_ID, conn_id_for
 from airflow_flux.models import cost_usd
@@ -215,6 +214,9 @@ class FluxWaitMixin(_Operator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Resume after the trigger's event: return the result or raise the API's reason."""
+        # Imported here, not at the top: a DAG parse imports this module and never resumes.
+        from airflow_flux.events import FluxWaitEvent
+
         wait = FluxWaitEvent.from_payload(event)
         handle = wait.handle
         self._use_connection_of(handle)  # a new instance: only the event knows the request
