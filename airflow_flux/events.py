@@ -77,3 +77,58 @@ class FluxWaitEvent(BaseModel):
         if self.status == "timeout":
             return FluxTimeoutError(self.message)
         return FluxError(self.message)
+
+
+class BatchOutcome(BaseModel):
+    """What became of one request of a batch.
+
+    :param index: its position in the batch's input.
+    :param request_id: fal's id.
+    :param status: ``completed`` (with ``result``), ``failed`` (the API's reason) or
+        ``pending`` (not finished at the deadline, or out of touch: a retry waits again).
+    :param result: the compact result (images, seed, NSFW flags, timings).
+    :param error: the API's reason, or why the wait lost touch.
+    :param error_type: fal's ``error_type``.
+    :param status_code: the HTTP status behind a failure.
+    :param retryable: whether paying for it again can succeed (an infrastructure failure)
+        rather than meet the same refusal (422 validation or content policy).
+    """
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+    index: int
+    request_id: str
+    status: Literal["completed", "failed", "pending"]
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    error_type: str | None = None
+    status_code: int | None = None
+    retryable: bool | None = None
+
+
+class FluxBatchEvent(BaseModel):
+    """The end of a batch's wait: every request's outcome, in input order.
+
+    :param status: ``done`` (every request completed or failed) or ``timeout`` (the deadline
+        passed; the unfinished are ``pending``).
+    """
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+    status: Literal["done", "timeout"]
+    message: str
+    outcomes: list[BatchOutcome]
+    waited_seconds: float | None = None
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON payload of the ``TriggerEvent`` (unset fields left out: it is stored per task)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    @classmethod
+    def from_payload(cls, event: Any) -> FluxBatchEvent:
+        try:
+            return cls.model_validate(event)
+        except ValidationError as exc:
+            raise FluxError(
+                f"Unexpected event from the FLUX batch trigger ({exc.error_count()} problem(s)): {str(event)[:500]}"
+            ) from None

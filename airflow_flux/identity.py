@@ -71,6 +71,8 @@ class StoredRequest(BaseModel):
     :param identity: the fingerprint of the request that was sent.
     :param max_tries: the task instance's ``max_tries`` when it submitted (a clear raises it).
     :param try_number: the try that submitted.
+    :param outcome: what became of the request, once known (a batch keeps each request's
+        compact result, so a retry after fal's one-hour result retention still has it).
     """
 
     model_config = ConfigDict(extra="ignore", defer_build=True)
@@ -79,6 +81,7 @@ class StoredRequest(BaseModel):
     identity: RequestIdentity
     max_tries: int | None = None
     try_number: int | None = None
+    outcome: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, value: Any) -> StoredRequest | None:

@@ -26,6 +26,8 @@ class ImageStatus(str, Enum):
     SKIPPED = "skipped"
     #: an earlier try copied this very image: left as it is.
     REUSED = "reused"
+    #: the request failed (a batch's ``allow_failures``): no image; ``reason`` has the API's.
+    FAILED = "failed"
 
 
 #: Statuses of entries that have an object in S3.
@@ -40,9 +42,11 @@ class ManifestImage(BaseModel):
     status: ImageStatus
     reason: str | None = None
     s3_uri: str | None = None
-    key: str
+    #: The object's key (None for a failed request: there is no image).
+    key: str | None
     request_id: str | None = None
-    index: int
+    #: The image's index within its request (None for a failed request).
+    index: int | None
     seed: int | None = None
     prompt: str | None = None
     endpoint: str | None = None

@@ -116,3 +116,24 @@ class SharedSessions:
             await closer.aclose()
         else:
             cls._sessions[key] = (session, users - 1, closer)
+
+
+#: Result fetches in flight at once per event loop (see :func:`result_slots`).
+RESULT_FETCH_CONCURRENCY = 64
+_result_slots_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def result_slots() -> asyncio.Semaphore:
+    """The loop's bound on concurrent result fetches, shared by every trigger on it.
+
+    When thousands of waits complete in the same second, each would otherwise open its own
+    connection and hold its half-read result at once, in a loop too busy to finish any of
+    them sooner: the peak memory of the burst (``bench/RESULTS.md``, trigger scale).
+    """
+    loop = asyncio.get_running_loop()
+    slots = _result_slots_by_loop.get(loop)
+    if slots is None:
+        slots = _result_slots_by_loop[loop] = asyncio.Semaphore(RESULT_FETCH_CONCURRENCY)
+    return slots

@@ -112,7 +112,12 @@ class RequestReuse:
             self._incr("fresh_submit", reason=decision.value)
         return handle
 
-    def _decide(self, span: Any) -> tuple[Decision, dict[str, Any] | None]:
+    def eligible(self) -> tuple[Decision, StoredRequest | None]:
+        """The stored request when this try may reuse it (same input, same run of the task).
+
+        Otherwise None, and why (logged): nothing stored, no fingerprint, another input, a
+        clear since. The request's own state is not looked at here (see :meth:`reusable`).
+        """
         if self.store is None:
             self.log.warning("task_state_store not available in context, crash recovery is disabled for this run")
             return Decision.FRESH_SUBMIT, None
@@ -129,7 +134,6 @@ class RequestReuse:
             )
             return Decision.NO_FINGERPRINT, None
         rid = stored.handle.get("request_id")
-        span.set_attribute("resumable.external_id", str(rid))
         if stored.identity.fingerprint != self.identity.fingerprint:
             differ = ", ".join(self.identity.differing_fields(stored.identity)) or "fingerprint"
             self.log.warning(
@@ -149,7 +153,14 @@ class RequestReuse:
                 current,
             )
             return Decision.CLEARED, None
+        return Decision.RECONNECT, stored
 
+    def _decide(self, span: Any) -> tuple[Decision, dict[str, Any] | None]:
+        decision, stored = self.eligible()
+        if stored is None:
+            return decision, None
+        rid = stored.handle.get("request_id")
+        span.set_attribute("resumable.external_id", str(rid))
         self._incr("reconnect_attempt")
         try:
             status = self.hook.get_status(stored.handle, logs=False)
@@ -184,17 +195,21 @@ class RequestReuse:
         )
         return Decision.RECONNECT, dict(stored.handle)
 
-    def record(self, handle: dict[str, Any]) -> None:
-        """Store ``handle`` with this try's fingerprint, right after the submit that paid for it."""
-        if self.store is None:
-            return
+    def record(self, handle: dict[str, Any], outcome: dict[str, Any] | None = None) -> StoredRequest:
+        """Store ``handle`` with this try's fingerprint, right after the submit that paid for it.
+
+        :param outcome: what became of it, once known (a batch keeps each request's result).
+        """
         stored = StoredRequest(
             handle=handle,
             identity=self.identity,
             max_tries=self._max_tries,
             try_number=getattr(self.ti, "try_number", None),
+            outcome=outcome,
         )
-        self.store.set(self.key, stored.model_dump(mode="json"))
+        if self.store is not None:
+            self.store.set(self.key, stored.model_dump(mode="json"))
+        return stored
 
     def _incr(self, metric: str, **tags: str) -> None:
         from airflow.sdk.observability.stats import incr

@@ -16,9 +16,16 @@ from airflow.sdk import BaseOperator
 from airflow_flux.exceptions import FluxError, FluxImageExistsError, FluxIntegrityError, FluxTransportError
 from airflow_flux.identity import DEFAULT_CONN_ID, coerce_handle, conn_id_for
 from airflow_flux.links import FluxCopiedImagesLink
-from airflow_flux.manifest import ImageStatus, Manifest
+from airflow_flux.manifest import ImageStatus, Manifest, ManifestImage
 from airflow_flux.models import FluxResult, cost_usd
-from airflow_flux.transfers.planning import ImageJob, NsfwPolicy, check_nsfw_policy, plan_images, sniff_content_type
+from airflow_flux.transfers.planning import (
+    ImageJob,
+    NsfwPolicy,
+    check_nsfw_policy,
+    failed_entry,
+    plan_images,
+    sniff_content_type,
+)
 from airflow_flux.transfers.s3stream import MAX_SINGLE_PUT
 from airflow_flux.xcom_keys import MANIFEST_XCOM_KEY
 
@@ -181,9 +188,15 @@ class FluxToS3Operator(BaseOperator):
             except TypeError:
                 return [source]
 
-    def _results(self) -> list[FluxResult]:
+    def _results(self) -> tuple[list[FluxResult], list[ManifestImage]]:
+        """The results to copy, and the manifest entries of failed requests (a batch's)."""
         results = []
+        failed: list[ManifestImage] = []
         for item in self._sources():
+            if isinstance(item, Mapping) and item.get("status") == "failed":
+                # A failed request of a batch: nothing to copy, but the manifest says so.
+                failed.append(failed_entry(item))
+                continue
             if isinstance(item, Mapping) and "images" in item:
                 results.append(FluxResult.model_validate(dict(item)))
                 continue
@@ -201,7 +214,7 @@ class FluxToS3Operator(BaseOperator):
             results.append(
                 result.model_copy(update={"endpoint": endpoint, "inputs": handle.get("inputs"), "cost_usd": cost})
             )
-        return results
+        return results, failed
 
     def _plan(self, results: list[FluxResult]) -> list[ImageJob]:
         return plan_images(results, prefix=self.s3_key_prefix, key_template=self.image_key_template)
@@ -314,7 +327,7 @@ class FluxToS3Operator(BaseOperator):
 
     def execute(self, context: Context) -> list[str]:
         check_nsfw_policy(self.nsfw_policy)
-        results = self._results()
+        results, failed = self._results()
         jobs = self._plan(results)
         flagged = [j for j in jobs if j.nsfw]
         if flagged and self.nsfw_policy == "fail":
@@ -351,12 +364,12 @@ class FluxToS3Operator(BaseOperator):
                 f"Copy of {len(errors)} image(s) failed; first: s3://{self.s3_bucket}/{job.key}: {exc}"
             ) from exc
 
-        manifest_uri = self._write_manifest(jobs, context) if self.manifest_name else None
+        manifest_uri = self._write_manifest(jobs, failed, context) if self.manifest_name else None
         uris = [f"s3://{self.s3_bucket}/{j.key}" for j in jobs if j.stored]
         self._record_lineage(uris, manifest_uri, context)
         return uris
 
-    def _write_manifest(self, jobs: list[ImageJob], context: Context) -> str:
+    def _write_manifest(self, jobs: list[ImageJob], failed: list[ManifestImage], context: Context) -> str:
         prefix = self.s3_key_prefix.strip("/")
         key = f"{prefix}/{self.manifest_name}" if prefix else str(self.manifest_name)
         ti = context["ti"]
@@ -368,7 +381,7 @@ class FluxToS3Operator(BaseOperator):
             map_index=ti.map_index,
             bucket=self.s3_bucket,
             prefix=prefix,
-            images=[j.manifest_entry(self.s3_bucket) for j in jobs],
+            images=[*(j.manifest_entry(self.s3_bucket) for j in jobs), *failed],
             cost_usd=_total_cost(jobs),
         ).model_dump(mode="json")
         body = json.dumps(manifest, indent=2).encode()

@@ -15,7 +15,7 @@ from airflow_flux.exceptions import FluxError
 from airflow_flux.manifest import STORED_STATUSES, ImageStatus, ManifestImage
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from airflow_flux.models import FluxResult
 
@@ -105,6 +105,21 @@ class ImageJob:
         if result.cost_usd is None or not result.images:
             return None
         return round(result.cost_usd / len(result.images), 6)
+
+
+def failed_entry(item: Mapping[str, Any]) -> ManifestImage:
+    """The manifest entry of a request that failed (an item of a batch's result): no image."""
+    reason = f"{item.get('error_type') or 'error'}: {item.get('error') or 'no reason given'}"
+    return ManifestImage(
+        status=ImageStatus.FAILED,
+        reason=reason,
+        key=None,
+        request_id=item.get("request_id"),
+        index=None,
+        prompt=item.get("prompt"),
+        endpoint=item.get("endpoint"),
+        inputs=item.get("inputs"),
+    )
 
 
 def image_key(result: FluxResult, index: int, content_type: str | None, *, prefix: str, key_template: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from airflow_flux.triggers.batch import FluxBatchTrigger
 from airflow_flux.triggers.flux import FluxStatusTrigger
 
-__all__ = ["FluxStatusTrigger"]
+__all__ = ["FluxBatchTrigger", "FluxStatusTrigger"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
 
 # aiohttp and the hook are imported with the trigger class, when the triggerer loads it,
@@ -18,33 +17,13 @@ from airflow_flux.events import FluxWaitEvent, WaitStatus
 from airflow_flux.exceptions import FluxAPIError, FluxError, FluxTransportError
 from airflow_flux.hooks.flux import FluxHook
 from airflow_flux.hooks.polling import next_poll_interval
+from airflow_flux.hooks.shared import result_slots
 from airflow_flux.models import FluxRequestHandle, FluxStatus
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Coroutine
 
 T = TypeVar("T")
-
-#: Result fetches in flight at once per event loop (see :func:`_result_slots`).
-RESULT_FETCH_CONCURRENCY = 64
-_result_slots_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _result_slots() -> asyncio.Semaphore:
-    """The loop's bound on concurrent result fetches.
-
-    When thousands of waits complete in the same second, each would otherwise open its own
-    connection and hold its half-read result at once, in a loop too busy to finish any of
-    them sooner: the peak memory of the burst, measured in bench/trigger_scale.py.
-    """
-    loop = asyncio.get_running_loop()
-    slots = _result_slots_by_loop.get(loop)
-    if slots is None:
-        slots = _result_slots_by_loop[loop] = asyncio.Semaphore(RESULT_FETCH_CONCURRENCY)
-    return slots
-
 
 #: Stream refusals that mean "this server has no SSE here": fall back to polling for good.
 _STREAM_UNSUPPORTED = frozenset({400, 404, 405, 406, 415, 501})
@@ -301,7 +280,7 @@ class FluxStatusTrigger(BaseTrigger):
         if not self.fetch_result:
             return self._event("success", f"FLUX request {rid} completed.", metrics=metrics)
         try:
-            async with _result_slots():
+            async with result_slots():
                 result = await hook.aget_result(self.handle)
         except FluxAPIError as exc:
             # fal reports most failures only here (e.g. 422 content policy): pass its reason on.

@@ -12,7 +12,7 @@ import pendulum
 from airflow.sdk import DAG, Param
 
 from airflow_flux.models import KONTEXT_EDIT, KONTEXT_MAX_MULTI
-from airflow_flux.operators import FluxGenerateOperator, FluxSubmitOperator
+from airflow_flux.operators import FluxBatchGenerateOperator, FluxGenerateOperator, FluxSubmitOperator
 from airflow_flux.sensors import FluxStatusSensor
 from airflow_flux.transfers import FluxToS3Operator
 
@@ -190,4 +190,46 @@ with DAG("flux_test_edit_multi_retry", schedule=None, start_date=START, params=E
         poll_interval=0.2,
         wait_timeout=60,
         **RETRY,
+    )
+
+BATCH_PARAMS = {"requests": Param(["a batch fox"], type="array"), "bucket": Param("flux-test", type="string")}
+
+with DAG(
+    "flux_test_batch",
+    schedule=None,
+    start_date=START,
+    params=BATCH_PARAMS,
+    catchup=False,
+    render_template_as_native_obj=True,
+):
+    # One task for the whole batch, one failure allowed; the copy lists the failed one.
+    batch = FluxBatchGenerateOperator(
+        task_id="batch", requests="{{ params.requests }}", allow_failures=1, poll_interval=0.2, aspect_ratio="16:9"
+    )
+    FluxToS3Operator(
+        task_id="to_s3", source=batch.output, s3_bucket="{{ params.bucket }}", s3_key_prefix="batch/{{ run_id }}"
+    )
+
+with DAG(
+    "flux_test_batch_strict",
+    schedule=None,
+    start_date=START,
+    params=BATCH_PARAMS,
+    catchup=False,
+    render_template_as_native_obj=True,
+):
+    FluxBatchGenerateOperator(task_id="batch", requests="{{ params.requests }}", poll_interval=0.2, wait_timeout=20)
+
+with DAG(
+    "flux_test_batch_retry",
+    schedule=None,
+    start_date=START,
+    params=BATCH_PARAMS,
+    catchup=False,
+    render_template_as_native_obj=True,
+):
+    # Dies after its wait on try 1: the retry keeps what completed and what was refused for
+    # good, and pays again only for the transient failure.
+    FluxBatchGenerateOperator(
+        task_id="batch", requests="{{ params.requests }}", allow_failures=2, poll_interval=0.2, **RETRY
     )

@@ -58,6 +58,7 @@ def test_every_dag_file_imports_without_errors_or_network(bag):
         "flux_content_pipeline",
         "flux_generate_one_task",
         "flux_edit_from_s3",
+        "flux_batch_pipeline",
     }
     assert {Path(dag.fileloc).name for dag in bag.dags.values()} == {p.name for p in DAGS.glob("*.py")}
     for dag in bag.dags.values():
@@ -111,6 +112,20 @@ def test_flux_content_pipeline_shape(bag):
     assert to_s3.manifest_name == "manifest.json"
     assert to_s3.retries >= 1
     assert Asset("flux_daily_images") in to_s3.outlets
+
+
+def test_flux_batch_pipeline_is_one_batch_task_then_the_copy(bag):
+    from airflow_flux.operators import FluxBatchGenerateOperator
+
+    dag = bag.dags.get("flux_batch_pipeline")
+    assert set(dag.task_ids) == {"load_prompts", "generate", "to_s3"}
+    assert _upstream(dag, "generate") == {"load_prompts"}
+    assert _upstream(dag, "to_s3") == {"generate"}
+    generate = dag.get_task("generate")
+    assert isinstance(generate, FluxBatchGenerateOperator)
+    assert generate.deferrable and generate.retries >= 1
+    assert generate.max_images <= 500 and generate.allow_failures >= 0
+    assert "run_id" in dag.get_task("to_s3").s3_key_prefix
 
 
 def test_flux_edit_from_s3_shape(bag):
