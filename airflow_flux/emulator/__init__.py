@@ -4,7 +4,10 @@ Text-to-image, edit (``image_url``) and multi (``image_urls``), [pro] and [max]:
 inputs are fetched the way fal fetches them, and outputs are derived from them.
 
 Start it in-process with :class:`FluxEmulator` (tests) or as a process with
-``python -m airflow_flux.emulator`` (demos). The server module (aiohttp) and Pillow are
+``python -m airflow_flux.emulator`` (demos). ``FluxEmulator(concurrency=N)``
+(``--concurrency N``) limits each account (``Authorization`` header value) to N jobs
+IN_PROGRESS at once, as fal does; the others wait IN_QUEUE in submit order with a falling
+``queue_position`` (default: no limit). The server module (aiohttp) and Pillow are
 imported only when first used so that importing ``airflow_flux`` stays light.
 
 The emulator is independent of the client code it checks, so a bug in one cannot hide in
@@ -18,8 +21,11 @@ Modules, each importing only those listed before it:
 * ``scenarios``: :class:`Scenario` (scripted timing and faults), :class:`RecordedRequest`
   and ``InputFetch`` (what was fetched for an edit's input image);
 * ``jobs``: ``Job``, the job clock (state, queue position, logs and outcome over time);
+* ``accounts``: the concurrency limit per account: when each job leaves the queue, and the
+  peak of jobs running at once;
 * ``validation``: the Kontext family's input and request-header validation fal answers 422 with;
-* ``core``: the state the handlers share, the middleware and fal-shaped error bodies;
+* ``core``: the state the handlers share (with the accounts), the middleware and fal-shaped
+  error bodies;
 * ``fetch``: loading edit inputs when their job leaves the queue, a mixin on ``core``;
 * ``queue_api`` (on ``fetch``), ``outputs``, ``admin``: the handlers (submit/status/stream/
   cancel, result/CDN, ``/_emulator/``), mixins on ``core``;

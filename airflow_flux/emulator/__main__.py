@@ -40,6 +40,15 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--input-fetch-timeout", type=float, default=10.0, help="seconds to download one input image of an edit"
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run at most N requests of one account (Authorization header value) at once, as fal does "
+        "(2 to 40 there); the rest wait IN_QUEUE, first in first out, with a falling queue_position "
+        "(default: no limit)",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request to stderr")
     return parser
 
@@ -66,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             public_url=args.public_url,
             access_log=args.access_log,
             input_fetch_timeout=args.input_fetch_timeout,
+            concurrency=args.concurrency,
         )
         emulator.start()
     except (OSError, ValueError) as exc:

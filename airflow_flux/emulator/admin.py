@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from airflow_flux.emulator.core import _CoreState, _json
+from airflow_flux.emulator.jobs import IN_QUEUE
 from airflow_flux.emulator.scenarios import Scenario
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ class _AdminHandlers(_CoreState):
         return _json(rows)
 
     async def admin_jobs(self, request: web.Request) -> web.Response:
-        """Summary of every job (for debugging and cross-process tests)."""
+        """Summary of every job (for debugging and cross-process tests); ``started_at`` and
+        ``completed_at`` give the timeline, and ``queue_position`` is there while queued."""
         now = time.time()
         with self.lock:
             jobs = list(self.jobs.values())
@@ -73,6 +75,12 @@ def _strip_url(url: Any) -> Any:
     return url.split("#", 1)[0].split("?", 1)[0]
 
 
+def _started_at(job: Job, now: float) -> float | None:
+    """When the job left the queue and began to run (None: not yet, or it never ran)."""
+    start = job.queue_end
+    return start if start is not None and start <= now and job.started else None
+
+
 def _job_summary(job: Job, now: float) -> dict[str, Any]:
     body = dict(job.input)
     for name in ("image_url", "image_urls"):
@@ -84,12 +92,15 @@ def _job_summary(job: Job, now: float) -> dict[str, Any]:
         row = dataclasses.asdict(fetch)
         row["url"] = _strip_url(fetch.url)
         fetches.append(row)
+    state = job.state_at(now)
     return {
         "request_id": job.request_id,
         "model_path": job.model_path,
-        "status": job.state_at(now),
+        "status": state,
+        "queue_position": job.queue_position_at(now) if state == IN_QUEUE else None,
         "outcome": job.outcome if job.completed_at is not None else None,
         "submitted_at": job.submitted_at,
+        "started_at": _started_at(job, now),
         "completed_at": job.completed_at,
         "cancelled": job.cancelled,
         "input": body,

@@ -14,7 +14,8 @@ Endpoints (``{app}`` = owner/app, the first two segments of the model path):
 * ``GET /{app}/requests/{id}`` result (400 while running or if cancelled)
 * ``PUT /{app}/requests/{id}/cancel`` 202 / 400 ALREADY_COMPLETED / 404 NOT_FOUND
 * ``GET /cdn/files/{id}/{index}.{ext}`` image bytes, no auth
-* ``/_emulator/{health,requests,jobs,scenarios,reset}`` admin, no auth
+* ``/_emulator/{health,requests,jobs,scenarios,reset}`` admin, no auth (``jobs`` gives each
+  job's ``submitted_at``, ``started_at``, ``completed_at`` and, while queued, ``queue_position``)
 
 Decisions where fal's behaviour is unknown or simplified:
 
@@ -32,6 +33,11 @@ Decisions where fal's behaviour is unknown or simplified:
   before they are. One that cannot be loaded ends the job COMPLETED at once, with no
   ``error`` in the status body; its result is 422 ``image_load_error`` naming the field
   (``["body", "image_urls", 1]``) and echoing the URL in ``msg`` and ``input``.
+* With a concurrency limit (``accounts``), an account is one ``Authorization`` header value
+  (``Key abc`` and ``Bearer abc`` are two); slots go to the waiting jobs in submit order,
+  ``queue_position`` is the number of the account's jobs ahead still waiting (plus a
+  scenario's scripted ``queue_position``, if any), a cancelled running job frees its slot at
+  once, and an ``X-Fal-Request-Timeout`` counts the wait for a slot too.
 * Unknown body fields are ignored (not rejected), on every endpoint.
 * Images flagged by ``Scenario.nsfw`` are rendered black, as FLUX returns them.
 * ``status_errors`` entry ``"malformed"`` on a stream sends one truncated ``data:``

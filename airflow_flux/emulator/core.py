@@ -1,9 +1,10 @@
 """What every handler shares: the emulator's state, and the plumbing around the handlers.
 
-:class:`_CoreState` holds the recorded requests, jobs, scenarios, image cache and render
-threads; it runs the middleware (request recording, auth, aiohttp errors as fal JSON) and
-builds fal-shaped error bodies. The handlers are mixins on top of it (``queue_api``,
-``outputs``, ``admin``), put together with the routes in ``app``.
+:class:`_CoreState` holds the recorded requests, jobs, scenarios, image cache, render
+threads and the accounts of a concurrency limit (``accounts``); it runs the middleware
+(request recording, auth, aiohttp errors as fal JSON) and builds fal-shaped error bodies.
+The handlers are mixins on top of it (``queue_api``, ``outputs``, ``admin``), put together
+with the routes in ``app``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from airflow_flux.emulator import images
+from airflow_flux.emulator.accounts import Account
 from airflow_flux.emulator.scenarios import _API_KINDS, RecordedRequest, Scenario
 
 if TYPE_CHECKING:
@@ -82,6 +84,7 @@ class _CoreState:
         url_mode: str,
         ping_interval: float,
         input_fetch_timeout: float = 10.0,
+        concurrency: int | None = None,
     ) -> None:
         self.queue_seconds = queue_seconds
         self.run_seconds = run_seconds
@@ -90,6 +93,9 @@ class _CoreState:
         self.ping_interval = ping_interval
         #: Seconds allowed to download one input image of an edit (see ``fetch``).
         self.input_fetch_timeout = input_fetch_timeout
+        #: Jobs of one account IN_PROGRESS at once at most (None: no limit), see ``accounts``.
+        self.concurrency = concurrency
+        self.accounts: dict[str | None, Account] = {}
         self.base_url = ""  # set once the socket is bound
         self.public_url: str | None = None
         self.lock = threading.Lock()
@@ -115,6 +121,10 @@ class _CoreState:
         """Called on the loop once listening (again after a restart)."""
         self.closing = False
         self._closing_event = asyncio.Event()
+        # Events are bound to the loop that first waited on them: after a restart, fresh ones.
+        with self.lock:
+            for job in self.jobs.values():
+                job.wakeup = asyncio.Event()
         # Pillow work runs here, off the event loop.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="flux-emulator-render")
 
@@ -161,10 +171,31 @@ class _CoreState:
         with self.lock:
             self.requests.clear()
             self.jobs.clear()
+            self.accounts.clear()
             self.scenarios.clear()
             self.default_scenario = Scenario()
             self.submit_error_counts.clear()
         self.cache.clear()
+
+    def _admit(self, job: Job, now: float) -> None:
+        """Give a new job its place in its account's queue (only under a limit; hold ``lock``)."""
+        if self.concurrency is None:
+            return
+        account = self.accounts.get(job.account)
+        if account is None:
+            account = self.accounts[job.account] = Account(self.concurrency)
+        account.add(job, now)
+
+    def _reschedule(self, job: Job, now: float) -> None:
+        """Recompute the waiting jobs of ``job``'s account after its times changed at ``now``
+        (cancel, inputs loaded) and wake whoever watches them; nothing to do without a limit."""
+        if not job.limited:
+            return
+        with self.lock:
+            account = self.accounts.get(job.account)
+            waiting = account.schedule(now) if account is not None else []
+        for other in waiting:
+            other.notify()
 
     def _match_scenario(self, prompt: str) -> tuple[str | None, Scenario]:
         with self.lock:

@@ -9,7 +9,9 @@ Pillow then has to decode the bytes (off the event loop). Each attempt is kept a
 An input that cannot be loaded (unsupported scheme, connection error, timeout, non-2xx,
 too large, not an image) fails the request the way fal fails it: the job ends COMPLETED and
 its result answers 422 ``image_load_error`` naming the field and echoing the URL (see
-``outputs``). A mixin on :class:`~airflow_flux.emulator.core._CoreState`.
+``outputs``). Under a concurrency limit the job's start may move earlier, or become known,
+while it waits (``accounts``), which wakes the wait; once the fetch is over the job's end is
+known and its account is scheduled again. A mixin on :class:`~airflow_flux.emulator.core._CoreState`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import time
 import urllib.parse
@@ -102,9 +105,22 @@ class _InputFetchHandlers(_CoreState):
         task.add_done_callback(self._background_tasks.discard)
 
     async def _fetch_inputs_when_started(self, job: Job) -> None:
-        # Loop: the event loop's clock may wake a hair before time.time() says it is time.
-        while (delay := job.queue_end - time.time()) > 0 and not self.closing:
-            await self._sleep(delay + 0.001)
+        # Loop: the event loop's clock may wake a hair before time.time() says it is time, and
+        # under a concurrency limit the start can change while waiting (``Job.notify``).
+        while not self.closing:
+            wakeup = job.wakeup
+            now = time.time()
+            start, end = job.queue_end, job.end_time
+            if start is not None and start <= now:
+                break
+            if end is not None and end <= now:
+                return  # cancelled / timed out in the queue: never fetched
+            delay = None if start is None else start - now + 0.001
+            if not job.limited:
+                await self._sleep(delay or 0.0)  # the start cannot move: as before
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), delay)
         if self.closing or not job.started:
             return  # shutting down, or cancelled / timed out in the queue: never fetched
         try:
@@ -120,6 +136,8 @@ class _InputFetchHandlers(_CoreState):
             job.input_images = ok_images
             job.input_errors = [load_error(fetch) for fetch, _ in results if not fetch.ok]
             job.inputs_done_at = time.time()
+        # Under a limit, the slot it holds frees when the job ends, known from now on.
+        self._reschedule(job, job.inputs_done_at)
 
     async def _fetch_all(self, job: Job) -> list[tuple[InputFetch, bytes | None]]:
         timeout = aiohttp.ClientTimeout(total=self.input_fetch_timeout)

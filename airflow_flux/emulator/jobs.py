@@ -13,11 +13,18 @@ Edit and multi jobs also wait for their input images: they are fetched when the 
 leaves the queue (see ``fetch``), and the job cannot complete before they are in. Until
 then the job has no known end; once they are, it ends at the later of its natural end and
 the fetch, or, if an input could not be loaded, as soon as the fetch failed.
+
+Under a concurrency limit (``FluxEmulator(concurrency=N)``) a job leaves the queue when its
+account's schedule says (see ``accounts``): the schedule stores its start (``scheduled_start``,
+None while not known) and when each job ahead of it leaves the queue (``ahead_leaves``), and
+the job's state and ``queue_position`` follow from those times in the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -77,21 +84,44 @@ class Job:
     input_errors: list[dict[str, Any]] = field(default_factory=list)
     #: The encoded input images that loaded, in order (what edit outputs are derived from).
     input_images: list[bytes] = field(default_factory=list, repr=False)
-    # Woken on cancel or shutdown so sleeping SSE streams react at once.
+    #: The ``Authorization`` header value of the submit: the account it counts against.
+    account: str | None = field(default=None, repr=False)
+    #: True when the account's concurrency limit decides the start (see ``accounts``).
+    limited: bool = False
+    #: Under the limit: when the job leaves the queue (None: not known yet, or never).
+    scheduled_start: float | None = None
+    #: Under the limit: ``submitted_at`` + ``X-Fal-Request-Timeout`` (None: not sent).
+    start_by: float | None = None
+    #: Under the limit, while queued: when each waiting job of the account leaves the queue
+    #: (``inf``: not known yet), in submit order; the first ``ahead_count`` are ahead of this
+    #: one. The list is shared by the account's waiting jobs.
+    ahead_leaves: list[float] = field(default_factory=list, repr=False)
+    ahead_count: int = 0
+    # Woken on cancel or shutdown so sleeping SSE streams react at once; replaced and set by
+    # :meth:`notify` when the job's times change.
     wakeup: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
+    def notify(self) -> None:
+        """Wake whoever sleeps on :attr:`wakeup` (streams, the input fetch) to look again."""
+        event, self.wakeup = self.wakeup, asyncio.Event()
+        event.set()
+
     @property
-    def queue_end(self) -> float:
-        """When the job leaves the queue."""
+    def queue_end(self) -> float | None:
+        """When the job leaves the queue (None, under a concurrency limit only: not known yet,
+        or it never starts)."""
+        if self.limited:
+            return self.scheduled_start
         return self.submitted_at + self.queue_seconds
 
     @property
     def natural_end(self) -> float | None:
         """When the job completes if nothing interrupts it (None: never, or not known yet
         because its input images are still being fetched)."""
-        if self.scenario.never_complete:
+        start = self.queue_end
+        if self.scenario.never_complete or start is None:
             return None
-        run_end = self.queue_end + self.run_seconds
+        run_end = start + self.run_seconds
         if not self.input_refs:
             return run_end
         done = self.inputs_done_at
@@ -109,7 +139,10 @@ class Job:
     def started(self) -> bool:
         """Whether the job left the queue (or will, if it has not ended before)."""
         end = self.end_time
-        return end is None or end > self.queue_end
+        start = self.queue_end
+        if start is None:
+            return end is None
+        return end is None or end > start
 
     @property
     def end_time(self) -> float | None:
@@ -151,20 +184,27 @@ class Job:
         end = self.end_time
         if end is not None and now >= end:
             return COMPLETED
-        if now < self.queue_end:
+        start = self.queue_end
+        if start is None or now < start:
             return IN_QUEUE
         return IN_PROGRESS
 
     def queue_position_at(self, now: float) -> int:
-        """Counts down from the scenario's position to 0 in equal steps over the queue time."""
+        """Counts down from the scenario's position to 0 in equal steps over the queue time;
+        under a concurrency limit, plus the account's jobs ahead that have not left the queue."""
+        position = 0
         initial = self.scenario.queue_position
-        if initial <= 0 or self.queue_seconds <= 0:
-            return 0
-        slot = self.queue_seconds / (initial + 1)
-        return max(0, initial - int((now - self.submitted_at) / slot))
+        if initial > 0 and self.queue_seconds > 0:
+            slot = self.queue_seconds / (initial + 1)
+            position = max(0, initial - int((now - self.submitted_at) / slot))
+        if self.ahead_count:
+            position += sum(1 for t in itertools.islice(self.ahead_leaves, self.ahead_count) if t > now)
+        return position
 
     def _log_schedule(self) -> list[tuple[float, str]]:
         start = self.queue_end
+        if start is None:
+            return []
         schedule = [
             (start, "Starting generation"),
             (start + self.run_seconds * 10 / _STEPS, f"Step 10/{_STEPS}"),
@@ -205,7 +245,12 @@ class Job:
         end = self.end_time
         if end is not None:
             candidates.append(end)
-        candidates.append(self.queue_end)
+        start = self.queue_end
+        if start is not None:
+            candidates.append(start)
+        if self.ahead_count:
+            ahead = itertools.islice(self.ahead_leaves, self.ahead_count)
+            candidates.extend(t for t in ahead if now < t < math.inf)
         initial = self.scenario.queue_position
         if initial > 0 and self.queue_seconds > 0:
             slot = self.queue_seconds / (initial + 1)
@@ -214,7 +259,7 @@ class Job:
                 candidates.append(self.submitted_at + step * slot)
         if with_logs:
             candidates.extend(t for t, _ in self._log_schedule())
-        if self.inputs_pending and now >= self.queue_end:
+        if self.inputs_pending and start is not None and now >= start:
             candidates.append(now + _INPUT_POLL_SECONDS)
         future = [t for t in candidates if t > now]
         return min(future) if future else None
@@ -239,4 +284,5 @@ class Job:
         end = self.end_time
         if end is None:
             return self.run_seconds
-        return round(max(0.0, end - self.queue_end), 3)
+        start = self.queue_end
+        return 0.0 if start is None else round(max(0.0, end - start), 3)

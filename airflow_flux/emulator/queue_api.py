@@ -1,7 +1,8 @@
 """fal's queue API proper: submit, status (poll and SSE stream) and cancel.
 
 A mixin on :class:`~airflow_flux.emulator.core._CoreState` (through ``fetch``, which loads
-the input images of edit jobs); see ``app`` for the routes.
+the input images of edit jobs); see ``app`` for the routes. Under a concurrency limit, submit
+and cancel also (re)schedule the account's queue (``accounts``).
 """
 
 from __future__ import annotations
@@ -97,13 +98,18 @@ class _QueueHandlers(_InputFetchHandlers):
             store_io=options["store_io"],
             object_lifecycle_preference=options["object_lifecycle_preference"],
             input_refs=input_image_refs(model_path, body),
+            account=request.headers.get("Authorization"),
         )
         seconds = options["request_timeout"]
-        if seconds is not None and seconds < queue_seconds:
+        if self.concurrency is not None:
+            # The account's schedule decides the start, and whether the deadline is missed.
+            job.start_by = None if seconds is None else now + seconds
+        elif seconds is not None and seconds < queue_seconds:
             # It would not leave the queue in time: it ends at the deadline, never runs.
             job.deadline_at = now + seconds
         with self.lock:
             self.jobs[request_id] = job
+            self._admit(job, now)
         if job.input_refs:
             self._schedule_input_fetch(job)
         _record().request_id = request_id
@@ -192,11 +198,13 @@ class _QueueHandlers(_InputFetchHandlers):
             return response
 
         loop = asyncio.get_running_loop()
-        self._active_streams[id(response)] = job.wakeup
         try:
             last_payload: str | None = None
             last_write = loop.time()
             while not self.closing:
+                # Taken before the body: a change from here on sets it (``Job.notify``).
+                wakeup = job.wakeup
+                self._active_streams[id(response)] = wakeup
                 now = time.time()
                 body = self._status_body(job, now, with_logs)
                 payload = json.dumps(body)
@@ -219,7 +227,7 @@ class _QueueHandlers(_InputFetchHandlers):
                     timeout = min(timeout, next_change - now + 0.002)
                 if timeout > 0:
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(job.wakeup.wait(), timeout)
+                        await asyncio.wait_for(wakeup.wait(), timeout)
                 if loop.time() - last_write >= self.ping_interval:
                     await response.write(b": ping\n\n")
                     last_write = loop.time()
@@ -246,4 +254,6 @@ class _QueueHandlers(_InputFetchHandlers):
             job.cancelled = True
             job.cancelled_at = now
         job.wakeup.set()
+        # Under a limit: a queued job gives up its place, a running one frees its slot now.
+        self._reschedule(job, now)
         return _json({"status": "CANCELLATION_REQUESTED"}, 202)

@@ -13,10 +13,12 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import threading
+import time
 from typing import Any
 
 from aiohttp import web
 
+from airflow_flux.emulator.accounts import peak_running
 from airflow_flux.emulator.app import _EmulatorCore
 
 # Every module-level name of this module from before the split stays importable from here;
@@ -47,11 +49,15 @@ class FluxEmulator:
 
     Use as a context manager, or call :meth:`start` / :meth:`stop`.
     ``input_fetch_timeout`` bounds the download of each input image of an edit.
+    ``concurrency=N`` runs at most N jobs of one account (``Authorization`` header value) at
+    once, as fal does (2 to 40 there); the others wait ``IN_QUEUE``, first in first out, with a
+    falling ``queue_position`` (see ``accounts``). None (the default): no limit.
 
-    What a test reads: :attr:`requests` / :meth:`calls` (every HTTP request received) and
+    What a test reads: :attr:`requests` / :meth:`calls` (every HTTP request received),
     :attr:`jobs` (request id -> live :class:`Job`: ``priority``, ``request_timeout``,
     ``store_io``, ``object_lifecycle_preference``, and for edits ``input_fetches``, a list
-    of :class:`InputFetch`, filled once the job has left the queue and loaded its inputs).
+    of :class:`InputFetch`, filled once the job has left the queue and loaded its inputs) and
+    :meth:`max_running` (the most jobs of one account that ran at once).
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class FluxEmulator:
         public_url: str | None = None,
         access_log: bool = False,
         input_fetch_timeout: float = 10.0,
+        concurrency: int | None = None,
     ) -> None:
         if url_mode not in ("fal", "self") and not url_mode.startswith("http"):
             raise ValueError("url_mode must be 'fal', 'self' or an http(s) base URL")
@@ -74,6 +81,10 @@ class FluxEmulator:
             raise ValueError("ping_interval must be positive")
         if input_fetch_timeout <= 0:
             raise ValueError("input_fetch_timeout must be positive")
+        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)):
+            raise ValueError("concurrency must be an int or None")
+        if concurrency is not None and concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self.host = host
         self._requested_port = port
         self._access_log = access_log
@@ -84,6 +95,7 @@ class FluxEmulator:
             url_mode=url_mode,
             ping_interval=ping_interval,
             input_fetch_timeout=input_fetch_timeout,
+            concurrency=concurrency,
         )
         self._core.public_url = public_url
         self._port: int | None = None
@@ -207,6 +219,11 @@ class FluxEmulator:
         self._core.url_mode = value
 
     @property
+    def concurrency(self) -> int | None:
+        """Jobs of one account IN_PROGRESS at once at most (None: no limit)."""
+        return self._core.concurrency
+
+    @property
     def token(self) -> str | None:
         """The accepted API token (None: any non-empty token)."""
         return self._core.token
@@ -252,3 +269,14 @@ class FluxEmulator:
         with self._core.lock:
             job = self._core.jobs.get(request_id)
         return None if job is None else job.completed_at
+
+    def max_running(self, authorization: str | None = None) -> int:
+        """The most jobs of one account that were IN_PROGRESS at the same moment so far.
+
+        ``authorization`` is the account: the ``Authorization`` header value its submits sent
+        (``"Key abc"``; None: no header, which the auth check refuses anyway). Computed from the jobs' start and end
+        times, so it covers every moment, not only polled ones; it works without a limit too.
+        """
+        with self._core.lock:
+            jobs = [j for j in self._core.jobs.values() if j.account == authorization]
+            return peak_running(jobs, time.time())
