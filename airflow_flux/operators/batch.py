@@ -38,8 +38,13 @@ if TYPE_CHECKING:
 #: A batch that would generate more images than this is refused before any submit, unless
 #: ``max_images`` says otherwise: a templated list that grew by mistake must not be paid for.
 DEFAULT_MAX_IMAGES = 500
-#: ``task_state_store`` key of request ``index`` of the batch.
+#: ``task_state_store`` keys: request ``index``'s record (handle and fingerprint, written the
+#: moment it is paid for), the batch's marker (written before its first submit: without it,
+#: no try has paid for anything, and no record need be read), and every finished request's
+#: outcome, compact results included (one value, written when the wait ends).
 STATE_KEY = "flux_batch/{index}"
+MARKER_KEY = "flux_batch"
+OUTCOMES_KEY = "flux_batch/outcomes"
 #: Submits in flight at once from the worker (each is one short HTTP call).
 SUBMIT_CONCURRENCY = 8
 
@@ -177,12 +182,19 @@ class FluxBatchGenerateOperator(BaseOperator):
         payloads = self._payloads(endpoint)  # before any call
         options = RequestOptions.build(start_timeout=self.start_timeout, priority=self.priority)
         reuses = [self._reuse(context, endpoint, index, payload) for index, payload in enumerate(payloads)]
+        store = context.get("task_state_store")
+        # One read on a first try: the per-request records are only read when an earlier try
+        # (or run) of this task has submitted anything.
+        marker = _read(store, MARKER_KEY)
+        known = (_read(store, OUTCOMES_KEY) or {}) if marker is not None else {}
         outcomes: dict[int, dict[str, Any]] = {}
         waiting: dict[int, dict[str, Any]] = {}
         to_submit: list[int] = []
         for index, reuse in enumerate(reuses):
-            _, stored = reuse.eligible()
-            outcome = stored.outcome if stored is not None else None
+            stored = reuse.eligible()[1] if marker is not None else None
+            outcome: dict[str, Any] | None = known.get(str(index))
+            if stored is None or not outcome or outcome.get("request_id") != stored.handle.get("request_id"):
+                outcome = None  # no outcome of *this* request known
             if stored is None or (outcome and outcome.get("status") == "failed" and outcome.get("retryable")):
                 to_submit.append(index)
             elif outcome and outcome.get("status") in ("completed", "failed"):
@@ -198,9 +210,11 @@ class FluxBatchGenerateOperator(BaseOperator):
                 len(waiting),
                 len(to_submit),
             )
+        if store is not None and to_submit:
+            store.set(MARKER_KEY, {"requests": len(payloads)})
         waiting.update(self._submit_all(endpoint, payloads, reuses, to_submit, options))
         if not waiting:
-            return self._finish(context, endpoint, payloads, reuses, outcomes, timed_out=False)
+            return self._finish(context, endpoint, payloads, outcomes, timed_out=False)
         trigger = self._trigger(waiting)
         if self.deferrable:
             self.defer(
@@ -292,26 +306,27 @@ class FluxBatchGenerateOperator(BaseOperator):
         batch = FluxBatchEvent.from_payload(event)
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
         payloads = self._payloads(endpoint)
-        reuses = [self._reuse(context, endpoint, index, payload) for index, payload in enumerate(payloads)]
-        outcomes: dict[int, dict[str, Any]] = {}
-        for index, reuse in enumerate(reuses):
-            _, stored = reuse.eligible()
-            if stored is not None and stored.outcome:
-                outcomes[index] = stored.outcome
+        store = context.get("task_state_store")
+        # What earlier tries kept (completed, or refused for good), then this wait's outcomes.
+        known = _read(store, OUTCOMES_KEY) or {}
         for outcome in batch.outcomes:
-            reuse = reuses[outcome.index]
-            _, stored = reuse.eligible()
             record = outcome.model_dump(mode="json", exclude_none=True)
-            outcomes[outcome.index] = record
-            if stored is None:
-                continue
             if outcome.status != "pending":
-                reuse.record(stored.handle, outcome=record)  # kept for a retry, results included
-            elif batch.status == "timeout":
-                self._cancel(stored.handle)  # a pending one stays unrecorded: a retry awaits it again
-        return self._finish(context, endpoint, payloads, reuses, outcomes, timed_out=batch.status == "timeout")
+                known[str(outcome.index)] = record  # kept for a retry, results included
+            else:
+                known.pop(str(outcome.index), None)  # a retry awaits it again
+                if batch.status == "timeout":
+                    self._cancel({"request_id": outcome.request_id, "endpoint": endpoint})
+        if store is not None:
+            store.set(OUTCOMES_KEY, known)
+        outcomes = {int(index): record for index, record in known.items()}
+        for outcome in batch.outcomes:
+            if outcome.status == "pending":
+                outcomes[outcome.index] = outcome.model_dump(mode="json", exclude_none=True)
+        return self._finish(context, endpoint, payloads, outcomes, timed_out=batch.status == "timeout")
 
     def _cancel(self, handle: dict[str, Any]) -> None:
+        """Cancel an unfinished request (its URLs are built from its id on the connection)."""
         try:
             self.log.info("Cancel of FLUX request %s: %s", handle["request_id"], self.hook.cancel(handle))
         except Exception as exc:
@@ -322,7 +337,6 @@ class FluxBatchGenerateOperator(BaseOperator):
         context: Context,
         endpoint: str,
         payloads: list[dict[str, Any]],
-        reuses: list[RequestReuse],
         outcomes: dict[int, dict[str, Any]],
         *,
         timed_out: bool,
@@ -371,6 +385,12 @@ class FluxBatchGenerateOperator(BaseOperator):
                 f"{listed}{' ...' if len(failed) > 10 else ''}"
             )
         return results
+
+
+def _read(store: Any, key: str) -> dict[str, Any] | None:
+    """A dict stored under ``key``, or None (no store, nothing stored, or not a dict)."""
+    value = store.get(key) if store is not None else None
+    return dict(value) if isinstance(value, Mapping) else None
 
 
 async def _first_event(trigger: Any) -> dict[str, Any]:
