@@ -220,7 +220,7 @@ class FluxSubmitOperator(BaseOperator):
         """Submit (or reuse) the request and record it before anything else can fail."""
         # Imported here, not at the top: a DAG parse imports this module and never submits.
         from airflow_flux.identity import RequestIdentity
-        from airflow_flux.operators.reuse import RequestReuse
+        from airflow_flux.operators.reuse import Decision, RequestReuse
 
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
         # The rendered values, checked before any call; the caller's own (s3:// inputs not yet
@@ -236,6 +236,7 @@ class FluxSubmitOperator(BaseOperator):
             enabled=self.reuse_request,
         )
         handle = reuse.reusable()
+        self._already_completed = reuse.decision is Decision.ALREADY_SUCCEEDED
         if handle is None:
             sent = self._resolve_inputs(payload, options)
             handle = self.hook.submit(
@@ -298,6 +299,11 @@ class FluxGenerateOperator(FluxWaitMixin, FluxSubmitOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         handle = self._handle = self.submit(context)
+        if self._already_completed:
+            # A retry whose request already completed: its result is one call away. Deferring
+            # would only add a round trip, and a trigger that fires before this worker has
+            # exited can make the scheduler fail the task (apache/airflow#66374).
+            return self._result(handle, 0.0)
         if self.deferrable:
             self._defer_wait(handle)
         return self._wait_blocking(handle)

@@ -91,6 +91,8 @@ class RequestReuse:
         self.key = key
         task = getattr(self.ti, "task", None)
         self.tags = {"operator": type(task).__name__ if task is not None else "unknown"}
+        #: The decision of :meth:`reusable`, once made.
+        self.decision: Decision | None = None
 
     @property
     def _max_tries(self) -> int | None:
@@ -106,6 +108,7 @@ class RequestReuse:
             span.set_attribute("resumable.external_id_key", self.key)
             decision, handle = self._decide(span)
             span.set_attribute("resumable.decision", decision.value)
+        self.decision = decision
         if decision in _METRIC:
             self._incr(_METRIC[decision])
         if handle is None:
