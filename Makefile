@@ -39,7 +39,7 @@ demo: venv ## flux_content_pipeline on the emulator and a local S3; images in ./
 demo-ui: venv ## the same on a real Airflow, UI on http://127.0.0.1:8080; Ctrl-C stops it (FLUX_DEMO_UI_ONCE=1: one run)
 	$(PY) -m demo.ui $(DEMO_ARGS)
 
-bench: venv ## issue #6 benchmarks (~9 min on 2 cores), rewrites bench/RESULTS.md; BENCH_ARGS=--quick for a smoke run
+bench: venv ## the benchmarks (issues #6 and #14, ~20 min on 2 cores), rewrites bench/RESULTS.md; BENCH_ARGS=--quick for a smoke run
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:

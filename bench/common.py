@@ -251,6 +251,7 @@ class Emulator:
         ping_interval: float = 15.0,
         url_mode: str = "self",
         real_images: bool = False,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -270,6 +271,7 @@ class Emulator:
         ]
         if real_images:
             self.args.append("--real-images")
+        self.args.extend(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Emulator:

@@ -1,11 +1,11 @@
-"""Run the four benchmarks of issue #6 and rewrite bench/RESULTS.md from what they measured.
+"""Run the benchmarks (issue #6's four parts and #14's batch part) and rewrite bench/RESULTS.md from what they measured.
 
 Each part runs as its own process (``bench/<part>.py --json ...``), one after another so no
 part loads the machine while another measures. Its printed report (tables, goal checks, the
 exact command) goes into RESULTS.md as printed; the goal checks it records in its JSON make
 the summary at the top. Raw figures stay in ``bench/results/`` (not committed).
 
-    .venv/bin/python bench/run_all.py            # what `make bench` runs (about 9 minutes)
+    .venv/bin/python bench/run_all.py            # what `make bench` runs (about 20 minutes)
     .venv/bin/python bench/run_all.py --quick    # every part in its quick form (about 2 minutes)
     .venv/bin/python bench/run_all.py --only detection parse_cost
 """
@@ -31,6 +31,7 @@ PARTS = (
     ("trigger_scale", "2. Many waits in one triggerer loop"),
     ("transfer", "3. Copying the images to S3"),
     ("parse_cost", "4. Parse cost of the DAG files"),
+    ("batch", "5. Batch generation on a real Airflow"),
 )
 
 
