@@ -22,9 +22,19 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "hooks": [{"integration-name": "FLUX (fal)", "python-modules": ["airflow_flux.hooks.flux"]}],
-        "operators": [{"integration-name": "FLUX (fal)", "python-modules": ["airflow_flux.operators.flux", "airflow_flux.operators.batch"]}],
+        "operators": [
+            {
+                "integration-name": "FLUX (fal)",
+                "python-modules": ["airflow_flux.operators.flux", "airflow_flux.operators.batch"],
+            }
+        ],
         "sensors": [{"integration-name": "FLUX (fal)", "python-modules": ["airflow_flux.sensors.flux"]}],
-        "triggers": [{"integration-name": "FLUX (fal)", "python-modules": ["airflow_flux.triggers.flux", "airflow_flux.triggers.batch"]}],
+        "triggers": [
+            {
+                "integration-name": "FLUX (fal)",
+                "python-modules": ["airflow_flux.triggers.flux", "airflow_flux.triggers.batch"],
+            }
+        ],
         "transfers": [
             {
                 "source-integration-name": "FLUX (fal)",
