@@ -9,16 +9,36 @@ clear error instead of a ``KeyError``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from airflow_flux.exceptions import FluxError, FluxRequestFailedError, FluxTimeoutError
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 WaitStatus = Literal["success", "failed", "timeout", "error"]
 
 
-class FluxWaitEvent(BaseModel):
+class _Event(BaseModel):
+    """A trigger's event: built by the trigger, read back by ``execute_complete``."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+    @classmethod
+    def from_payload(cls, event: Any) -> Self:
+        """The event of a payload Airflow hands ``execute_complete``, or a clear :class:`FluxError`."""
+        try:
+            return cls.model_validate(event)
+        except ValidationError as exc:
+            raise FluxError(
+                f"Unexpected event from the FLUX trigger ({exc.error_count()} problem(s): "
+                f"{exc.errors(include_url=False, include_input=False)}): {str(event)[:500]}"
+            ) from None
+
+
+class FluxWaitEvent(_Event):
     """The end of a wait.
 
     :param status: ``success`` (with ``result`` when it was fetched), ``failed`` (the API's
@@ -35,8 +55,6 @@ class FluxWaitEvent(BaseModel):
     :param detail: the API's ``detail`` behind an ``error`` event.
     """
 
-    model_config = ConfigDict(extra="forbid", defer_build=True)
-
     status: WaitStatus
     message: str
     request_id: str
@@ -52,17 +70,6 @@ class FluxWaitEvent(BaseModel):
     def payload(self) -> dict[str, Any]:
         """The JSON payload of the ``TriggerEvent``: only the fields this event sets."""
         return self.model_dump(mode="json", exclude_unset=True)
-
-    @classmethod
-    def from_payload(cls, event: Any) -> FluxWaitEvent:
-        """The event of a payload Airflow hands ``execute_complete``, or a clear :class:`FluxError`."""
-        try:
-            return cls.model_validate(event)
-        except ValidationError as exc:
-            raise FluxError(
-                f"Unexpected event from the FLUX trigger ({exc.error_count()} problem(s): "
-                f"{exc.errors(include_url=False, include_input=False)}): {str(event)[:500]}"
-            ) from None
 
     def failure(self) -> FluxError:
         """The task's error for a ``failed``, ``timeout`` or ``error`` event."""
@@ -106,14 +113,12 @@ class BatchOutcome(BaseModel):
     retryable: bool | None = None
 
 
-class FluxBatchEvent(BaseModel):
+class FluxBatchEvent(_Event):
     """The end of a batch's wait: every request's outcome, in input order.
 
     :param status: ``done`` (every request completed or failed) or ``timeout`` (the deadline
         passed; the unfinished are ``pending``).
     """
-
-    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     status: Literal["done", "timeout"]
     message: str
@@ -123,12 +128,3 @@ class FluxBatchEvent(BaseModel):
     def payload(self) -> dict[str, Any]:
         """The JSON payload of the ``TriggerEvent`` (unset fields left out: it is stored per task)."""
         return self.model_dump(mode="json", exclude_none=True)
-
-    @classmethod
-    def from_payload(cls, event: Any) -> FluxBatchEvent:
-        try:
-            return cls.model_validate(event)
-        except ValidationError as exc:
-            raise FluxError(
-                f"Unexpected event from the FLUX batch trigger ({exc.error_count()} problem(s)): {str(event)[:500]}"
-            ) from None
