@@ -177,9 +177,10 @@ async def test_polling_fallback_for_a_60s_generation_is_at_most_a_tenth_late_in_
 
 
 async def test_result_fetches_in_flight_are_bounded_per_loop(emulator, flux_conn, monkeypatch):
-    from airflow_flux.triggers import flux as trigger_module
+    from airflow_flux.hooks import shared
 
-    monkeypatch.setattr(trigger_module, "RESULT_FETCH_CONCURRENCY", 2)
+    # The bound is the event loop's, shared by every trigger on it (and the batch trigger).
+    monkeypatch.setattr(shared, "RESULT_FETCH_CONCURRENCY", 2)
     handles = [_submit(flux_conn, f"a burst fox {i}") for i in range(8)]
     in_flight, most = 0, 0
     real = FluxHook.aget_result
