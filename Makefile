@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv test lint typecheck pytest emulator demo demo-ui bench clean
+.PHONY: venv test test-distributed lint typecheck pytest emulator demo demo-ui bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,10 @@ typecheck: venv ## mypy over the package
 pytest: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test: lint typecheck pytest ## everything CI runs
+test: lint typecheck pytest ## everything CI runs (tests/distributed included)
+
+test-distributed: venv ## CeleryExecutor + PostgreSQL + Redis + 2 workers + 2 triggerers, processes killed mid-run (needs postgresql, redis-server)
+	$(PY) -m pytest -q -p no:randomly tests/distributed $(PYTEST_ARGS)
 
 emulator: venv ## run the fal queue emulator on :8787
 	$(PY) -m airflow_flux.emulator --port 8787
