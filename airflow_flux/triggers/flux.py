@@ -165,7 +165,7 @@ class FluxStatusTrigger(BaseTrigger):
         return None if self.end_time is None else self.end_time - time.time()
 
     def _event(self, status: WaitStatus, message: str, **extra: Any) -> TriggerEvent:
-        event = FluxWaitEvent(
+        event = FluxWaitEvent.of(
             status=status,
             message=message,
             request_id=self.handle["request_id"],
@@ -296,7 +296,8 @@ class FluxStatusTrigger(BaseTrigger):
         return self._event(
             "success",
             f"FLUX request {rid} completed.",
-            result=result.model_dump(mode="json"),
+            # The fields the worker adds later (endpoint, inputs, cost) are not sent from here.
+            result=result.model_dump(mode="json", exclude={"endpoint", "inputs", "cost_usd"}),
             metrics=metrics,
         )
 
