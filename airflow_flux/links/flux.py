@@ -1,4 +1,4 @@
-"""The "FLUX request" and "Flux gallery" extra links, and the gallery's URLs.
+"""The "FLUX request" and "Flux gallery" extra links (pages of the Flux gallery), and its URLs.
 
 Each operator lists the link class that fits it, so a link needs nothing from the operators:
 it reads what the task pushed to XCom (keys in :mod:`airflow_flux.xcom_keys`).
@@ -60,23 +60,20 @@ def _request_url(ti_key: TaskInstanceKey) -> str | None:
     return url if isinstance(url, str) and url else None
 
 
+def _request_id(ti_key: TaskInstanceKey) -> str | None:
+    """The id of the FLUX request the task pushed (the last segment of its URL), or None."""
+    url = _request_url(ti_key)
+    return url.rstrip("/").rsplit("/", 1)[-1] if url else None
+
+
 class FluxRequestLink(BaseOperatorLink):
-    """Extra link to the request's result URL (the API's ``response_url``), on the submit and the wait."""
+    """Opens the Flux gallery on the images of this task's FLUX request (submit, generate, sensor).
 
-    name = "FLUX request"
-
-    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        return _request_url(ti_key) or ""
-
-
-class FluxGalleryLink(BaseOperatorLink):
-    """Opens the Flux gallery on the images of this task's FLUX request.
-
-    On the submit, the generate operator and the sensor: the run's gallery filtered on the
-    request id, once a copy task has stored its images.
+    A page a browser can open: the API's own URLs answer 401 without the token. Until a copy
+    task has stored the request's images, the page says so.
     """
 
-    name = "Flux gallery"
+    name = "FLUX request"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
         """The gallery URL for ``ti_key`` (computed by the worker when the task ends, then kept in XCom).
@@ -87,9 +84,24 @@ class FluxGalleryLink(BaseOperatorLink):
         # The request's URL is pushed as soon as the task knows the request (before any
         # deferral; the result does not exist yet when Airflow asks for links at deferral,
         # and asking for a missing XCom logs an error): its last segment is the request id.
-        url = _request_url(ti_key)
-        request_id = url.rstrip("/").rsplit("/", 1)[-1] if url else None
+        request_id = _request_id(ti_key)
+        if request_id is None:
+            return ""  # failed before it knew its request: no link rather than a page of nothing
         return gallery_path(ti_key.dag_id, ti_key.run_id, request_id=request_id)
+
+
+class FluxGalleryLink(BaseOperatorLink):
+    """Opens the Flux gallery on every image of this task's DAG run."""
+
+    name = "Flux gallery"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        """The run's gallery page.
+
+        :param operator: the task.
+        :param ti_key: the task instance.
+        """
+        return gallery_path(ti_key.dag_id, ti_key.run_id)
 
 
 class FluxCopiedImagesLink(FluxGalleryLink):

@@ -99,7 +99,9 @@ def test_without_a_triggerer_the_worker_polls_with_the_same_hook(dags, flux_defa
     assert len(flux_default.calls(kind="status")) < 20
 
 
-def test_extra_link_points_at_the_request(dags, flux_default):
+def test_extra_links_open_the_gallery_not_the_api(dags, flux_default):
+    from urllib.parse import quote
+
     from airflow_flux.xcom_keys import LINK_XCOM_KEY
 
     dr = dags.get_dag("flux_test_submit_sensor").test(run_conf={"prompt": "a linked fox"})
@@ -107,5 +109,8 @@ def test_extra_link_points_at_the_request(dags, flux_default):
     (ti,) = [ti for ti in dr.get_task_instances() if ti.task_id == "submit"]
     handle = xcom(dr, "submit")
     assert ti.xcom_pull(task_ids="submit", key=LINK_XCOM_KEY) == handle["response_url"]
-    # Airflow stores the rendered link itself under the link's own key at the end of the task.
-    assert ti.xcom_pull(task_ids="submit", key="_link_FluxRequestLink") == handle["response_url"]
+    # Airflow stores the rendered links under their own keys at the end of the task. The API's
+    # URLs answer 401 in a browser (no token), so both links open gallery pages instead.
+    run = f"/flux-gallery/dags/flux_test_submit_sensor/runs/{quote(dr.run_id, safe='')}"
+    assert ti.xcom_pull(task_ids="submit", key="_link_FluxRequestLink") == f"{run}?request_id={handle['request_id']}"
+    assert ti.xcom_pull(task_ids="submit", key="_link_FluxGalleryLink") == run
