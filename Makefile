@@ -23,8 +23,15 @@ lint: venv ## ruff over code, tests and examples
 typecheck: venv ## mypy over the package
 	$(VENV)/bin/mypy airflow_flux
 
+# The browser tests save a screenshot of each gallery page here, for a person to look at.
+SCREENSHOTS := $(CURDIR)/build/screenshots
+
 pytest: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@rm -rf $(SCREENSHOTS)
+	@FLUX_SCREENSHOTS_DIR=$(SCREENSHOTS) $(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
+	  if ls $(SCREENSHOTS)/*.png >/dev/null 2>&1; then \
+	    echo "Gallery screenshots (headless Chromium): $(SCREENSHOTS)"; fi; \
+	  exit $$status
 
 test: lint typecheck pytest ## everything CI runs (tests/distributed included)
 

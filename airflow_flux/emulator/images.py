@@ -213,7 +213,8 @@ def _draw_caption(
     if len(lines) > _MAX_TEXT_LINES:
         lines = lines[:_MAX_TEXT_LINES]
         lines[-1] = lines[-1][: max(0, chars_per_line - 1)] + "…"
-    lines.append(f"FLUX emulator · seed {seed} · image {index}" + (f" · {label}" if label else ""))
+    # Counted from 1, as the gallery shows images (fal's index, and the S3 key, start at 0).
+    lines.append(f"FLUX emulator · seed {seed} · image {index + 1}" + (f" · {label}" if label else ""))
     line_height = int(font_size * 1.3)
     block_height = line_height * len(lines) + font_size
     top = height - block_height - height // 20

@@ -11,12 +11,8 @@ bucket is never made public.
 (No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations at runtime.)
 """
 
-import math
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
-from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
-from urllib.parse import quote, urlencode
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.common.db.common import SessionDep
@@ -25,26 +21,27 @@ from airflow.configuration import conf
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, status
 from fastapi.exceptions import HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from airflow_flux.links.flux import airflow_base_path
-from airflow_flux.plugins.store import IMAGE_TYPES, THUMB_SIZE, GalleryError, GalleryImage, GalleryStore, RunGallery
+from airflow_flux.plugins import pages
+from airflow_flux.plugins.pages import Embed, dag_path, page_url
+from airflow_flux.plugins.store import (
+    IMAGE_TYPES,
+    MAX_THUMBNAIL_SOURCE_BYTES,
+    GalleryError,
+    GalleryImage,
+    GalleryStore,
+    RunGallery,
+    content_disposition,
+)
 
 SECTION = "flux_gallery"
 RUNS_PER_PAGE = 10
 THUMBS_PER_RUN = 8
+#: Images of each DAG on the index: enough to recognise the job at a glance.
+THUMBS_PER_DAG = 6
 MAX_PAGE_SIZE = 200
-#: Larger images get no thumbnail (decoding them would cost the api-server too much): the full image is sent.
-MAX_THUMBNAIL_SOURCE_BYTES = 40 * 1024 * 1024
-
-_templates = Environment(
-    loader=FileSystemLoader(FilePath(__file__).with_name("templates")),
-    autoescape=select_autoescape(["html"]),  # prompts are user text
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
 
 # Images and prompts are task output: reading them needs the DAG's runs *and* its XComs (the
 # manifest is found through an XCom), as the REST API would require for the same data.
@@ -53,138 +50,67 @@ _READ_RUN_IMAGES = [
     Depends(requires_access_dag(method="GET", access_entity=DagAccessEntity.XCOM)),
 ]
 _SHA256 = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the image (from its manifest)")]
-
-
-# -- helpers ---------------------------------------------------------------------------------------
+#: Declared so the OpenAPI schema and validation know it; pages read it through :func:`pages.embed_of`.
+_EMBED = Annotated[Embed | None, Query(description="inside Airflow's tabs: no page header, no links above the tab")]
 
 
 def _store(request: Request) -> GalleryStore:
     return request.app.state.store
 
 
-def _page_size(request: Request) -> int:
-    return int(request.app.state.page_size)
+def _find(request: Request, session: Any, dag_id: str, run_id: str, sha256: str) -> tuple[GalleryImage, RunGallery]:
+    """The stored image of the run's manifests with this digest (404 otherwise), and its run's gallery."""
+    store = _store(request)
+    refs = store.manifest_refs(session, dag_id, [run_id]).get(run_id, [])
+    gallery = store.run_gallery(run_id, refs)
+    found = gallery.find(sha256)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such image in this run's manifests")
+    return found, gallery
 
 
-def _url(request: Request, path: str = "/", **query: Any) -> str:
-    """A URL of this app (root-relative: under whatever prefix the api-server mounted it)."""
-    url = request.scope.get("root_path", "").rstrip("/") + path
-    params = urlencode({k: v for k, v in query.items() if v is not None})
-    return f"{url}?{params}" if params else url
+def _image_headers(etag: str) -> dict[str, str]:
+    # Content-addressed: the digest is the validator, and the bytes behind a URL never change.
+    return {"ETag": etag, "Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
 
 
-def _q(value: str) -> str:
-    return quote(value, safe="")
-
-
-def _airflow_url(*parts: str) -> str:
-    """A page of the Airflow UI (``/dags/<dag>/runs/<run>/tasks/<task>``...)."""
-    return airflow_base_path() + "/" + "/".join(_q(p) for p in parts)
-
-
-def _html(request: Request, template: str, context: dict[str, Any], status_code: int = 200) -> HTMLResponse:
-    body = _templates.get_template(template).render(**context)
-    img_src = "'self' https: http:" if request.app.state.delivery == "presigned" else "'self'"
-    return HTMLResponse(
-        body,
-        status_code=status_code,
-        headers={
-            # No script at all; images only from here (or S3, when presigned); framed only by the UI.
-            "Content-Security-Policy": f"default-src 'none'; img-src {img_src}; style-src 'unsafe-inline'; "
-            "frame-ancestors 'self'; base-uri 'none'; form-action 'self'",
-            "X-Content-Type-Options": "nosniff",
-            "Cache-Control": "no-store",
-        },
-    )
-
-
-def _pages(total: int, page: int, per_page: int) -> tuple[int, int, int]:
-    """``(pages, offset, page)`` with ``page`` clamped to the last page."""
-    pages = max(1, math.ceil(total / per_page))
-    page = min(page, pages)
-    return pages, (page - 1) * per_page, page
-
-
-def _pager(request: Request, path: str, page: int, pages: int, **query: Any) -> dict[str, Any]:
-    """Previous/next links of a paginated page at ``path`` (this app's, quoted), keeping ``query``."""
-    return {
-        "page": page,
-        "pages": pages,
-        "prev_url": _url(request, path, **query, page=page - 1) if page > 1 else None,
-        "next_url": _url(request, path, **query, page=page + 1) if page < pages else None,
-    }
-
-
-def _bytes_label(size: Any) -> str:
-    if not isinstance(size, int) or size <= 0:
-        return ""
-    if size < 1024 * 1024:
-        return f"{size / 1024:.0f} KB"
-    return f"{size / (1024 * 1024):.1f} MB"
-
-
-def _when(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M UTC") if value else ""
-
-
-def _image_url(request: Request, dag_id: str, image: GalleryImage, *, thumb: bool) -> str:
-    path = f"/dags/{_q(dag_id)}/runs/{_q(image.ref.run_id)}/images/{image.sha256}"
-    return _url(request, path, size="thumb" if thumb else None)
-
-
-def _card(request: Request, dag_id: str, image: GalleryImage, per_page: int) -> dict[str, Any]:
-    """What the run page shows of one image."""
-    entry, ref = image.entry, image.ref
-    width, height = entry.get("width"), entry.get("height")
-    thumb_w = thumb_h = None
-    if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
-        scale = min(1.0, THUMB_SIZE / max(width, height))
-        thumb_w, thumb_h = max(1, round(width * scale)), max(1, round(height * scale))
-    request_id = str(entry.get("request_id") or "")
-    task_parts = ["dags", dag_id, "runs", ref.run_id, "tasks", ref.task_id]
-    if ref.map_index >= 0:
-        task_parts += ["mapped", str(ref.map_index)]
-    stored = image.stored and image.sha256 is not None
-    return {
-        "stored": stored,
-        "sha256": image.sha256,
-        "s3_uri": f"s3://{image.bucket}/{image.key}" if stored else None,
-        "thumb_url": _image_url(request, dag_id, image, thumb=True) if stored else None,
-        "full_url": _image_url(request, dag_id, image, thumb=False) if stored else None,
-        "thumb_w": thumb_w,
-        "thumb_h": thumb_h,
-        "prompt": str(entry.get("prompt") or ""),
-        "seed": entry.get("seed"),
-        "dims": f"{width}\u00d7{height}" if width and height else "size unknown",
-        "bytes": _bytes_label(entry.get("size")),
-        "nsfw": bool(entry.get("nsfw")),
-        "reason": entry.get("reason"),
-        "index": entry.get("index"),
-        "request_id": request_id,
-        "request_url": _url(
-            request, f"/dags/{_q(dag_id)}/runs/{_q(ref.run_id)}", request_id=request_id, per_page=per_page
-        ),
-        "task_label": ref.task_label,
-        "task_url": _airflow_url(*task_parts),
-    }
-
-
-# -- routes ----------------------------------------------------------------------------------------
+# -- pages -----------------------------------------------------------------------------------------
 
 router = APIRouter()
 
 
 @router.get("/", response_class=HTMLResponse, summary="DAGs with images")
-def index(request: Request, user: GetUserDep, session: SessionDep) -> HTMLResponse:
-    """The DAGs the user may read whose runs copied images to S3."""
+def index(request: Request, user: GetUserDep, session: SessionDep, embed: _EMBED = None) -> HTMLResponse:
+    """The DAGs the user may read whose runs copied images to S3, with their latest images."""
     from airflow.api_fastapi.app import get_auth_manager
 
+    store = _store(request)
     readable = get_auth_manager().get_authorized_dag_ids(user=user, method="GET", session=session)
-    dags = [
-        {"dag_id": dag_id, "runs": runs, "url": _url(request, f"/dags/{_q(dag_id)}")}
-        for dag_id, runs in _store(request).dags_with_images(session, readable)
+    dags = store.dags_with_images(session, readable)
+    # The DB in this thread (a session is not shared across threads); manifests from S3 in parallel.
+    latest: dict[str, list[tuple[str, Any]]] = {}
+    for dag_id, _ in dags:
+        runs = store.runs_with_images(session, dag_id, offset=0, limit=3)
+        refs = store.manifest_refs(session, dag_id, [r.run_id for r in runs])
+        latest[dag_id] = [(r.run_id, refs[r.run_id]) for r in runs]
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(dags)))) as pool:
+        images = dict(
+            zip(
+                latest,
+                pool.map(lambda d: store.latest_images(latest[d], THUMBS_PER_DAG), latest),
+                strict=True,
+            )
+        )
+    items = [
+        {
+            "dag_id": dag_id,
+            "runs": runs,
+            "url": page_url(request, dag_path(dag_id)),
+            "thumbs": [pages.thumb(request, dag_id, i) for i in images[dag_id]],
+        }
+        for dag_id, runs in dags
     ]
-    return _html(request, "index.html", {"dags": dags})
+    return pages.html(request, "index.html", {"dags": items, "crumbs": pages.crumbs(request)})
 
 
 @router.get("/dags/{dag_id}", response_class=HTMLResponse, dependencies=_READ_RUN_IMAGES, summary="Latest runs")
@@ -193,6 +119,7 @@ def dag_page(
     dag_id: str,
     session: SessionDep,
     page: Annotated[int, Query(ge=1)] = 1,
+    embed: _EMBED = None,
 ) -> HTMLResponse:
     """The DAG's latest runs that copied images, with a strip of thumbnails each."""
     from airflow.models.dag import DagModel
@@ -201,39 +128,25 @@ def dag_page(
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"DAG {dag_id!r} not found")
     store = _store(request)
     total = store.count_runs_with_images(session, dag_id)
-    pages, offset, page = _pages(total, page, RUNS_PER_PAGE)
+    count, offset, page = pages.pages(total, page, RUNS_PER_PAGE)
     runs = store.runs_with_images(session, dag_id, offset=offset, limit=RUNS_PER_PAGE)
     refs = store.manifest_refs(session, dag_id, [r.run_id for r in runs])
     # Manifests of several runs are read at once: the page waits for the slowest, not the sum.
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(runs)))) as pool:
         galleries: list[RunGallery] = list(pool.map(lambda r: store.run_gallery(r.run_id, refs[r.run_id]), runs))
-    per_page = _page_size(request)
     items = []
     for run, gallery in zip(runs, galleries, strict=True):
         shown = [i for i in gallery.images if i.stored and i.sha256]
-        run_url = _url(request, f"/dags/{_q(dag_id)}/runs/{_q(run.run_id)}")
         items.append(
             {
                 "run_id": run.run_id,
                 "state": str(run.state or ""),
-                "when": _when(run.run_after),
-                "url": run_url,
+                "when": pages.when(run.run_after),
+                "url": page_url(request, dag_path(dag_id, run.run_id)),
                 "count": len(shown),
                 "skipped": len(gallery.images) - len(shown),
                 "errors": gallery.errors,
-                "thumbs": [
-                    {
-                        "src": _image_url(request, dag_id, i, thumb=True),
-                        "url": _url(
-                            request,
-                            f"/dags/{_q(dag_id)}/runs/{_q(run.run_id)}",
-                            page=n // per_page + 1 if n >= per_page else None,
-                        ),
-                        "prompt": str(i.entry.get("prompt") or ""),
-                        "nsfw": bool(i.entry.get("nsfw")),
-                    }
-                    for n, i in enumerate(shown[:THUMBS_PER_RUN])
-                ],
+                "thumbs": [pages.thumb(request, dag_id, i) for i in shown[:THUMBS_PER_RUN]],
                 "more": max(0, len(shown) - THUMBS_PER_RUN),
             }
         )
@@ -243,10 +156,11 @@ def dag_page(
         "total": total,
         "first": offset + 1,
         "last": offset + len(items),
-        "urls": {"index": _url(request), "airflow_dag": _airflow_url("dags", dag_id)},
-        **_pager(request, f"/dags/{_q(dag_id)}", page, pages),
+        "crumbs": pages.crumbs(request, dag_id),
+        "urls": {"airflow_dag": pages.airflow_url("dags", dag_id)},
+        **pages.pager(request, dag_path(dag_id), page, count),
     }
-    return _html(request, "dag.html", context)
+    return pages.html(request, "dag.html", context)
 
 
 @router.get(
@@ -265,6 +179,7 @@ def run_page(
     request_id: str | None = None,
     page: Annotated[int, Query(ge=1)] = 1,
     per_page: Annotated[int | None, Query(ge=1, le=MAX_PAGE_SIZE)] = None,
+    embed: _EMBED = None,
 ) -> HTMLResponse:
     """Every image the run's copy tasks stored, optionally filtered on a task or a FLUX request."""
     from airflow.models.dagrun import DagRun
@@ -277,60 +192,100 @@ def run_page(
     store = _store(request)
     refs = store.manifest_refs(session, dag_id, [run_id])[run_id]
     gallery = store.run_gallery(run_id, refs)
-    size = per_page or _page_size(request)
+    size = per_page or int(request.app.state.page_size)
     page_query = {"per_page": per_page}
 
     filtered = task_id is not None or map_index is not None or request_id is not None
-    images = [
-        i
-        for i in gallery.images
+    # Numbered in the whole run, so "image 7" is the same image whatever the filter or page.
+    numbered = [
+        (n, i)
+        for n, i in enumerate(gallery.images, start=1)
         if (task_id is None or i.ref.task_id == task_id)
         and (map_index is None or i.ref.map_index == map_index)
         and (request_id is None or str(i.entry.get("request_id") or "") == request_id)
     ]
-    pages, offset, page = _pages(len(images), page, size)
-    shown = images[offset : offset + size]
-    run_path = f"/dags/{_q(dag_id)}/runs/{_q(run_id)}"
+    count, offset, page = pages.pages(len(numbered), page, size)
+    shown = numbered[offset : offset + size]
+    run_path = dag_path(dag_id, run_id)
     tasks = []
     for ref in refs:
         active = task_id == ref.task_id and (map_index is None or map_index == ref.map_index) and request_id is None
+        map_query = ref.map_index if ref.map_index >= 0 else None
         tasks.append(
             {
                 "label": ref.task_label,
                 "active": active,
-                "url": _url(
-                    request,
-                    run_path,
-                    task_id=ref.task_id,
-                    map_index=ref.map_index if ref.map_index >= 0 else None,
-                    **page_query,
-                ),
+                "url": page_url(request, run_path, task_id=ref.task_id, map_index=map_query, **page_query),
             }
         )
     context = {
         "dag_id": dag_id,
         "run_id": run_id,
         "state": str(run.state or ""),
-        "cards": [_card(request, dag_id, i, size) for i in shown],
-        "total": len(images),
-        "skipped": sum(not i.stored for i in images),
+        "cards": [pages.card(request, dag_id, i, n) for n, i in shown],
+        "total": len(numbered),
+        "skipped": sum(not i.stored for _, i in numbered),
         "filtered": filtered,
         "request_id": request_id,
         "tasks": tasks,
         "errors": gallery.errors,
         "first": offset + 1,
         "last": offset + len(shown),
+        "crumbs": pages.crumbs(request, dag_id, run_id),
         "urls": {
-            "index": _url(request),
-            "dag": _url(request, f"/dags/{_q(dag_id)}"),
-            "unfiltered": _url(request, run_path, **page_query),
-            "airflow_run": _airflow_url("dags", dag_id, "runs", run_id),
+            "unfiltered": page_url(request, run_path, **page_query),
+            "airflow_run": pages.airflow_url("dags", dag_id, "runs", run_id),
         },
-        **_pager(
-            request, run_path, page, pages, task_id=task_id, map_index=map_index, request_id=request_id, **page_query
+        **pages.pager(
+            request, run_path, page, count, task_id=task_id, map_index=map_index, request_id=request_id, **page_query
         ),
     }
-    return _html(request, "run.html", context)
+    return pages.html(request, "run.html", context)
+
+
+@router.get(
+    "/dags/{dag_id}/runs/{run_id}/images/{sha256}/view",
+    response_class=HTMLResponse,
+    dependencies=_READ_RUN_IMAGES,
+    summary="An image's page",
+)
+def image_page(
+    request: Request, dag_id: str, run_id: str, sha256: _SHA256, session: SessionDep, embed: _EMBED = None
+) -> HTMLResponse:
+    """One image at a useful size with everything known about it, a download link and the way back."""
+    image, gallery = _find(request, session, dag_id, run_id, sha256)
+    stored = [i for i in gallery.images if i.stored and i.sha256]
+    position = next(n for n, i in enumerate(stored) if i is image)
+    number = gallery.images.index(image) + 1
+    entry = image.entry
+    neighbours = {
+        "prev_url": pages.view_url(request, dag_id, stored[position - 1]) if position > 0 else None,
+        "next_url": pages.view_url(request, dag_id, stored[position + 1]) if position + 1 < len(stored) else None,
+    }
+    context = {
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "c": pages.card(request, dag_id, image, number),
+        "position": position + 1,
+        "of": len(stored),
+        "endpoint": str(entry.get("endpoint") or ""),
+        "content_type": str(entry.get("content_type") or ""),
+        "full_url": pages.image_url(request, dag_id, image),
+        "download_url": pages.image_url(request, dag_id, image, download=1),
+        "filename": image.filename,
+        "inputs": [pages.input_view(request, dag_id, image, n, uri) for n, uri in enumerate(image.inputs)],
+        "full": pages.frame(entry, box=1600),
+        "crumbs": pages.crumbs(request, dag_id, run_id, here=f"image {number}"),
+        "urls": {
+            "run": page_url(request, dag_path(dag_id, run_id)),
+            "airflow_run": pages.airflow_url("dags", dag_id, "runs", run_id),
+        },
+        **neighbours,
+    }
+    return pages.html(request, "image.html", context)
+
+
+# -- bytes -----------------------------------------------------------------------------------------
 
 
 @router.get(
@@ -347,25 +302,29 @@ def image(
     sha256: _SHA256,
     session: SessionDep,
     size: Literal["full", "thumb"] = "full",
+    download: bool = False,
 ) -> Response:
-    """An image listed in one of the run's manifests (looked up by its SHA-256), or its thumbnail."""
+    """An image listed in one of the run's manifests (looked up by its SHA-256), or its thumbnail.
+
+    ``download``: sent as an attachment named like its S3 object.
+    """
     store = _store(request)
-    refs = store.manifest_refs(session, dag_id, [run_id]).get(run_id, [])
-    found = store.run_gallery(run_id, refs).find(sha256)
-    if found is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such image in this run's manifests")
-    # Content-addressed: the digest is the validator, and the bytes behind a URL never change.
-    etag = f'"{sha256}{"-thumb" if size == "thumb" else ""}"'
-    headers = {"ETag": etag, "Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
+    found, _ = _find(request, session, dag_id, run_id, sha256)
+    thumb = size == "thumb" and not download
+    etag = f'"{sha256}{"-thumb" if thumb else ""}"'
+    headers = _image_headers(etag)
+    if download:
+        headers["Content-Disposition"] = content_disposition(found.filename)
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     try:
         source_size = found.entry.get("size")
-        if size == "thumb" and not (isinstance(source_size, int) and source_size > MAX_THUMBNAIL_SOURCE_BYTES):
+        if thumb and not (isinstance(source_size, int) and source_size > MAX_THUMBNAIL_SOURCE_BYTES):
             data, content_type = store.thumbnail(found)
             return Response(data, media_type=content_type, headers=headers)
         if request.app.state.delivery == "presigned":
-            return RedirectResponse(store.presigned_url(found), status_code=status.HTTP_307_TEMPORARY_REDIRECT)
+            url = store.presigned_url(found, download=download)
+            return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
         chunks, obj = store.open_image(found)
     except GalleryError as exc:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"Image could not be read from S3: {exc}") from None
@@ -373,10 +332,40 @@ def image(
     if content_type not in IMAGE_TYPES:
         # Whatever else a manifest may point at is never rendered by the browser (no stored XSS).
         content_type = "application/octet-stream"
-        headers["Content-Disposition"] = "attachment"
+        headers["Content-Disposition"] = content_disposition(found.filename)
     if obj.get("ContentLength") is not None:
         headers["Content-Length"] = str(obj["ContentLength"])
     return StreamingResponse(chunks, media_type=content_type, headers=headers)
+
+
+@router.get(
+    "/dags/{dag_id}/runs/{run_id}/images/{sha256}/inputs/{n}",
+    dependencies=_READ_RUN_IMAGES,
+    summary="A thumbnail of an edit's input image",
+    response_class=Response,
+)
+def input_image(
+    request: Request,
+    dag_id: str,
+    run_id: str,
+    sha256: _SHA256,
+    n: Annotated[int, Path(ge=0)],
+    session: SessionDep,
+) -> Response:
+    """The ``n``-th input (from 0) of the edit that made this image, as a thumbnail.
+
+    The input is named by the manifest, never by the URL: only what the run's task recorded is read.
+    """
+    found, _ = _find(request, session, dag_id, run_id, sha256)
+    inputs = found.inputs
+    if n >= len(inputs) or not inputs[n].startswith("s3://"):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such s3:// input for this image")
+    try:
+        data, content_type = _store(request).input_thumbnail(found, inputs[n])
+    except GalleryError as exc:
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"Input could not be read from S3: {exc}") from None
+    headers = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
+    return Response(data, media_type=content_type, headers=headers)
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -402,7 +391,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
         login_url = get_auth_manager().get_url_login(next_url=str(request.url))
     context = {"status": exc.status_code, "title": title, "message": message, "login_url": login_url}
-    response = _html(request, "error.html", context, status_code=exc.status_code)
+    response = pages.html(request, "error.html", context, status_code=exc.status_code)
     for name, value in (exc.headers or {}).items():
         response.headers[name] = value
     return response

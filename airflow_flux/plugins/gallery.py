@@ -7,8 +7,9 @@ so the scheduler, triggerer and workers never import it.
 
 What it adds to the UI:
 
-* **Browse → Flux gallery**: the DAGs (that the user may read) whose runs stored images;
+* **Browse → Flux gallery**: the DAGs (that the user may read) whose runs stored images, with their latest images;
 * an **Images** tab on DAG pages (its latest runs) and on DAG run pages (every image of the run);
+  each image has its own page (prompt, seed, endpoint, cost, inputs, S3 URI, download);
 * the app itself at ``/flux-gallery`` (see :mod:`airflow_flux.plugins.app`), also opened by
   the tasks' "Flux gallery" extra link (:class:`~airflow_flux.links.FluxGalleryLink`).
 
@@ -48,23 +49,24 @@ class FluxGalleryPlugin(AirflowPlugin):
         base = airflow_base_path() + URL_PREFIX
         # ``url_route`` makes the UI show the page in its own frame (same origin, so the user's
         # session cookie authenticates the gallery's requests); the UI fills in {DAG_ID}/{RUN_ID}.
+        # ``embed`` names the tab's scope: the page drops its own header and the links above it.
         self.external_views = [
             {
                 "name": "Flux gallery",
-                "href": f"{base}/",
+                "href": f"{base}/?embed=nav",
                 "destination": "nav",
                 "category": "browse",
                 "url_route": "flux-gallery",
             },
             {
                 "name": "Images",
-                "href": f"{base}/dags/{{DAG_ID}}",
+                "href": f"{base}/dags/{{DAG_ID}}?embed=dag",
                 "destination": "dag",
                 "url_route": "flux-gallery-dag",
             },
             {
                 "name": "Images",
-                "href": f"{base}/dags/{{DAG_ID}}/runs/{{RUN_ID}}",
+                "href": f"{base}/dags/{{DAG_ID}}/runs/{{RUN_ID}}?embed=run",
                 "destination": "dag_run",
                 "url_route": "flux-gallery-run",
             },

@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from sqlalchemy import func, select
 
@@ -37,6 +38,8 @@ MANIFEST_TTL = 30.0
 CLIENT_TTL = 600.0
 THUMB_SIZE = 480
 THUMB_CACHE_BYTES = 64 * 1024 * 1024
+#: Larger images get no thumbnail (decoding them would cost the api-server too much).
+MAX_THUMBNAIL_SOURCE_BYTES = 40 * 1024 * 1024
 
 
 class GalleryError(Exception):
@@ -79,6 +82,17 @@ class GalleryImage:
     def key(self) -> str:
         return str(self.entry.get("key") or "")
 
+    @property
+    def filename(self) -> str:
+        """The object's name, for a download."""
+        return self.key.rsplit("/", 1)[-1] or f"{self.sha256}.img"
+
+    @property
+    def inputs(self) -> list[str]:
+        """The edit's input images as the caller named them (``s3://`` URIs, URLs), in order."""
+        value = self.entry.get("inputs")
+        return [str(v) for v in value] if isinstance(value, list) else []
+
 
 @dataclass
 class RunGallery:
@@ -92,6 +106,12 @@ class RunGallery:
     def find(self, sha256: str) -> GalleryImage | None:
         """The stored image with this SHA-256 (same digest, same bytes: any such entry will do)."""
         return next((i for i in self.images if i.stored and i.sha256 == sha256), None)
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with the file's name (RFC 6266: an ASCII fallback and the UTF-8 name)."""
+    ascii_name = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -329,6 +349,20 @@ class GalleryStore:
             gallery.images.extend(GalleryImage(ref=ref, bucket=bucket, entry=e) for e in manifest["images"])
         return gallery
 
+    def latest_images(self, runs: Sequence[tuple[str, list[ManifestRef]]], limit: int) -> list[GalleryImage]:
+        """Up to ``limit`` stored images of ``runs`` (latest first), reading no more manifests than needed.
+
+        :param runs: ``(run_id, its manifests)``, latest run first (a run may have stored nothing).
+        :param limit: images to return.
+        """
+        images: list[GalleryImage] = []
+        for run_id, refs in runs:
+            stored = [i for i in self.run_gallery(run_id, refs).images if i.stored and i.sha256]
+            images += stored[: limit - len(images)]
+            if len(images) >= limit:
+                break
+        return images
+
     def open_image(self, image: GalleryImage) -> tuple[Iterator[bytes], dict[str, Any]]:
         """Stream an image from S3: ``(chunks, head)`` where head has ContentType and ContentLength.
 
@@ -349,15 +383,17 @@ class GalleryStore:
 
         return chunks(), obj
 
-    def presigned_url(self, image: GalleryImage) -> str:
+    def presigned_url(self, image: GalleryImage, *, download: bool = False) -> str:
         """A short-lived URL of the object itself (``presigned`` delivery); the bucket stays private.
 
         :param image: a stored image of a manifest.
+        :param download: S3 answers with ``Content-Disposition: attachment`` (the download link).
         """
+        params = {"Bucket": image.bucket, "Key": image.key}
+        if download:
+            params["ResponseContentDisposition"] = content_disposition(image.filename)
         url = self.hook(image.ref.conn_id).generate_presigned_url(
-            client_method="get_object",
-            params={"Bucket": image.bucket, "Key": image.key},
-            expires_in=self.presigned_expiry,
+            client_method="get_object", params=params, expires_in=self.presigned_expiry
         )
         if not url:
             raise GalleryError("could not presign the image URL")
@@ -373,23 +409,61 @@ class GalleryStore:
         cached = self._thumbs.get(cache_key)
         if cached is not None:
             return cached
-        from PIL import Image
-
         chunks, _ = self.open_image(image)
-        data = b"".join(chunks)
-        try:
-            picture = Image.open(io.BytesIO(data))
-            # JPEG decodes straight at a reduced scale (DCT scaling): much faster than decode + resize.
-            picture.draft("RGB", (size, size))
-            picture.thumbnail((size, size))
-            out = io.BytesIO()
-            if picture.mode in ("RGBA", "LA", "P"):
-                picture.save(out, format="PNG", optimize=True)
-                result = (out.getvalue(), "image/png")
-            else:
-                picture.convert("RGB").save(out, format="JPEG", quality=82, optimize=True)
-                result = (out.getvalue(), "image/jpeg")
-        except Exception as exc:
-            raise GalleryError(f"not a readable image: {exc}") from None
+        result = make_thumbnail(b"".join(chunks), size)
         self._thumbs.put(cache_key, result, size=len(result[0]))
         return result
+
+    def input_thumbnail(self, image: GalleryImage, uri: str, size: int = THUMB_SIZE) -> tuple[bytes, str]:
+        """A thumbnail of one of an edit's ``s3://`` inputs, read with the copy task's connection.
+
+        Only a URI the image's manifest lists gets here (the route looks it up by position), and
+        the bytes are always re-encoded: whatever the object is, the browser gets a picture.
+
+        :param image: the edit's output, whose manifest entry lists ``uri`` in ``inputs``.
+        :param uri: the input's ``s3://`` URI.
+        :param size: the longest side, pixels.
+        """
+        bucket, key = split_s3_uri(uri)
+        client = self.hook(image.ref.conn_id).get_conn()
+        try:
+            head = client.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            raise GalleryError(f"{type(exc).__name__}: {exc}") from None
+        # Keyed by the object's ETag: an input overwritten under the same key gets a new thumbnail.
+        cache_key = ("input", bucket, key, str(head.get("ETag")), size)
+        cached = self._thumbs.get(cache_key)
+        if cached is not None:
+            return cached
+        if int(head.get("ContentLength") or 0) > MAX_THUMBNAIL_SOURCE_BYTES:
+            raise GalleryError("too large for a thumbnail")
+        try:
+            data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            raise GalleryError(f"{type(exc).__name__}: {exc}") from None
+        result = make_thumbnail(data, size)
+        self._thumbs.put(cache_key, result, size=len(result[0]))
+        return result
+
+
+def make_thumbnail(data: bytes, size: int = THUMB_SIZE) -> tuple[bytes, str]:
+    """``data`` downscaled to ``size`` pixels on its longest side: ``(bytes, content type)``.
+
+    :param data: an encoded image.
+    :param size: the longest side, pixels.
+    """
+    from PIL import Image
+
+    try:
+        picture = Image.open(io.BytesIO(data))
+        # JPEG decodes straight at a reduced scale (DCT scaling): much faster than decode + resize.
+        picture.draft("RGB", (size, size))
+        picture.thumbnail((size, size))
+        out = io.BytesIO()
+        if picture.mode in ("RGBA", "LA", "P"):
+            picture.save(out, format="PNG", optimize=True)
+            return out.getvalue(), "image/png"
+        picture.convert("RGB").save(out, format="JPEG", quality=82, optimize=True)
+        return out.getvalue(), "image/jpeg"
+    except Exception as exc:
+        raise GalleryError(f"not a readable image: {exc}") from None

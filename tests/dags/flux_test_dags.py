@@ -74,6 +74,7 @@ S3_PARAMS = {
     "nsfw": Param("skip", type="string"),
     "prefix": Param("", type="string"),
     "key_template": Param("{request_id}_{index}.{ext}", type="string"),
+    "aspect_ratio": Param("1:1", type="string"),
 }
 
 with DAG("flux_test_to_s3", schedule=None, start_date=START, params=S3_PARAMS, catchup=False):
@@ -82,6 +83,7 @@ with DAG("flux_test_to_s3", schedule=None, start_date=START, params=S3_PARAMS, c
         prompt="{{ params.prompt }}",
         num_images="{{ params.num_images }}",
         sync_mode="{{ params.sync_mode }}",
+        aspect_ratio="{{ params.aspect_ratio }}",
     )
     wait = FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=60)
     # The preferred path: the sensor's result, no extra API call.

@@ -34,6 +34,8 @@ from tests.plugins.cdp import find_chromium
 
 AIRFLOW = Path(sys.executable).with_name("airflow")
 DAG_ID = "flux_test_to_s3"
+EDIT_DAG_ID = "flux_test_edit_from_s3"
+EDIT_INPUT = "inputs/gallery-red.png"
 BUNDLE = "dags-folder"
 USERS = {"admin": "admin", "alice": "viewer:red", "bob": "viewer:blue"}
 PASSWORDS = {name: f"{name}-pw-{uuid.uuid4().hex[:8]}" for name in USERS}
@@ -61,8 +63,19 @@ class GalleryEnv:
         return requests.get(self.url(path), headers=headers, timeout=30, allow_redirects=False, **kwargs)
 
     def manifest(self, run: str) -> dict[str, Any]:
-        key = f"flux/{self.runs[run]}/manifest.json"  # the test DAG's default prefix: flux/<run_id>
+        # The test DAG's default prefix is flux/<run_id>; the edit DAG's is "edits".
+        key = "edits/manifest.json" if run == "edit" else f"flux/{self.runs[run]}/manifest.json"
         return json.loads(self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+
+
+def _png(width: int, height: int, colour: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(out, format="PNG")
+    return out.getvalue()
 
 
 def _api_server_env(home: Path, port: int, passwords_file: Path) -> dict[str, str]:
@@ -151,7 +164,7 @@ def _remove_teams() -> None:
         session.query(Team).filter(Team.name.in_(TEAMS)).delete(synchronize_session=False)
 
 
-def _run(dags: Any, **conf: Any) -> str:
+def _run(dags: Any, dag_id: str = DAG_ID, **conf: Any) -> str:
     params = {
         "num_images": 1,
         "sync_mode": False,
@@ -159,7 +172,7 @@ def _run(dags: Any, **conf: Any) -> str:
         "prefix": "",
         "key_template": "{request_id}_{index}.{ext}",
     }
-    dr = dags.get_dag(DAG_ID).test(run_conf={**params, **conf})
+    dr = dags.get_dag(dag_id).test(run_conf={**params, **conf} if dag_id == DAG_ID else conf)
     assert dr.state == "success", [(ti.task_id, ti.state) for ti in dr.get_task_instances()]
     return dr.run_id
 
@@ -206,6 +219,13 @@ def gallery_env(airflow_db, dags, moto_server, tmp_path_factory) -> Any:
             env.runs["foxes"] = _run(dags, prompt="gallery foxes", num_images=4, bucket=bucket, nsfw="keep")
             # Two images, one flagged NSFW and skipped (listed, not stored).
             env.runs["owls"] = _run(dags, prompt="gallery owls", num_images=2, bucket=bucket, nsfw="skip")
+            # Two 16:9 images: their frames must follow the image, not a square.
+            env.runs["wide"] = _run(
+                dags, prompt="gallery wide cranes", num_images=2, bucket=bucket, aspect_ratio="16:9"
+            )
+            # An edit of a 3:2 image in S3: the image page shows its input.
+            s3.put_object(Bucket=bucket, Key=EDIT_INPUT, Body=_png(768, 512, "#d2452d"), ContentType="image/png")
+            env.runs["edit"] = _run(dags, EDIT_DAG_ID, bucket=bucket, key=EDIT_INPUT)
             env.timings.append(f"runs made {time.monotonic() - started:.1f}s")
             _assign_bundle_to_team("red")
             _wait_healthy(api, proc, log)
@@ -232,6 +252,16 @@ def gallery_env(airflow_db, dags, moto_server, tmp_path_factory) -> Any:
             _remove_teams()
             _delete_connection("aws_default")
             print(f"\ngallery env: {', '.join(env.timings)}; total {time.monotonic() - started:.1f}s")
+
+
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the browser tests save what each page looked like: ``FLUX_SCREENSHOTS_DIR`` (``make test``
+    sets it and prints it), else a temporary folder."""
+    folder = os.environ.get("FLUX_SCREENSHOTS_DIR")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import re
 import time
 from html.parser import HTMLParser
@@ -21,7 +22,7 @@ import pytest
 import requests
 
 from tests.plugins.cdp import Chromium
-from tests.plugins.conftest import DAG_ID, GalleryEnv
+from tests.plugins.conftest import DAG_ID, EDIT_DAG_ID, EDIT_INPUT, GalleryEnv
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -36,23 +37,54 @@ class _Cards(HTMLParser):
         super().__init__()
         self.cards: list[dict[str, Any]] = []
         self.links: list[dict[str, str]] = []
+        self.images: list[dict[str, str]] = []
+        self.tags: list[tuple[str, dict[str, str]]] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
-        if tag == "figure":
-            self.cards.append({"class": a.get("class", ""), "sha256": a.get("data-sha256"), "img": None, "full": None})
+        self.tags.append((tag, a))
+        if tag == "img":
+            self.images.append(a)
+        if tag == "figure" and "card" in a.get("class", ""):
+            self.cards.append(
+                {
+                    "class": a.get("class", ""),
+                    "sha256": a.get("data-sha256"),
+                    "number": a.get("data-number"),
+                    "img": None,
+                    "full": None,
+                    "frame": None,
+                }
+            )
         elif tag == "img" and self.cards:
             self.cards[-1]["img"] = a
         elif tag == "a":
             self.links.append(a)
             if self.cards and "pic" in a.get("class", ""):
-                self.cards[-1]["full"] = a["href"]
+                self.cards[-1]["full"] = a["href"]  # the image's own page
+                self.cards[-1]["frame"] = a.get("style", "")
 
 
 def _cards(html: str) -> _Cards:
     parser = _Cards()
     parser.feed(html)
     return parser
+
+
+def _image_page(env: GalleryEnv, url: str, user: str = "alice") -> dict[str, Any]:
+    """An image's page: its text, the full image's URL, the download link, the other links."""
+    resp = env.get(url, user)
+    assert resp.status_code == 200, (url, resp.status_code, resp.text[:300])
+    parsed = _cards(resp.text)
+    (full,) = [i for i in parsed.images if "size=thumb" not in i["src"] and "/inputs/" not in i["src"]]
+    (download,) = [a for a in parsed.links if "download" in a]
+    return {"html": resp.text, "src": full["src"], "download": download, "links": parsed.links, "parsed": parsed}
+
+
+def _ratio(style: str) -> float:
+    """The ``aspect-ratio: W / H`` of an inline style, as W/H."""
+    (w, h) = re.search(r"aspect-ratio:\s*(\d+)\s*/\s*(\d+)", style).groups()  # type: ignore[union-attr]
+    return int(w) / int(h)
 
 
 def _s3_bytes(env: GalleryEnv, key: str) -> bytes:
@@ -66,8 +98,9 @@ def test_plugin_is_registered_and_tasks_link_to_their_images(gallery_env: Galler
     assert plugin["source"].startswith("airflow-flux==")  # the package's entry point, no copied file
     assert [a["url_prefix"] for a in plugin["fastapi_apps"]] == ["/flux-gallery"]
     views = {v["destination"]: v for v in plugin["external_views"]}
-    assert views["nav"]["href"] == "/flux-gallery/" and views["nav"]["category"] == "browse"
-    assert views["dag_run"]["href"] == "/flux-gallery/dags/{DAG_ID}/runs/{RUN_ID}"
+    assert views["nav"]["href"] == "/flux-gallery/?embed=nav" and views["nav"]["category"] == "browse"
+    assert views["dag"]["href"] == "/flux-gallery/dags/{DAG_ID}?embed=dag"
+    assert views["dag_run"]["href"] == "/flux-gallery/dags/{DAG_ID}/runs/{RUN_ID}?embed=run"
     assert env.get("/api/v2/importErrors", "admin").json()["total_entries"] == 0
 
     run_id = env.runs["foxes"]
@@ -76,9 +109,14 @@ def test_plugin_is_registered_and_tasks_link_to_their_images(gallery_env: Galler
     wait = env.get(f"{base}/wait/links", "admin").json()["extra_links"]
     manifest = env.manifest("foxes")
     (request_id,) = {i["request_id"] for i in manifest["images"]}
-    assert to_s3["Flux gallery"] == f"/flux-gallery/dags/{DAG_ID}/runs/{quote(run_id, safe='')}?task_id=to_s3"
-    assert parse_qs(urlsplit(wait["Flux gallery"]).query) == {"request_id": [request_id]}
-    assert wait["FLUX request"]  # the existing link is still there
+    run_page = f"/flux-gallery/dags/{DAG_ID}/runs/{quote(run_id, safe='')}"
+    assert to_s3["Flux gallery"] == f"{run_page}?task_id=to_s3"
+    # The request link opens the gallery on that request (the API's URL would answer 401 in a
+    # browser); the gallery link, the whole run.
+    assert wait["FLUX request"] == f"{run_page}?request_id={request_id}"
+    assert wait["Flux gallery"] == run_page
+    page = env.get(wait["FLUX request"], "alice")
+    assert page.status_code == 200 and len(_cards(page.text).cards) == 4
 
 
 def test_auth_is_airflows(gallery_env: GalleryEnv) -> None:
@@ -119,17 +157,20 @@ def test_pages_list_every_image_and_serve_the_bytes_in_s3(gallery_env: GalleryEn
     assert "script-src" not in page.headers["content-security-policy"]  # no script at all (default-src 'none')
     cards = _cards(page.text).cards
     assert [c["sha256"] for c in cards] == [i["sha256"] for i in manifest["images"]]
+    assert [c["number"] for c in cards] == ["1", "2", "3", "4"]  # people count from 1
     for card in cards:
         entry = stored[card["sha256"]]
         assert ("nsfw" in card["class"]) == entry["nsfw"]
         assert card["img"]["loading"] == "lazy"
-        full = env.get(card["full"], "alice")
+        src = _image_page(env, card["full"])["src"]
+        full = env.get(src, "alice")
         assert full.headers["content-type"] == "image/jpeg"
         # The bytes served are the object in S3, whose digest the manifest recorded.
         assert hashlib.sha256(full.content).hexdigest() == entry["sha256"]
         assert full.content == _s3_bytes(env, entry["key"])
         assert full.headers["etag"] == f'"{entry["sha256"]}"'
-        assert env.get(card["full"], "alice", headers={"If-None-Match": full.headers["etag"]}).status_code == 304
+        assert src.endswith(f"/images/{entry['sha256']}")
+        assert env.get(src, "alice", headers={"If-None-Match": full.headers["etag"]}).status_code == 304
         thumb = env.get(card["img"]["src"], "alice")
         assert thumb.headers["content-type"] == "image/jpeg" and 0 < len(thumb.content) < len(full.content)
     for text in ("gallery foxes", f"{manifest['images'][0]['seed']}", "1024\u00d71024", "flagged", ">to_s3<"):
@@ -158,12 +199,13 @@ def test_pages_list_every_image_and_serve_the_bytes_in_s3(gallery_env: GalleryEn
     dag_page = env.get(f"/flux-gallery/dags/{DAG_ID}", "alice").text
     assert dag_page.index(env.runs["owls"]) < dag_page.index(env.runs["foxes"])
     sections = {
-        run: next(s for s in dag_page.split('<section class="run">') if quote(run_id, safe="") in s)
-        for run, run_id in env.runs.items()
+        run: next(s for s in dag_page.split('<section class="run">') if quote(env.runs[run], safe="") in s)
+        for run in ("foxes", "owls", "wide")
     }  # (other tests' runs of this DAG may be listed too)
     assert {run: len(re.findall(r'<img src="[^"]+size=thumb"', s)) for run, s in sections.items()} == {
         "foxes": 4,
         "owls": 1,
+        "wide": 2,
     }
 
     # Only images of the run's manifests are served: another digest, or another run's image, is a 404.
@@ -173,11 +215,132 @@ def test_pages_list_every_image_and_serve_the_bytes_in_s3(gallery_env: GalleryEn
     assert env.get(f"/flux-gallery/dags/{DAG_ID}/runs/no_such_run", "alice").status_code == 404
 
 
-async def _browse(env: GalleryEnv, binary: str, out: Path) -> dict[str, Any]:
+def test_frames_follow_each_images_own_aspect_ratio(gallery_env: GalleryEnv) -> None:
+    """16:9 images get 16:9 frames (no crop, no bands) on the run, DAG and index pages; squares stay square."""
+    from PIL import Image
+
+    env = gallery_env
+    for run, expected in (("wide", 1392 / 752), ("foxes", 1.0)):
+        manifest = env.manifest(run)
+        entry = manifest["images"][0]
+        assert entry["width"] / entry["height"] == pytest.approx(expected)
+        cards = _cards(env.get(f"/flux-gallery/dags/{DAG_ID}/runs/{env.runs[run]}", "alice").text).cards
+        for card in cards:
+            assert _ratio(card["frame"]) == pytest.approx(expected), card
+            img = card["img"]
+            assert int(img["width"]) / int(img["height"]) == pytest.approx(expected, rel=0.01)
+            # The thumbnail itself has the image's proportions, so `contain` leaves no band.
+            thumb = Image.open(io.BytesIO(env.get(img["src"], "alice").content))
+            assert thumb.width / thumb.height == pytest.approx(expected, rel=0.01)
+            assert max(thumb.size) == 480
+    # Strips (DAG page, index) frame each thumbnail at its own ratio too: never a square crop.
+    for path in (f"/flux-gallery/dags/{DAG_ID}", "/flux-gallery/"):
+        parsed = _cards(env.get(path, "alice").text)
+        wide = [a for a in parsed.links if "aspect-ratio: 1392 / 752" in a.get("style", "")]
+        assert wide, path
+        assert "object-fit: cover" not in env.get(path, "alice").text
+
+
+def test_index_shows_the_latest_images_of_each_dag(gallery_env: GalleryEnv) -> None:
+    env = gallery_env
+    page = env.get("/flux-gallery/", "alice").text
+    sections = {
+        dag: next(s for s in page.split('<section class="run">') if f">{dag}</a>" in s) for dag in (DAG_ID, EDIT_DAG_ID)
+    }
+    latest = [i["sha256"] for i in env.manifest("wide")["images"]]  # the DAG's latest run comes first
+    thumbs = re.findall(r'<img src="[^"]+/images/([0-9a-f]{64})\?size=thumb"', sections[DAG_ID])
+    assert thumbs[:2] == latest and len(thumbs) == 6  # THUMBS_PER_DAG, from the latest runs
+    (edit_sha,) = re.findall(r'/images/([0-9a-f]{64})\?size=thumb"', sections[EDIT_DAG_ID])
+    assert edit_sha == env.manifest("edit")["images"][0]["sha256"]
+    # Each thumbnail opens that image's page.
+    links = re.findall(r'<a href="([^"]+/images/[0-9a-f]{64}/view)"', sections[DAG_ID])
+    assert [link.rsplit("/", 2)[-2] for link in links] == thumbs
+    assert DAG_ID not in env.get("/flux-gallery/", "bob").text
+
+
+def test_image_page_shows_everything_known_and_downloads(gallery_env: GalleryEnv) -> None:
+    env = gallery_env
+    run_id = env.runs["foxes"]
+    manifest = env.manifest("foxes")
+    entry = manifest["images"][2]  # flagged NSFW and kept
+    view = _image_page(env, f"/flux-gallery/dags/{DAG_ID}/runs/{quote(run_id, safe='')}/images/{entry['sha256']}/view")
+    text = view["html"]
+    s3_uri = f"s3://{env.bucket}/{entry['key']}"
+    for fact in (
+        "gallery foxes",
+        str(entry["seed"]),
+        "fal-ai/flux-pro/kontext/text-to-image",
+        "1024\u00d71024",
+        "flagged",
+        entry["request_id"],
+        "image 3",  # fal's index 2, counted from 1
+        "$0.04",
+        s3_uri,
+        ">to_s3<",
+    ):
+        assert fact in text, fact
+    assert entry["cost_usd"] == 0.04
+    # The picture at a useful size, framed at its ratio; previous/next images of the run.
+    assert env.get(view["src"], "alice").content == _s3_bytes(env, entry["key"])
+    rels = {a.get("rel"): a["href"] for a in view["links"] if a.get("rel") in ("prev", "next")}
+    assert rels["prev"].endswith(f"/images/{manifest['images'][1]['sha256']}/view")
+    assert rels["next"].endswith(f"/images/{manifest['images'][3]['sha256']}/view")
+    # The download link: the same bytes, as an attachment named like the S3 object.
+    name = entry["key"].rsplit("/", 1)[-1]
+    assert view["download"]["download"] == name
+    download = env.get(view["download"]["href"], "alice")
+    assert download.status_code == 200 and download.content == _s3_bytes(env, entry["key"])
+    assert download.headers["content-disposition"].startswith(f'attachment; filename="{name}"')
+    # The way back: the run's gallery page, the run and the task in Airflow (top window).
+    hrefs = {a["href"]: a for a in view["links"]}
+    run_path = f"/dags/{DAG_ID}/runs/{quote(run_id, safe='')}"
+    assert f"/flux-gallery{run_path}" in hrefs
+    assert hrefs[run_path]["target"] == "_top"
+    assert hrefs[f"{run_path}/tasks/to_s3"]["target"] == "_top"
+
+    # An edit: its input image is shown (a thumbnail the app reads from S3) with its s3:// URI.
+    edit = env.manifest("edit")["images"][0]
+    assert edit["inputs"] == [f"s3://{env.bucket}/{EDIT_INPUT}"]
+    view = _image_page(
+        env, f"/flux-gallery/dags/{EDIT_DAG_ID}/runs/{quote(env.runs['edit'], safe='')}/images/{edit['sha256']}/view"
+    )
+    assert edit["inputs"][0] in view["html"] and "fal-ai/flux-pro/kontext<" in view["html"]
+    (src,) = [i["src"] for i in view["parsed"].images if "/inputs/" in i["src"]]
+    from PIL import Image
+
+    picture = Image.open(io.BytesIO(env.get(src, "alice").content))
+    assert picture.size == (480, 320) and picture.getpixel((10, 10))[:3] == pytest.approx((210, 69, 45), abs=6)
+    assert env.get(src.replace("/inputs/0", "/inputs/1"), "alice").status_code == 404  # only what the manifest lists
+    assert env.get(src, "bob").status_code == 403
+
+
+def test_embedded_mode_has_no_header_and_stays_in_its_tab(gallery_env: GalleryEnv) -> None:
+    env = gallery_env
+    run_id = quote(env.runs["foxes"], safe="")
+    alone = env.get(f"/flux-gallery/dags/{DAG_ID}/runs/{run_id}", "alice").text
+    assert "<h1>Flux gallery</h1>" in alone and ">All DAGs</a>" in alone and "open in Airflow" in alone
+    # The run's Images tab: no title, nothing above the run, every gallery link keeps the scope.
+    tab = env.get(f"/flux-gallery/dags/{DAG_ID}/runs/{run_id}?embed=run", "alice").text
+    assert "<h1>" not in tab and "All DAGs" not in tab and "open in Airflow" not in tab
+    gallery_links = [a["href"] for a in _cards(tab).links if a["href"].startswith("/flux-gallery/")]
+    assert gallery_links and all("embed=run" in h for h in gallery_links), gallery_links
+    assert f'href="/flux-gallery/dags/{DAG_ID}?' not in tab and 'href="/flux-gallery/?' not in tab
+    # Its image pages keep the scope, and lead back to the run only.
+    image_page = _image_page(env, next(h for h in gallery_links if h.endswith("/view?embed=run") or "/view?" in h))
+    assert "<h1>" not in image_page["html"] and "All DAGs" not in image_page["html"]
+    crumbs = re.search(r'<nav class="crumbs".*?</nav>', image_page["html"], re.S).group(0)  # type: ignore[union-attr]
+    assert re.findall(r">([^<]+)</(?:a|span)>", crumbs) == [env.runs["foxes"], "image 1"]
+    # The DAG's Images tab starts at the DAG: no link to the index.
+    dag_tab = env.get(f"/flux-gallery/dags/{DAG_ID}?embed=dag", "alice").text
+    assert "All DAGs" not in dag_tab and "<h1>" not in dag_tab
+    assert all("embed=dag" in a["href"] for a in _cards(dag_tab).links if a["href"].startswith("/flux-gallery/"))
+
+
+async def _browse(env: GalleryEnv, binary: str, work: Path, out: Path) -> dict[str, Any]:
     """Open the to_s3 task's extra link in headless Chromium as alice; collect what rendered."""
     links = env.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{env.runs['foxes']}/taskInstances/to_s3/links", "admin").json()
     url = urljoin(env.api, links["extra_links"]["Flux gallery"])
-    chromium = Chromium(binary, out)
+    chromium = Chromium(binary, work)
     chromium.start()
     try:
         async with chromium.page() as page:
@@ -210,7 +373,7 @@ async def _browse(env: GalleryEnv, binary: str, out: Path) -> dict[str, Any]:
                                            sha256: i.closest('figure').dataset.sha256}));
                 })()"""
             )
-            seen["screenshot"] = await page.screenshot(out / "flux-gallery.png")
+            seen["screenshot"] = await page.screenshot(out / "03-run-page.png")
             # The same page as the UI shows it: the run's "Images" tab, the gallery in the UI's frame.
             tab = f"{env.api}/dags/{DAG_ID}/runs/{quote(env.runs['foxes'], safe='')}/plugin/flux-gallery-run"
             await page.navigate(tab)
@@ -222,14 +385,16 @@ async def _browse(env: GalleryEnv, binary: str, out: Path) -> dict[str, Any]:
                         const imgs = doc ? [...doc.images] : [];
                         if (imgs.length && imgs.every(i => i.complete)) {
                             return {src: frame.getAttribute('src'),
-                                    rendered: imgs.filter(i => i.naturalWidth > 0).length, total: imgs.length};
+                                    rendered: imgs.filter(i => i.naturalWidth > 0).length, total: imgs.length,
+                                    title: doc.querySelector('h1') ? doc.querySelector('h1').innerText : null,
+                                    text: doc.body.innerText};
                         }
                         await new Promise(r => setTimeout(r, 100));
                     }
                     return null;
                 })()"""
             )
-            seen["ui_screenshot"] = await page.screenshot(out / "airflow-ui-images-tab.png")
+            seen["ui_screenshot"] = await page.screenshot(out / "08-airflow-run-images-tab.png")
             seen["full_view"] = {}
             # Full size: open each image as the browser does from a card; read the bytes it received.
             for image in seen["images"]:
@@ -244,10 +409,12 @@ async def _browse(env: GalleryEnv, binary: str, out: Path) -> dict[str, Any]:
         chromium.stop()
 
 
-def test_gallery_renders_in_headless_chromium(gallery_env: GalleryEnv, chromium_binary: str, tmp_path: Path) -> None:
+def test_gallery_renders_in_headless_chromium(
+    gallery_env: GalleryEnv, chromium_binary: str, screenshots: Path, tmp_path: Path
+) -> None:
     env = gallery_env
     started = time.monotonic()
-    seen = asyncio.run(_browse(env, chromium_binary, tmp_path))
+    seen = asyncio.run(_browse(env, chromium_binary, tmp_path, screenshots))
     manifest = env.manifest("foxes")
     print(f"\nscreenshots: {seen['screenshot']}, {seen['ui_screenshot']} (browser {time.monotonic() - started:.1f}s)")
 
@@ -265,11 +432,173 @@ def test_gallery_renders_in_headless_chromium(gallery_env: GalleryEnv, chromium_
         assert size == [entry["width"], entry["height"]]
     assert seen["screenshot"].stat().st_size > 10_000
     # Inside the Airflow UI (run page, "Images" tab): the frame is authenticated by the same cookie.
-    assert seen["ui_frame"] == {
-        "src": f"/flux-gallery/dags/{DAG_ID}/runs/{quote(env.runs['foxes'], safe='')}",
-        "rendered": 4,
-        "total": 4,
-    }
+    # Embedded: no header of its own, nothing that would navigate inside the tab to other DAGs.
+    frame = seen["ui_frame"]
+    assert frame["src"] == f"/flux-gallery/dags/{DAG_ID}/runs/{quote(env.runs['foxes'], safe='')}?embed=run"
+    assert (frame["rendered"], frame["total"]) == (4, 4)
+    assert frame["title"] is None and "All DAGs" not in frame["text"] and "gallery foxes" in frame["text"]
+
+
+_ALL_LOADED = """(async () => {
+    window.scrollTo(0, document.body.scrollHeight);
+    const imgs = [...document.images];
+    await Promise.all(imgs.map(i => i.complete ? null :
+        new Promise(r => { i.addEventListener('load', r); i.addEventListener('error', r); })));
+    window.scrollTo(0, 0);
+    return imgs.map(i => ({src: i.getAttribute('src'), w: i.naturalWidth, h: i.naturalHeight}));
+})()"""
+
+# Each frame (a card's picture, a strip's thumbnail) beside the image it holds, as laid out.
+_FRAMES = """[...document.querySelectorAll('figure.card a.pic, .strip a:not(.more), .viewer .full')].map(f => {
+    const img = f.querySelector('img'); const r = f.getBoundingClientRect(); const i = img.getBoundingClientRect();
+    return {frame: [r.width, r.height], drawn: [i.width, i.height], natural: [img.naturalWidth, img.naturalHeight]};
+})"""
+
+
+async def _key(page: Any, key: str, code: int) -> None:
+    for kind in ("keyDown", "keyUp"):
+        text = {"text": "\r"} if key == "Enter" and kind == "keyDown" else {}
+        await page.send("Input.dispatchKeyEvent", type=kind, key=key, code=key, windowsVirtualKeyCode=code, **text)
+
+
+async def _wait_load(page: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not page.events.get("Page.loadEventFired"):
+        assert time.monotonic() < deadline, "page did not load"
+        await asyncio.sleep(0.05)
+
+
+async def _browse_pages(env: GalleryEnv, binary: str, work: Path, out: Path) -> dict[str, Any]:
+    """As alice: the index, a 16:9 run, an image page (wide and narrow), an edit, the request link, the keyboard."""
+    base = env.url("/flux-gallery")
+    wide = quote(env.runs["wide"], safe="")
+    foxes = quote(env.runs["foxes"], safe="")
+    sha = env.manifest("foxes")["images"][0]["sha256"]
+    edit = env.manifest("edit")["images"][0]["sha256"]
+    links = env.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{env.runs['foxes']}/taskInstances/wait/links", "admin").json()
+    chromium = Chromium(binary, work)
+    chromium.start()
+    seen: dict[str, Any] = {}
+    try:
+        async with chromium.page() as page:
+            await page.send(
+                "Network.setCookie",
+                name="_token",
+                value=env.tokens["alice"],
+                url=env.api + "/",
+                path="/",
+                httpOnly=True,
+                sameSite="Lax",
+            )
+            pages = {
+                "index": (f"{base}/", "01-index.png"),
+                "dag": (f"{base}/dags/{DAG_ID}", "02-dag-page.png"),
+                "wide": (f"{base}/dags/{DAG_ID}/runs/{wide}", "04-run-16x9.png"),
+                "image": (f"{base}/dags/{DAG_ID}/runs/{foxes}/images/{sha}/view", "05-image-page.png"),
+                "edit": (
+                    f"{base}/dags/{EDIT_DAG_ID}/runs/{quote(env.runs['edit'], safe='')}/images/{edit}/view",
+                    "06-image-page-edit.png",
+                ),
+                "request": (urljoin(env.api, links["extra_links"]["FLUX request"]), "09-flux-request-link.png"),
+            }
+            for name, (url, shot) in pages.items():
+                status = await page.navigate(url)
+                images = await page.evaluate(_ALL_LOADED)
+                seen[name] = {
+                    "status": status,
+                    "images": images,
+                    "frames": await page.evaluate(_FRAMES),
+                    "text": await page.evaluate("document.body.innerText"),
+                    "overflow": await page.evaluate("document.documentElement.scrollWidth - window.innerWidth"),
+                    "shot": await page.screenshot(out / shot),
+                }
+            # The keyboard alone: Tab to the first image of the run, Enter opens its page.
+            await page.navigate(pages["wide"][0])
+            focused = None
+            for _ in range(40):
+                await _key(page, "Tab", 9)
+                focused = await page.evaluate(
+                    "document.activeElement.matches('a.pic') ? [document.activeElement.getAttribute('href'), "
+                    "getComputedStyle(document.activeElement).outlineStyle] : null"
+                )
+                if focused:
+                    break
+            page.events.pop("Page.loadEventFired", None)
+            await _key(page, "Enter", 13)
+            await _wait_load(page)
+            seen["keyboard"] = {
+                "focused": focused,
+                "landed": await page.evaluate("location.pathname + location.search"),
+            }
+            # A phone-sized window: no sideways scrolling, the facts under the picture.
+            await page.send(
+                "Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=1, mobile=True
+            )
+            narrow = {
+                "narrow_image": (pages["image"][0], ".viewer .full", ".facts"),
+                "narrow_run": (pages["wide"][0], "ul.grid > li", "ul.grid > li + li"),
+            }
+            for name, (url, first, second) in narrow.items():
+                await page.navigate(url)
+                await page.evaluate(_ALL_LOADED)
+                below = (
+                    f"document.querySelector({second!r}).getBoundingClientRect().top >= "
+                    f"document.querySelector({first!r}).getBoundingClientRect().bottom - 1"
+                )
+                seen[name] = {
+                    "overflow": await page.evaluate("document.documentElement.scrollWidth - window.innerWidth"),
+                    "stacked": await page.evaluate(below),
+                    "shot": await page.screenshot(out / f"07-{name.replace('_', '-')}.png"),
+                }
+    finally:
+        chromium.stop()
+    return seen
+
+
+def _true_to_ratio(frames: list[dict[str, Any]]) -> None:
+    """Every frame has its image's proportions and the image fills it: no crop, no band."""
+    assert frames
+    for f in frames:
+        (fw, fh), (dw, dh), (nw, nh) = f["frame"], f["drawn"], f["natural"]
+        assert nw > 0 and nh > 0, f
+        assert fw / fh == pytest.approx(nw / nh, rel=0.03), f
+        assert (dw, dh) == pytest.approx((fw, fh), abs=1.5), f
+
+
+def test_gallery_pages_in_headless_chromium(
+    gallery_env: GalleryEnv, chromium_binary: str, screenshots: Path, tmp_path: Path
+) -> None:
+    env = gallery_env
+    seen = asyncio.run(_browse_pages(env, chromium_binary, tmp_path, screenshots))
+    for name in ("index", "dag", "wide", "image", "edit", "request"):
+        page = seen[name]
+        assert page["status"] == 200, name
+        assert page["images"] and all(i["w"] > 0 for i in page["images"]), (name, page["images"])
+        assert page["overflow"] <= 0, name
+        assert page["shot"].stat().st_size > 5_000, name
+    # The index: the latest images of each DAG, framed true to their ratio.
+    assert sum("size=thumb" in i["src"] for i in seen["index"]["images"]) >= 7  # 6 of one DAG, 1 of the edit's
+    for name in ("index", "dag", "wide", "image"):
+        _true_to_ratio(seen[name]["frames"])
+    wide = [f for f in seen["wide"]["frames"] if f["natural"][0] > f["natural"][1]]
+    assert len(wide) == 2 and all(f["frame"][0] / f["frame"][1] > 1.8 for f in wide)
+    # The image page: the facts, the download, the way back.
+    manifest = env.manifest("foxes")
+    text = seen["image"]["text"]
+    for fact in (manifest["images"][0]["prompt"], str(manifest["images"][0]["seed"]), "Download", "Back to the run"):
+        assert fact in text, fact
+    assert f"s3://{env.bucket}/{manifest['images'][0]['key']}" in text
+    # The edit's page shows its input image.
+    inputs = [i for i in seen["edit"]["images"] if "/inputs/" in i["src"]]
+    assert len(inputs) == 1 and inputs[0]["w"] == 480
+    # The "FLUX request" link opens the request's images in the gallery (the API would say 401).
+    assert sum("size=thumb" in i["src"] for i in seen["request"]["images"]) == 4
+    # Keyboard: Tab reaches an image with a visible focus ring; Enter opens its page.
+    href, outline = seen["keyboard"]["focused"]
+    assert outline == "solid" and seen["keyboard"]["landed"] == href and href.endswith("/view")
+    for name in ("narrow_image", "narrow_run"):
+        assert seen[name]["overflow"] <= 0 and seen[name]["stacked"], (name, seen[name])
+    print(f"\ngallery screenshots: {screenshots}")
 
 
 def test_presigned_delivery_redirects_to_a_short_lived_url(gallery_env: GalleryEnv) -> None:

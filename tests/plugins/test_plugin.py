@@ -6,7 +6,7 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
-from airflow_flux.links import FluxGalleryLink, gallery_path
+from airflow_flux.links import FluxGalleryLink, FluxRequestLink, gallery_path
 
 
 def test_gallery_urls_quote_ids_and_keep_the_base_path():
@@ -33,6 +33,8 @@ def test_operators_carry_the_link():
 
     for operator in (FluxToS3Operator, FluxGenerateOperator, FluxSubmitOperator, FluxStatusSensor):
         assert any(isinstance(link, FluxGalleryLink) for link in operator.operator_extra_links), operator
+    for operator in (FluxGenerateOperator, FluxSubmitOperator, FluxStatusSensor):
+        assert any(isinstance(link, FluxRequestLink) for link in operator.operator_extra_links), operator
     assert FluxGalleryLink().xcom_key == "_link_FluxGalleryLink"
 
 
@@ -72,10 +74,20 @@ def test_plugin_import_is_light():
 
 def test_pages_escape_what_manifests_say():
     """Prompts (and any manifest field) are user text: escaped, never markup."""
-    from airflow_flux.plugins.app import _templates
+    from airflow_flux.plugins.pages import _templates
 
-    card = {"stored": False, "prompt": '<img src=x onerror="alert(1)">', "reason": "<b>nsfw</b>", "task_label": "t"}
+    evil = '<img src=x onerror="alert(1)">'
+    frame = {"ratio": "1 / 1", "known": False}
+    card = {"stored": False, "prompt": evil, "reason": "<b>nsfw</b>", "task_label": "t", "frame": frame, "number": 1}
+    crumbs = [{"label": "<d>", "url": None}]
     context = {"cards": [card], "dag_id": "<d>", "run_id": "r", "tasks": [], "total": 1, "urls": {}, "pages": 1}
-    html = _templates.get_template("run.html").render(**context)
+    html = _templates.get_template("run.html").render(crumbs=crumbs, **context)
     assert "<img src=x" not in html and "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in html
     assert "<b>nsfw</b>" not in html and "&lt;d&gt;" in html
+    # The image page: the prompt, an input's URI and the file name are escaped too.
+    card |= {"stored": True, "s3_uri": "s3://b/<k>", "sha256": "0" * 64}
+    inputs = [{"uri": f"https://x/{evil}", "src": None, "link": f"https://x/{evil}"}]
+    html = _templates.get_template("image.html").render(
+        c=card, inputs=inputs, filename=evil, full=frame, crumbs=crumbs, urls={}, of=1, position=1
+    )
+    assert "<img src=x" not in html and "s3://b/&lt;k&gt;" in html
