@@ -629,6 +629,15 @@ def test_presigned_delivery_redirects_to_a_short_lived_url(gallery_env: GalleryE
             assert 100 <= int(query["Expires"][0]) - time.time() <= 121 and query["Signature"]
         body = requests.get(resp.headers["location"], timeout=10).content
         assert hashlib.sha256(body).hexdigest() == entry["sha256"]
+        # The download link: S3 itself is told to answer as an attachment named like the object.
+        resp_dl = client.get(
+            f"/dags/{DAG_ID}/runs/{run_id}/images/{entry['sha256']}?download=1", follow_redirects=False
+        )
+        assert resp_dl.status_code == 307
+        got = requests.get(resp_dl.headers["location"], timeout=10)
+        name = entry["key"].rsplit("/", 1)[-1]
+        assert got.content == _s3_bytes(env, entry["key"])
+        assert got.headers["content-disposition"].startswith(f'attachment; filename="{name}"')
         # Thumbnails are still made (and cached) by the app.
         thumb = client.get(f"/dags/{DAG_ID}/runs/{run_id}/images/{entry['sha256']}?size=thumb")
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
