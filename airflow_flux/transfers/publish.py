@@ -1,0 +1,244 @@
+"""Publish reviewed images: copy the approved entries of a staging manifest to another prefix.
+
+Nothing is generated or downloaded again: each approved image is copied inside S3
+(``CopyObject``) and the copy's SHA-256 is checked against the staging manifest, so what is
+published is, byte for byte, what the reviewer was shown. The published manifest, listing
+the approved images only, is written last: a reader that finds it finds every image it lists.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from airflow_flux.exceptions import FluxImageExistsError, FluxIntegrityError
+from airflow_flux.manifest import STORED_STATUSES, ImageStatus, Manifest, ManifestImage
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+#: S3Hook.copy_object sends ``ACL=private`` unless told this: buckets with ACLs disabled
+#: (the default since 2023) refuse ACLs, and the bucket's own policy should decide anyway.
+_NO_ACL = "no-acl"
+
+
+@dataclass
+class PublishResult:
+    """What a publish did: the manifest it wrote, the images it published and those it left out."""
+
+    manifest_uri: str
+    #: Entries of the published manifest (``copied``, or ``reused`` from an earlier try).
+    published: list[ManifestImage]
+    #: Staged images that were not approved, as the staging manifest lists them (not copied).
+    rejected: list[ManifestImage]
+    #: Keys of rejected images an earlier answer had published, deleted after the manifest.
+    withdrawn: list[str]
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``(bucket, key)``."""
+    if not uri.startswith("s3://") or "/" not in uri[5:]:
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
+
+
+def read_manifest(s3_hook: S3Hook, uri: str) -> Manifest:
+    """The manifest at ``uri`` (as ``FluxToS3Operator`` writes it)."""
+    bucket, key = split_s3_uri(uri)
+    body = s3_hook.get_conn().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return Manifest.model_validate_json(body)
+
+
+def review_images(manifest: Manifest) -> list[ManifestImage]:
+    """The images a reviewer chooses from, in manifest order: image number ``n`` is ``[n - 1]``.
+
+    Only images stored in S3: skipped (NSFW) and failed entries have nothing to publish.
+    """
+    return [i for i in manifest.images if i.status.value in STORED_STATUSES and i.key]
+
+
+def _hex_sha256(checksum: str | None) -> str | None:
+    """S3's base64 ``ChecksumSHA256`` as hex, or None for none or a multipart one (``...-N``)."""
+    if not checksum or "-" in checksum:
+        return None
+    return base64.b64decode(checksum).hex()
+
+
+def _published_key(key: str, source_prefix: str, prefix: str) -> str:
+    relative = key[len(source_prefix) :].lstrip("/") if source_prefix and key.startswith(source_prefix) else key
+    return f"{prefix}/{relative}" if prefix else relative
+
+
+def publish_images(
+    s3_hook: S3Hook,
+    staging_manifest_uri: str,
+    approved: Collection[int],
+    *,
+    prefix: str,
+    dag_id: str,
+    run_id: str,
+    task_id: str,
+    map_index: int = -1,
+    bucket: str | None = None,
+    manifest_name: str = "manifest.json",
+    replace: bool = False,
+) -> PublishResult:
+    """Copy the approved images of a staging manifest under ``prefix`` and write their manifest.
+
+    :param s3_hook: the connection that reads the staging objects and writes the published ones.
+    :param staging_manifest_uri: ``s3://`` URI of the manifest the staging copy wrote.
+    :param approved: 1-based numbers of :func:`review_images` to publish; the others are rejected.
+        Empty: nothing is copied and the manifest lists no image (the review is still recorded).
+    :param prefix: where the images and the manifest go; each keeps its name under the
+        staging prefix.
+    :param dag_id: written into the manifest, as are ``run_id``, ``task_id``, ``map_index``.
+    :param bucket: the destination bucket; by default the staging manifest's.
+    :param manifest_name: name of the published manifest under ``prefix``.
+    :param replace: overwrite existing keys holding other bytes; when off (default), such a key
+        fails the call before anything is written. A key already holding this very image (an
+        earlier try) is kept either way.
+    """
+    if not manifest_name or "/" in manifest_name:
+        raise ValueError(f"manifest_name: a file name is needed (got {manifest_name!r})")
+    staging = read_manifest(s3_hook, staging_manifest_uri)
+    staged = review_images(staging)
+    unknown = sorted(n for n in set(approved) if not 1 <= n <= len(staged))
+    if unknown:
+        raise ValueError(f"Image number(s) {unknown} not in the staging manifest (1 to {len(staged)})")
+    prefix = prefix.strip("/")
+    dest_bucket = bucket or staging.bucket
+    if (dest_bucket, prefix) == (staging.bucket, staging.prefix.strip("/")):
+        raise ValueError(f"The published prefix is the staging prefix s3://{dest_bucket}/{prefix}")
+    chosen = sorted(set(approved))
+    rejected = [image for n, image in enumerate(staged, start=1) if n not in chosen]
+    plan: list[tuple[ManifestImage, str]] = []
+    for n in chosen:
+        image = staged[n - 1]
+        if not image.sha256:
+            raise FluxIntegrityError(f"Image {n} ({image.key}) has no SHA-256 in the staging manifest")
+        plan.append((image, _published_key(str(image.key), staging.prefix.strip("/"), prefix)))
+
+    client = s3_hook.get_conn()
+    entries = _check_destinations(client, dest_bucket, plan, replace=replace)
+    copied: list[str] = []
+    try:
+        for index, (image, key) in enumerate(plan):
+            if entries[index] is not None:
+                continue  # an earlier try published this very image
+            started = time.monotonic()
+            s3_hook.copy_object(
+                str(image.key),
+                key,
+                source_bucket_name=staging.bucket,
+                dest_bucket_name=dest_bucket,
+                acl_policy=_NO_ACL,
+                # S3 computes the copy's own SHA-256: the check below compares it with the
+                # digest of the image the reviewer saw (the staging object may have changed since).
+                ChecksumAlgorithm="SHA256",
+            )
+            copied.append(key)
+            head = client.head_object(Bucket=dest_bucket, Key=key, ChecksumMode="ENABLED")
+            digest = _hex_sha256(head.get("ChecksumSHA256"))
+            if digest != image.sha256:
+                raise FluxIntegrityError(
+                    f"s3://{staging.bucket}/{image.key} is not the image that was reviewed: SHA-256 "
+                    f"{digest or 'unknown'}, the staging manifest says {image.sha256}"
+                )
+            entries[index] = _entry(image, dest_bucket, key, ImageStatus.COPIED, round(time.monotonic() - started, 3))
+        published = [e for e in entries if e is not None]
+        manifest_uri = _write_manifest(
+            client,
+            Manifest(
+                created_at=datetime.now(timezone.utc).isoformat(),
+                dag_id=dag_id,
+                run_id=run_id,
+                task_id=task_id,
+                map_index=map_index,
+                bucket=dest_bucket,
+                prefix=prefix,
+                images=published,
+                cost_usd=_cost(published),
+            ),
+            manifest_name,
+        )
+    except BaseException:
+        # Leave the published prefix as it was: a retry (or a person) starts clean.
+        if copied:
+            client.delete_objects(Bucket=dest_bucket, Delete={"Objects": [{"Key": k} for k in copied], "Quiet": True})
+        raise
+    withdrawn = _withdraw(client, dest_bucket, staging.prefix.strip("/"), prefix, rejected)
+    return PublishResult(manifest_uri=manifest_uri, published=published, rejected=rejected, withdrawn=withdrawn)
+
+
+def _entry(image: ManifestImage, bucket: str, key: str, status: ImageStatus, seconds: float | None) -> ManifestImage:
+    reason = "already published by an earlier try" if status is ImageStatus.REUSED else None
+    update = {"status": status, "reason": reason, "key": key, "s3_uri": f"s3://{bucket}/{key}", "copy_seconds": seconds}
+    return image.model_copy(update=update)
+
+
+def _withdraw(client: Any, bucket: str, source_prefix: str, prefix: str, rejected: list[ManifestImage]) -> list[str]:
+    """Delete rejected images that an earlier answer of this review published (the run was
+    cleared and answered anew), so the prefix holds what its manifest lists. Only keys holding
+    that very image are deleted, after the manifest that no longer lists them."""
+    plan = [(image, _published_key(str(image.key), source_prefix, prefix)) for image in rejected]
+    stale = [key for (_, key), state in zip(plan, _states(client, bucket, plan), strict=True) if state == "same"]
+    if stale:
+        client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in stale], "Quiet": True})
+    return stale
+
+
+def _states(client: Any, bucket: str, plan: list[tuple[ManifestImage, str]]) -> list[str]:
+    """Per planned key: ``free``, ``same`` (it holds that very image) or ``other`` bytes."""
+    from botocore.exceptions import ClientError
+
+    states = []
+    for image, key in plan:
+        try:
+            head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            states.append("free")
+            continue
+        same = image.sha256 and _hex_sha256(head.get("ChecksumSHA256")) == image.sha256
+        states.append("same" if same else "other")
+    return states
+
+
+def _check_destinations(
+    client: Any, bucket: str, plan: list[tuple[ManifestImage, str]], *, replace: bool
+) -> list[ManifestImage | None]:
+    """Before writing anything: the entry of each key that already holds its image (else None);
+    refuses keys holding other bytes unless ``replace``."""
+    states = _states(client, bucket, plan)
+    clashes = [key for (_, key), state in zip(plan, states, strict=True) if state == "other"]
+    if clashes and not replace:
+        raise FluxImageExistsError(
+            f"Refusing to overwrite existing object(s) in s3://{bucket}: {', '.join(clashes)} "
+            "(replace=True overwrites). Nothing was written."
+        )
+    return [
+        _entry(image, bucket, key, ImageStatus.REUSED, None) if state == "same" else None
+        for (image, key), state in zip(plan, states, strict=True)
+    ]
+
+
+def _cost(images: list[ManifestImage]) -> float | None:
+    costs = [i.cost_usd for i in images if i.cost_usd is not None]
+    return round(sum(costs), 6) if costs else None
+
+
+def _write_manifest(client: Any, manifest: Manifest, name: str) -> str:
+    key = f"{manifest.prefix}/{name}" if manifest.prefix else name
+    body = json.dumps(manifest.model_dump(mode="json"), indent=2).encode()
+    client.put_object(
+        Bucket=manifest.bucket, Key=key, Body=body, ContentType="application/json", ChecksumAlgorithm="SHA256"
+    )
+    return f"s3://{manifest.bucket}/{key}"

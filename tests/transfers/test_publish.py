@@ -1,0 +1,159 @@
+"""publish_images: approved staging images copied inside S3 (moto server), verified, manifest last."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from airflow_flux.exceptions import FluxImageExistsError, FluxIntegrityError
+from airflow_flux.manifest import Manifest
+from airflow_flux.transfers import publish_images, read_manifest, review_images
+
+STAGING = "review/staging/run1"
+PUBLISHED = "review/published/run1"
+RUN = {"dag_id": "review_dag", "run_id": "run1", "task_id": "publish"}
+
+
+def _jpeg(n: int) -> bytes:
+    return b"\xff\xd8\xff\xe0" + bytes([n]) * (2000 + n)
+
+
+def _stage(s3, count: int = 3, *, skipped: bool = True) -> str:
+    """Objects and a manifest as FluxToS3Operator writes them; one NSFW-skipped entry between."""
+    images = []
+    for n in range(1, count + 1):
+        key, data = f"{STAGING}/req{n}_0.jpg", _jpeg(n)
+        s3.put_object(
+            Bucket=s3.bucket,
+            Key=key,
+            Body=data,
+            ContentType="image/jpeg",
+            Metadata={"flux-request-id": f"req{n}"},
+            ChecksumAlgorithm="SHA256",
+        )
+        images.append(
+            {
+                "status": "copied",
+                "key": key,
+                "s3_uri": f"s3://{s3.bucket}/{key}",
+                "request_id": f"req{n}",
+                "index": 0,
+                "prompt": f"prompt {n}",
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "content_type": "image/jpeg",
+                "cost_usd": 0.04,
+            }
+        )
+        if n == 1 and skipped:
+            images.append({"status": "skipped", "reason": "nsfw", "key": f"{STAGING}/nsfw_0.jpg", "index": 0})
+    manifest = {
+        "created_at": "2026-12-01T00:00:00+00:00",
+        "dag_id": "review_dag",
+        "run_id": "run1",
+        "task_id": "stage",
+        "map_index": -1,
+        "bucket": s3.bucket,
+        "prefix": STAGING,
+        "images": images,
+    }
+    s3.put_object(Bucket=s3.bucket, Key=f"{STAGING}/manifest.json", Body=json.dumps(manifest).encode())
+    return f"s3://{s3.bucket}/{STAGING}/manifest.json"
+
+
+def _keys(s3, prefix: str) -> list[str]:
+    return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents", []))
+
+
+@pytest.fixture
+def hook(s3):
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    return S3Hook(aws_conn_id="aws_default")
+
+
+def test_approved_images_are_copied_verified_and_listed_the_rest_rejected(s3, hook):
+    uri = _stage(s3)
+    staged = review_images(read_manifest(hook, uri))
+    assert [i.request_id for i in staged] == ["req1", "req2", "req3"]  # the skipped entry has no number
+
+    result = publish_images(hook, uri, [3, 1], prefix=PUBLISHED, **RUN)
+
+    assert _keys(s3, "review/published/") == [
+        f"{PUBLISHED}/manifest.json",
+        f"{PUBLISHED}/req1_0.jpg",
+        f"{PUBLISHED}/req3_0.jpg",
+    ]
+    for n in (1, 3):
+        obj = s3.get_object(Bucket=s3.bucket, Key=f"{PUBLISHED}/req{n}_0.jpg")
+        assert obj["Body"].read() == _jpeg(n)
+        assert obj["ContentType"] == "image/jpeg" and obj["Metadata"] == {"flux-request-id": f"req{n}"}
+    assert [i.request_id for i in result.rejected] == ["req2"]
+    assert result.withdrawn == []
+    body = s3.get_object(Bucket=s3.bucket, Key=f"{PUBLISHED}/manifest.json")["Body"].read()
+    manifest = Manifest.model_validate_json(body)
+    assert result.manifest_uri == f"s3://{s3.bucket}/{PUBLISHED}/manifest.json"
+    assert (manifest.dag_id, manifest.task_id, manifest.prefix, manifest.bucket) == (
+        "review_dag",
+        "publish",
+        PUBLISHED,
+        s3.bucket,
+    )
+    assert [(i.request_id, i.status.value, i.key) for i in manifest.images] == [
+        ("req1", "copied", f"{PUBLISHED}/req1_0.jpg"),
+        ("req3", "copied", f"{PUBLISHED}/req3_0.jpg"),
+    ]
+    assert manifest.images[0].sha256 == staged[0].sha256 and manifest.images[0].prompt == "prompt 1"
+    assert manifest.images[0].s3_uri == f"s3://{s3.bucket}/{PUBLISHED}/req1_0.jpg"
+    assert manifest.cost_usd == pytest.approx(0.08)
+
+
+def test_a_retry_reuses_and_a_new_answer_withdraws_what_it_rejects(s3, hook):
+    uri = _stage(s3)
+    publish_images(hook, uri, [1, 2], prefix=PUBLISHED, **RUN)
+    again = publish_images(hook, uri, [1, 2], prefix=PUBLISHED, **RUN)
+    assert [i.status.value for i in again.published] == ["reused", "reused"]
+
+    # The review was cleared and answered anew: image 2 is no longer approved.
+    anew = publish_images(hook, uri, [1], prefix=PUBLISHED, **RUN)
+    assert anew.withdrawn == [f"{PUBLISHED}/req2_0.jpg"]
+    assert _keys(s3, PUBLISHED) == [f"{PUBLISHED}/manifest.json", f"{PUBLISHED}/req1_0.jpg"]
+    assert [i.request_id for i in read_manifest(hook, anew.manifest_uri).images] == ["req1"]
+
+
+def test_a_staging_object_changed_after_the_review_publishes_nothing(s3, hook):
+    uri = _stage(s3)
+    s3.put_object(Bucket=s3.bucket, Key=f"{STAGING}/req2_0.jpg", Body=_jpeg(9), ChecksumAlgorithm="SHA256")
+    with pytest.raises(FluxIntegrityError, match="not the image that was reviewed"):
+        publish_images(hook, uri, [1, 2], prefix=PUBLISHED, **RUN)
+    assert _keys(s3, PUBLISHED) == []  # image 1's copy was rolled back, no manifest
+
+
+def test_other_bytes_at_a_published_key_fail_before_anything_is_written(s3, hook):
+    uri = _stage(s3)
+    s3.put_object(Bucket=s3.bucket, Key=f"{PUBLISHED}/req3_0.jpg", Body=b"someone else's", ChecksumAlgorithm="SHA256")
+    with pytest.raises(FluxImageExistsError, match=r"req3_0\.jpg"):
+        publish_images(hook, uri, [1, 3], prefix=PUBLISHED, **RUN)
+    assert _keys(s3, PUBLISHED) == [f"{PUBLISHED}/req3_0.jpg"]
+    replaced = publish_images(hook, uri, [1, 3], prefix=PUBLISHED, replace=True, **RUN)
+    assert [i.status.value for i in replaced.published] == ["copied", "copied"]
+    assert s3.get_object(Bucket=s3.bucket, Key=f"{PUBLISHED}/req3_0.jpg")["Body"].read() == _jpeg(3)
+
+
+def test_nothing_approved_writes_an_empty_manifest(s3, hook):
+    uri = _stage(s3, count=2, skipped=False)
+    result = publish_images(hook, uri, [], prefix=PUBLISHED, **RUN)
+    assert _keys(s3, PUBLISHED) == [f"{PUBLISHED}/manifest.json"]
+    assert read_manifest(hook, result.manifest_uri).images == []
+    assert len(result.rejected) == 2
+
+
+def test_bad_numbers_and_the_staging_prefix_itself_are_refused(s3, hook):
+    uri = _stage(s3)
+    with pytest.raises(ValueError, match=r"\[0, 4\] not in the staging manifest \(1 to 3\)"):
+        publish_images(hook, uri, [0, 1, 4], prefix=PUBLISHED, **RUN)
+    with pytest.raises(ValueError, match="is the staging prefix"):
+        publish_images(hook, uri, [1], prefix=f"/{STAGING}/", **RUN)
+    assert _keys(s3, "review/published/") == []
