@@ -59,6 +59,7 @@ def test_every_dag_file_imports_without_errors_or_network(bag):
         "flux_generate_one_task",
         "flux_edit_from_s3",
         "flux_batch_pipeline",
+        "flux_review_and_publish",
     }
     assert {Path(dag.fileloc).name for dag in bag.dags.values()} == {p.name for p in DAGS.glob("*.py")}
     for dag in bag.dags.values():
@@ -144,6 +145,43 @@ def test_flux_edit_from_s3_shape(bag):
     assert uris(["p/a.png", "p/", "p/notes.txt", "p/b.JPG"], "shop", 5) == ["s3://shop/p/a.png", "s3://shop/p/b.JPG"]
     with pytest.raises(ValueError, match="max_images"):
         uris([f"p/{i}.png" for i in range(3)], "shop", 2)
+
+
+def test_flux_review_and_publish_shape(bag):
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    dag = bag.dags.get("flux_review_and_publish")
+    assert set(dag.task_ids) == {"load_prompts", "generate", "stage", "review_request", "review", "publish"}
+    assert _upstream(dag, "generate") == {"load_prompts"}
+    assert _upstream(dag, "stage") == {"generate"}
+    assert _upstream(dag, "review_request") == {"stage"}
+    assert _upstream(dag, "review") == {"review_request"}
+    assert _upstream(dag, "publish") == {"review", "stage"}  # the answer, and the staging manifest's URI
+    assert dag.schedule is None
+    assert {"prompts", "bucket", "staging_prefix", "published_prefix", "flux_conn_id"} <= set(dag.params)
+    generate = dag.get_task("generate")
+    assert type(generate).__name__ == "MappedOperator"
+    assert generate.partial_kwargs["max_active_tis_per_dag"] >= 1 and generate.partial_kwargs["retries"] >= 1
+    stage = dag.get_task("stage")
+    assert "params.staging_prefix" in stage.s3_key_prefix and "run_id" in stage.s3_key_prefix
+    assert stage.manifest_name == "manifest.json"
+    # One choice per image (templated: known at run time), several allowed, none picked for the
+    # reviewer and none taken on a timeout: nothing is published unless someone picks it.
+    review = dag.get_task("review")
+    assert isinstance(review, HITLOperator)
+    assert review.multiple and "options" in review.template_fields
+    assert review.defaults is None and review.response_timeout and review.retries == 0
+    assert dag.get_task("publish").retries >= 1
+
+    helpers = dag.get_task("publish").python_callable.__globals__
+    chosen, label, none = helpers["chosen_numbers"], helpers["image_label"], helpers["PUBLISH_NONE"]
+    assert chosen(["3: a fox", "1: a boat"]) == [1, 3]
+    assert chosen([none]) == []
+    with pytest.raises(ValueError, match="picks images and"):
+        chosen(["2: a fox", none])
+    assert label(12, "a  red\nfox " * 20).startswith("12: a red fox a red fox")
+    assert len(label(12, "x" * 500)) <= 75 and label(1, None) == "1: (no prompt)"
+    assert helpers["_md"]("[click](http://x) *bold*") == "\\[click\\](http://x) \\*bold\\*"
 
 
 def test_flux_edit_from_s3_edits_every_image_under_the_prefix(tmp_path, emulator, moto_server):
