@@ -17,6 +17,11 @@ The same Airflow then runs ``flux_system_reuse``, against a second emulator on i
 connection and a real S3 (moto server): a submit that dies after its submit is retried by
 the scheduler and reuses its request; the run is cleared after its prompt list changed and
 every request is paid for anew, each image in the manifest carrying its own prompt.
+
+Last, ``flux_review_and_publish`` (the example DAG of ``dags/``, linked into the test's DAG
+folder) runs on its own emulator and connection: its human-in-the-loop task waits for an
+answer, which the test gives through the REST API as a user would, rejecting one image;
+only the picked images are published, copied inside S3 from staging.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ DAG_ID = "flux_system_submit_sensor"
 RUN_ID = "system_test_run"
 REUSE_DAG_ID = "flux_system_reuse"
 REUSE_BUCKET = "flux-system"
+REVIEW_DAG_ID = "flux_review_and_publish"
+REVIEW_BUCKET = "flux-review"
 DAGS_FOLDER = Path(__file__).resolve().parent / "dags"
 AIRFLOW = Path(sys.executable).with_name("airflow")
 COMPONENTS: dict[str, list[str]] = {
@@ -297,6 +304,7 @@ class _Stack:
     home: Path
     emu: FluxEmulator  # flux_default: the triggerer-kill test
     reuse_emu: FluxEmulator  # flux_reuse: the retry-and-clear test
+    review_emu: FluxEmulator  # flux_review: the review-before-publishing test
     s3: Any
 
 
@@ -306,9 +314,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, moto_server: str) -> Iterato
     home = tmp_path_factory.mktemp("airflow_home")
     s3 = moto_s3_client(moto_server)
     s3.create_bucket(Bucket=REUSE_BUCKET)
+    s3.create_bucket(Bucket=REVIEW_BUCKET)
     with (
         FluxEmulator(queue_seconds=3, run_seconds=12) as emu,
         FluxEmulator(queue_seconds=0.5, run_seconds=2) as reuse_emu,
+        FluxEmulator(queue_seconds=0.5, run_seconds=1) as review_emu,
     ):
         af = _Airflow(
             home,
@@ -316,6 +326,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, moto_server: str) -> Iterato
             extra_env={
                 "AIRFLOW_CONN_FLUX_REUSE": json.dumps(
                     {"conn_type": "flux", "host": reuse_emu.base_url, "password": TOKEN}
+                ),
+                "AIRFLOW_CONN_FLUX_REVIEW": json.dumps(
+                    {"conn_type": "flux", "host": review_emu.base_url, "password": TOKEN}
                 ),
                 "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(moto_aws_conn(moto_server)),
             },
@@ -326,11 +339,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, moto_server: str) -> Iterato
             af.start()
             af.wait_until("a healthy scheduler, triggerer and dag-processor", af.healthy, timeout=120)
             af.mark("healthy")
-            for dag_id in (DAG_ID, REUSE_DAG_ID):
+            for dag_id in (DAG_ID, REUSE_DAG_ID, REVIEW_DAG_ID):
                 af.dag_id = dag_id
                 af.wait_until(f"DAG {dag_id} to be parsed", af.dag_parsed, timeout=90)
             af.mark("dags parsed")
-            yield _Stack(af=af, home=home, emu=emu, reuse_emu=reuse_emu, s3=s3)
+            yield _Stack(af=af, home=home, emu=emu, reuse_emu=reuse_emu, review_emu=review_emu, s3=s3)
         except BaseException:
             print(f"\n---------- Airflow output (home {home}) ----------\n{af.tails()}")
             raise
@@ -501,3 +514,97 @@ def test_retry_reuses_and_clear_after_a_list_change_submits_anew(stack: _Stack) 
         )
         assert "was submitted before this task was cleared" in logs
         assert _token_leaks_in_db(af) == []
+
+
+def _review_answer(af: _Airflow, run_id: str, task_id: str, chosen: list[str]) -> requests.Response:
+    """The answer a reviewer gives (README, "Review before publishing"): PATCH the task's hitlDetails."""
+    path = f"dags/{REVIEW_DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails"
+    return af.session.patch(f"{af.url}/api/v2/{path}", json={"chosen_options": chosen}, timeout=30)
+
+
+def test_review_then_publish_only_the_picked_images(stack: _Stack) -> None:
+    """The example DAG end to end: three images staged, the reviewer rejects the second through
+    the REST API, the other two are published (S3-to-S3, same bytes) with a manifest of their own."""
+    af, emu, s3 = stack.af, stack.review_emu, stack.s3
+    run_id = "review_run"
+    prompts = ["a heron in the reeds", "a rejected blurry cat", "a lantern on a jetty"]
+    started = time.monotonic()
+    with _tails_on_failure(stack):
+        af.cli("dags", "unpause", REVIEW_DAG_ID)
+        af.post(
+            f"dags/{REVIEW_DAG_ID}/dagRuns",
+            {
+                "dag_run_id": run_id,
+                "logical_date": None,
+                "conf": {"prompts": prompts, "bucket": REVIEW_BUCKET, "flux_conn_id": "flux_review"},
+            },
+        )
+        af.mark("review run triggered")
+
+        def review_state() -> str | None:
+            ti = af.get(f"dags/{REVIEW_DAG_ID}/dagRuns/{run_id}/taskInstances/review")
+            run = af.get(f"dags/{REVIEW_DAG_ID}/dagRuns/{run_id}")
+            assert run["state"] in ("queued", "running"), f"run {run['state']} before the review was answered"
+            return ti["state"] if ti["state"] == "awaiting_input" else None
+
+        af.wait_until("the review to await input", review_state, timeout=150)
+        af.mark("review awaiting input")
+
+        # ---- what the reviewer is shown: one choice per staged image, thumbnails from the gallery
+        detail = af.get(f"dags/{REVIEW_DAG_ID}/dagRuns/{run_id}/taskInstances/review/-1/hitlDetails")
+        staging_key = f"flux/review/staging/{run_id}/manifest.json"
+        staging = json.loads(s3.get_object(Bucket=REVIEW_BUCKET, Key=staging_key)["Body"].read())
+        staged = sorted(staging["images"], key=lambda i: prompts.index(i["prompt"]))
+        order = [i["prompt"] for i in staging["images"]]  # the choices follow the manifest's order
+        assert detail["multiple"] is True and detail["response_received"] is False
+        assert detail["options"] == [f"{n}: {p}" for n, p in enumerate(order, start=1)] + ["0: none, publish nothing"]
+        for image in staged:
+            assert image["status"] == "copied"
+            thumb = f"/flux-gallery/dags/{REVIEW_DAG_ID}/runs/{run_id}/images/{image['sha256']}?size=thumb"
+            assert thumb in detail["body"]
+        resp = af.session.get(f"{af.url}{thumb}", timeout=30)
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("image/"), resp.text[:300]
+
+        # ---- the answer, through the REST API: everything but the blurry cat
+        keep = [o for o in detail["options"] if not o.startswith("0:") and "blurry cat" not in o]
+        resp = _review_answer(af, run_id, "review", keep)
+        assert resp.status_code == 200, resp.text
+        assert sorted(resp.json()["chosen_options"]) == sorted(keep)
+        af.mark("review answered")
+        state, states, _, _ = _watch_run(af, timeout=120, dag_id=REVIEW_DAG_ID, run_id=run_id)
+        af.mark("review run finished")
+        assert state == "success", states
+        assert _review_answer(af, run_id, "review", keep).status_code == 409  # answered once, for good
+
+        # ---- published: the picked images, byte for byte the staged ones, and their manifest
+        published_prefix = f"flux/review/published/{run_id}"
+        listing = s3.list_objects_v2(Bucket=REVIEW_BUCKET, Prefix=f"{published_prefix}/").get("Contents", [])
+        manifest = json.loads(
+            s3.get_object(Bucket=REVIEW_BUCKET, Key=f"{published_prefix}/manifest.json")["Body"].read()
+        )
+        picked = [i for i in staged if "blurry cat" not in i["prompt"]]
+        (rejected,) = [i for i in staged if "blurry cat" in i["prompt"]]
+        expected_keys = {i["key"].replace("/staging/", "/published/", 1) for i in picked}
+        assert {o["Key"] for o in listing} == {*expected_keys, f"{published_prefix}/manifest.json"}
+        assert sorted(i["key"] for i in manifest["images"]) == sorted(expected_keys)
+        assert sorted(i["prompt"] for i in manifest["images"]) == sorted(i["prompt"] for i in picked)
+        assert all(i["status"] == "copied" for i in manifest["images"])
+        assert (manifest["dag_id"], manifest["run_id"], manifest["task_id"]) == (REVIEW_DAG_ID, run_id, "publish")
+        for image in picked:
+            staged_bytes = s3.get_object(Bucket=REVIEW_BUCKET, Key=image["key"])["Body"].read()
+            key = image["key"].replace("/staging/", "/published/", 1)
+            assert s3.get_object(Bucket=REVIEW_BUCKET, Key=key)["Body"].read() == staged_bytes
+        # The rejected image stays in staging only, and the publish task lists it.
+        assert rejected["key"].replace("/staging/", "/published/", 1) not in {o["Key"] for o in listing}
+        s3.head_object(Bucket=REVIEW_BUCKET, Key=rejected["key"])
+        result = af.get(f"dags/{REVIEW_DAG_ID}/dagRuns/{run_id}/taskInstances/publish/xcomEntries/return_value")[
+            "value"
+        ]
+        result = json.loads(result) if isinstance(result, str) else result
+        assert result["rejected"] == [{"prompt": rejected["prompt"], "staging_uri": rejected["s3_uri"]}]
+        assert sorted(result["published"]) == sorted(f"s3://{REVIEW_BUCKET}/{k}" for k in expected_keys)
+
+        # ---- nothing generated twice: one paid submit per prompt, all on the run's own connection
+        assert sorted(job.input["prompt"] for job in emu.jobs.values()) == sorted(prompts)
+        assert len(emu.calls(kind="submit")) == len(prompts)
+        print(f"\nreview test: {time.monotonic() - started:.1f}s ({', '.join(af.timings[-4:])})")

@@ -1,0 +1,1 @@
+../../../dags/flux_review_and_publish.py
