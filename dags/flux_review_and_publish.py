@@ -150,13 +150,14 @@ with DAG(
             f"[All of them in the Flux gallery]({gallery_path(dag_id, run_id, task_id='stage')})",
         ]
         for number, image in enumerate(staged, start=1):
-            # The gallery serves each image of a run's manifests by its SHA-256 (with Airflow's
-            # login, so no presigned URL ends up in the metadata DB where this page is kept).
-            full = f"{gallery_path(dag_id, run_id)}/images/{image.sha256}"
+            # The gallery serves each image of a run's manifests by its SHA-256, behind Airflow's
+            # login (no presigned URL ends up in the metadata DB, where this page is kept); the
+            # thumbnail opens the gallery's page of the image, at full size with its details.
+            image_path = f"{gallery_path(dag_id, run_id)}/images/{image.sha256}"
             request = gallery_path(dag_id, run_id, task_id="stage", request_id=image.request_id)
             lines += [
                 f"### {number}. {_md(image.prompt or '(no prompt)')}",
-                f"[![image {number}]({full}?size=thumb)]({full})",
+                f"[![image {number}]({image_path}?size=thumb)]({image_path}/view)",
                 f"{image.width}x{image.height}, seed {image.seed} · [in the gallery]({request}) · `{image.key}`",
             ]
         return {

@@ -560,10 +560,11 @@ def test_review_then_publish_only_the_picked_images(stack: _Stack) -> None:
         assert detail["options"] == [f"{n}: {p}" for n, p in enumerate(order, start=1)] + ["0: none, publish nothing"]
         for image in staged:
             assert image["status"] == "copied"
-            thumb = f"/flux-gallery/dags/{REVIEW_DAG_ID}/runs/{run_id}/images/{image['sha256']}?size=thumb"
-            assert thumb in detail["body"]
-        resp = af.session.get(f"{af.url}{thumb}", timeout=30)
+            image_path = f"/flux-gallery/dags/{REVIEW_DAG_ID}/runs/{run_id}/images/{image['sha256']}"
+            assert f"({image_path}?size=thumb)]({image_path}/view)" in detail["body"]
+        resp = af.session.get(f"{af.url}{image_path}?size=thumb", timeout=30)
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("image/"), resp.text[:300]
+        assert af.session.get(f"{af.url}{image_path}/view", timeout=30).status_code == 200
 
         # ---- the answer, through the REST API: everything but the blurry cat
         keep = [o for o in detail["options"] if not o.startswith("0:") and "blurry cat" not in o]
