@@ -135,7 +135,7 @@ with DAG(
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from airflow_flux.links.flux import gallery_path
+        from airflow_flux.links import gallery_image_path, gallery_path
         from airflow_flux.transfers import read_manifest, review_images
 
         manifest = read_manifest(S3Hook(), manifest_uri)
@@ -153,11 +153,11 @@ with DAG(
             # The gallery serves each image of a run's manifests by its SHA-256, behind Airflow's
             # login (no presigned URL ends up in the metadata DB, where this page is kept); the
             # thumbnail opens the gallery's page of the image, at full size with its details.
-            image_path = f"{gallery_path(dag_id, run_id)}/images/{image.sha256}"
+            image_path = gallery_image_path(dag_id, run_id, image.sha256, page=False)
             request = gallery_path(dag_id, run_id, task_id="stage", request_id=image.request_id)
             lines += [
                 f"### {number}. {_md(image.prompt or '(no prompt)')}",
-                f"[![image {number}]({image_path}?size=thumb)]({image_path}/view)",
+                f"[![image {number}]({image_path}?size=thumb)]({gallery_image_path(dag_id, run_id, image.sha256)})",
                 f"{image.width}x{image.height}, seed {image.seed} · [in the gallery]({request}) · `{image.key}`",
             ]
         return {

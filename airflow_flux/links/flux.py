@@ -49,6 +49,22 @@ def gallery_path(
     return f"{path}?{query}" if query else path
 
 
+def gallery_image_path(
+    dag_id: str, run_id: str, sha256: str, *, page: bool = True, base_path: str | None = None
+) -> str:
+    """The gallery's URL of one image of a run (by the SHA-256 its manifest records).
+
+    :param dag_id: the DAG.
+    :param run_id: the run.
+    :param sha256: the image's digest.
+    :param page: the image's page (details, download); False for the image itself
+        (add ``?size=thumb`` for its thumbnail).
+    :param base_path: the path Airflow is served under; default from ``[api] base_url``.
+    """
+    path = f"{gallery_path(dag_id, run_id, base_path=base_path)}/images/{sha256}"
+    return f"{path}/view" if page else path
+
+
 def _request_url(ti_key: TaskInstanceKey) -> str | None:
     """The request's URL the task pushed, or None (it failed before it knew its request)."""
     from airflow.sdk.execution_time.xcom import XCom

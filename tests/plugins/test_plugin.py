@@ -6,7 +6,7 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
-from airflow_flux.links import FluxGalleryLink, FluxRequestLink, gallery_path
+from airflow_flux.links import FluxGalleryLink, FluxRequestLink, gallery_image_path, gallery_path
 
 
 def test_gallery_urls_quote_ids_and_keep_the_base_path():
@@ -18,6 +18,13 @@ def test_gallery_urls_quote_ids_and_keep_the_base_path():
     assert gallery_path(base_path="") == "/flux-gallery/"
     assert gallery_path("d", "r", base_path="", request_id="a b&c", map_index=2) == (
         "/flux-gallery/dags/d/runs/r?request_id=a+b%26c&map_index=2"
+    )
+    sha = "ab" * 32
+    assert gallery_image_path("d", run_id, sha, base_path="") == (
+        f"/flux-gallery/dags/d/runs/manual__2026-01-01T00%3A00%3A00%2B00%3A00/images/{sha}/view"
+    )
+    assert (
+        gallery_image_path("d", "r", sha, page=False, base_path="/a") == f"/a/flux-gallery/dags/d/runs/r/images/{sha}"
     )
 
 
