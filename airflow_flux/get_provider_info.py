@@ -60,23 +60,47 @@ def get_provider_info() -> dict[str, Any]:
                         "password": "fal key, or the aggregator's bearer token",
                     },
                 },
+                # The UI shows each field's schema "default" (a new connection starts from it)
+                # and saves every field's value into extra, so a default must be what the hook
+                # does with the field absent. Choices that depend on the host are an explicit
+                # "auto" (resolved by the hook, so it follows a later change of the base URL),
+                # never a null choice: the UI labels null "null", and a null switch reads "off".
                 "conn-fields": {
                     "auth_scheme": {
                         "label": "Auth scheme",
                         "description": "'Key' for fal's own hosts, 'Bearer' for aggregators. "
-                        "Default: Key on *.fal.run, Bearer elsewhere.",
-                        "schema": {"type": ["string", "null"], "enum": ["Key", "Bearer", None]},
+                        "Auto: Key on *.fal.run, Bearer elsewhere.",
+                        "schema": {
+                            "type": ["string", "null"],
+                            "enum": ["auto", "Key", "Bearer"],
+                            "default": "auto",
+                            "values_display": {
+                                "auto": "Auto (Key on fal's hosts, Bearer elsewhere)",
+                                "Key": "Key (fal direct)",
+                                "Bearer": "Bearer (aggregators)",
+                            },
+                        },
                     },
                     "endpoint": {
                         "label": "Endpoint",
-                        "description": "fal model path. Default: fal-ai/flux-pro/kontext/text-to-image.",
-                        "schema": {"type": ["string", "null"]},
+                        "description": "fal model path.",
+                        "schema": {"type": ["string", "null"], "default": "fal-ai/flux-pro/kontext/text-to-image"},
                     },
                     "rebase_urls": {
                         "label": "Re-base returned URLs",
                         "description": "Rewrite the status/result/cancel URLs the API returns onto this "
-                        "connection's base URL (aggregators). Default: on for non-fal hosts.",
-                        "schema": {"type": ["boolean", "null"]},
+                        "connection's base URL (aggregators). Auto: on for non-fal hosts, off on fal's; "
+                        "off means a returned URL on an untrusted host is refused.",
+                        "schema": {
+                            "type": ["string", "null"],
+                            "enum": ["auto", "on", "off"],
+                            "default": "auto",
+                            "values_display": {
+                                "auto": "Auto (on for non-fal hosts, off on fal's)",
+                                "on": "On",
+                                "off": "Off",
+                            },
+                        },
                     },
                     "trusted_hosts": {
                         "label": "Trusted hosts",
@@ -85,25 +109,25 @@ def get_provider_info() -> dict[str, Any]:
                     },
                     "timeout": {
                         "label": "Timeout (s)",
-                        "description": "Timeout of one HTTP call, in seconds. Default: 60.",
-                        "schema": {"type": ["number", "null"]},
+                        "description": "Timeout of one HTTP call, in seconds.",
+                        "schema": {"type": ["number", "null"], "default": 60},
                     },
                     "store_io": {
                         "label": "Let fal store payloads",
                         "description": "Off: fal keeps no copy of the requests' input and output payloads "
-                        "(X-Fal-Store-IO: 0). Default: on (fal's own default).",
-                        "schema": {"type": ["boolean", "null"]},
+                        "(X-Fal-Store-IO: 0). On is fal's own default.",
+                        "schema": {"type": ["boolean", "null"], "default": True},
                     },
                     "media_expires_in": {
                         "label": "CDN file lifetime (s)",
                         "description": "Seconds fal's CDN keeps generated files "
-                        "(X-Fal-Object-Lifecycle-Preference). Default: fal's.",
+                        "(X-Fal-Object-Lifecycle-Preference). Empty: fal's default.",
                         "schema": {"type": ["integer", "null"], "minimum": 1},
                     },
                     "price_per_image": {
                         "label": "Price per image (USD)",
                         "description": "This connection's price, for cost_usd (an aggregator's). "
-                        "Default: each endpoint's published price.",
+                        "Empty: each endpoint's published price.",
                         "schema": {"type": ["number", "null"], "minimum": 0},
                     },
                 },

@@ -129,3 +129,36 @@ def test_a_bad_value_fails_the_first_parse_of_a_fresh_process_naming_the_field()
     assert proc.returncode != 0
     assert "FluxValidationError: Task 'bad': Invalid request for fal-ai/flux-pro/kontext/text-to-image: " in proc.stderr
     assert "num_images: must be a number from 1 to 4 (got 5)" in proc.stderr
+
+
+def _served_form_fields() -> dict[str, dict]:
+    """The flux fields as the api-server hands them to the UI's connection form (hook_meta)."""
+    from airflow.providers_manager import ProvidersManager
+
+    prefix = "extra__flux__"
+    widgets = ProvidersManager().connection_form_widgets
+    return {key[len(prefix) :]: widget.field for key, widget in widgets.items() if key.startswith(prefix)}
+
+
+def test_the_connection_form_shows_real_defaults_not_null():
+    fields = _served_form_fields()
+    assert set(fields) == set(get_provider_info()["connection-types"][0]["conn-fields"])
+    for name, field in fields.items():
+        schema = field["schema"]
+        assert field["value"] == schema.get("default"), name  # what a new connection starts from
+        if "enum" in schema:
+            # The UI's dropdown labels a None choice "null" and selects it for an empty value.
+            assert None not in schema["enum"], name
+            assert field["value"] in schema["enum"], name
+            assert set(schema["values_display"]) == set(schema["enum"]), name
+        if "boolean" in schema["type"]:
+            # A switch shows bool(value): without a default it reads "off" whatever the hook does.
+            assert isinstance(field["value"], bool), name
+    assert fields["auth_scheme"]["value"] == fields["rebase_urls"]["value"] == "auto"
+    assert "Auto:" in fields["rebase_urls"]["description"]  # says what auto does
+    assert fields["store_io"]["value"] is True
+    from airflow_flux.hooks.settings import DEFAULT_TIMEOUT
+    from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE
+
+    assert fields["endpoint"]["value"] == KONTEXT_TEXT_TO_IMAGE
+    assert fields["timeout"]["value"] == DEFAULT_TIMEOUT

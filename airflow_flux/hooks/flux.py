@@ -69,8 +69,9 @@ class FluxHook(BaseHook):
     """Talks to fal's queue API (or an aggregator reselling it) for FLUX.1 Kontext [pro].
 
     The connection's ``host`` is the base URL (default ``https://queue.fal.run``),
-    ``password`` the API token; ``extra`` may set ``auth_scheme`` (``Key`` | ``Bearer``),
-    ``endpoint``, ``rebase_urls``, ``trusted_hosts`` and ``timeout``.
+    ``password`` the API token; ``extra`` may set ``auth_scheme`` (``Key`` | ``Bearer`` |
+    ``auto``), ``endpoint``, ``rebase_urls`` (``true`` | ``false`` | ``auto``, or the connection
+    form's ``on`` | ``off``), ``trusted_hosts`` and ``timeout``; ``auto`` or absent: from the host.
 
     :param flux_conn_id: the ``flux`` connection to use.
     :param retry_policy: overrides the default :class:`RetryPolicy`.

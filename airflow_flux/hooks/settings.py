@@ -29,9 +29,15 @@ def _is_fal_host(hostname: str) -> bool:
     return hostname in FAL_QUEUE_HOSTS or hostname.endswith((".fal.run", ".falrun.com"))
 
 
+#: The connection form's choice meaning "decide from the host", as an absent extra does.
+AUTO = "auto"
+_ON = frozenset({"1", "true", "yes", "on"})
+_OFF = frozenset({"0", "false", "no", "off"})
+
+
 def _as_bool(value: Any) -> bool:
     if isinstance(value, str):
-        return value.strip().lower() in {"1", "true", "yes", "on"}
+        return value.strip().lower() in _ON
     return bool(value)
 
 
@@ -66,18 +72,22 @@ class FluxConnectionSettings:
     def from_connection(cls, conn: Connection) -> FluxConnectionSettings:
         extra = conn.extra_dejson or {}
 
-        def opt(name: str, default: Any = None) -> Any:
-            # The connection form stores declarative fields with or without the prefix.
+        def opt(name: str, default: Any = None, *, auto: bool = False) -> Any:
+            # The connection form stores declarative fields with or without the prefix, and
+            # saves every field: None for an empty one, "auto" for a choice that depends on
+            # the host (``auto``). Each means the same as the key being absent.
+            unset: tuple[Any, ...] = (None, "", AUTO) if auto else (None, "")
             for key in (name, f"extra__flux__{name}"):
-                if extra.get(key) not in (None, ""):
-                    return extra[key]
+                value = extra.get(key)
+                if (value.strip().lower() if isinstance(value, str) else value) not in unset:
+                    return value
             return default
 
         base_url = cls._base_url(conn)
         hostname = (urlsplit(base_url).hostname or "").lower()
         fal = _is_fal_host(hostname)
 
-        scheme = str(opt("auth_scheme", "Key" if fal else "Bearer")).strip()
+        scheme = str(opt("auth_scheme", "Key" if fal else "Bearer", auto=True)).strip()
         normalized = {"key": "Key", "bearer": "Bearer"}.get(scheme.lower())
         if normalized is None:
             raise FluxConfigError(
@@ -115,13 +125,25 @@ class FluxConnectionSettings:
             token=conn.password or "",
             auth_scheme=normalized,
             endpoint=str(opt("endpoint", KONTEXT_TEXT_TO_IMAGE)).strip("/"),
-            rebase_urls=_as_bool(opt("rebase_urls", not fal)),
+            rebase_urls=cls._switch(conn.conn_id, "rebase_urls", opt("rebase_urls", not fal, auto=True)),
             trusted_hosts=frozenset(hosts),
             timeout=timeout,
             store_io=_as_bool(opt("store_io", True)),
             media_expires_in=number("media_expires_in", int),
             price_per_image=number("price_per_image", float),
         )
+
+    @staticmethod
+    def _switch(conn_id: str | None, name: str, value: Any) -> bool:
+        """A boolean extra: true/false, or the form's on/off (also yes/no, 1/0)."""
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in _ON or word in _OFF:
+            return word in _ON
+        # Refused rather than read as off: a typo would otherwise silently change where
+        # the returned URLs go.
+        raise FluxConfigError(f"Connection {conn_id!r}: extra {name} must be auto, on or off, got {value!r}")
 
     @staticmethod
     def _base_url(conn: Connection) -> str:
