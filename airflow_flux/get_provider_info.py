@@ -12,7 +12,10 @@ def get_provider_info() -> dict[str, Any]:
     return {
         "package-name": "airflow-flux",
         "name": "FLUX (fal)",
-        "description": "Generate images with FLUX.1 Kontext [pro] on fal's queue API and copy them to S3.",
+        # U+2060 (word joiner, zero width) after "[": `airflow providers list` renders the
+        # description as Rich markup, which reads "[pro]" as a style tag and drops it. A
+        # backslash escape would fix only the table and show up in the UI, JSON and plain output.
+        "description": "Generate images with FLUX.1 Kontext [\u2060pro] on fal's queue API and copy them to S3.",
         "versions": ["0.1.0"],
         "integrations": [
             {

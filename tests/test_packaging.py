@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import airflow_flux
 from airflow_flux.get_provider_info import get_provider_info
@@ -162,3 +164,35 @@ def test_the_connection_form_shows_real_defaults_not_null():
 
     assert fields["endpoint"]["value"] == KONTEXT_TEXT_TO_IMAGE
     assert fields["timeout"]["value"] == DEFAULT_TIMEOUT
+
+
+VISIBLE_DESCRIPTION = "Generate images with FLUX.1 Kontext [pro] on fal's queue API and copy them to S3"
+
+
+def _visible(text: str) -> str:
+    return text.replace("\u2060", "")  # the word joiner is zero width: no terminal or browser shows it
+
+
+def test_providers_list_shows_pro_in_the_description():
+    # Rich reads "[pro]" as a markup tag and drops it unless something breaks the tag up.
+    env = {**os.environ, "COLUMNS": "250"}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "providers", "list"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=120,
+    )
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("airflow-flux")]
+    assert VISIBLE_DESCRIPTION in _visible(line), line
+
+
+def test_the_ui_providers_page_reads_the_description_as_written():
+    # The page shows the API's description as plain text: no escape character may show there.
+    from airflow.api_fastapi.core_api.services.public.providers import _provider_mapper
+    from airflow.providers_manager import ProvidersManager
+
+    description = _provider_mapper(ProvidersManager().providers["airflow-flux"]).description
+    assert _visible(description) == VISIBLE_DESCRIPTION
+    assert "\\" not in description
