@@ -11,7 +11,9 @@
 3. reads the run's ``manifest.json`` back from S3, checks every image (size, SHA-256,
    decodes it) and writes it to ``./demo-output/`` (emptied first: each run replaces the
    previous run's images), with ``summary.json``;
-4. prints the summary and stops every process it started, also on Ctrl-C or SIGTERM.
+4. prints the summary (which, on the emulator, says its images are labelled placeholders
+   and how to run the same DAG on the real API) and stops every process it started, also
+   on Ctrl-C or SIGTERM.
 
 Exit code 0 only if every image landed; 1 if not; 2 for a setup problem; 130 after Ctrl-C.
 
@@ -259,6 +261,7 @@ def _run(
         task_instances=outcome.get("task_instances", []),
         output_dir=output_dir,
         mode=mode,
+        emulator=services.emulated,
     )
     summary.pids = procs.pgids
     return summary
@@ -287,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--verbose", action="store_true", help="show the whole Airflow log")
     args = parser.parse_args(argv)
-    print(f"airflow-flux demo: {DAG_ID} -> FLUX.1 Kontext [pro] -> S3", flush=True)
+    model = "FLUX.1 Kontext [pro]" if args.real else "the fal queue emulator (placeholder images)"
+    print(f"airflow-flux demo: {DAG_ID} -> {model} -> S3", flush=True)
     try:
         summary = run_demo(
             args.output,

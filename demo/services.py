@@ -223,6 +223,11 @@ class LocalServices:
         self.api: ApiTarget | None = None
         self.s3_endpoint = ""
 
+    @property
+    def emulated(self) -> bool:
+        """The API side is the fal queue emulator, whose images are labelled placeholders."""
+        return self.api is not None and not self.api.real
+
     def start(
         self,
         api: ApiTarget | None,

@@ -20,6 +20,14 @@ from typing import Any
 
 #: A file in the output folder that says the folder is the demo's to empty.
 MARKER = ".flux-demo-output"
+#: What the summary of a run on the emulator says about its images.
+EMULATOR_NOTICE = (
+    "Note: these images come from the fal queue emulator: labelled placeholders (coloured shapes",
+    "with the prompt and seed written on them), not FLUX renderings. The same DAG makes real ones",
+    "on the real API (every prompt is a paid request; S3 stays local; make demo-ui takes the same):",
+    '  FLUX_DEMO_REAL=1 FLUX_API_TOKEN="$FAL_KEY" make demo                                   # fal direct',
+    '  FLUX_DEMO_REAL=1 FLUX_API_TOKEN="$TOKEN" FLUX_API_BASE=https://<aggregator> make demo  # an aggregator',
+)
 
 
 @dataclass
@@ -61,6 +69,7 @@ class Summary:
     task_states: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)  # process groups the demo started (all stopped)
+    emulator: bool = False  # the images came from the fal queue emulator (placeholders)
 
     @property
     def landed(self) -> int:
@@ -109,6 +118,10 @@ class Summary:
         if failed:
             lines.append(f"tasks not successful: {failed}")
         lines += [f"!! {p}" for p in self.problems]
+        if self.emulator and self.images:
+            # Said every time: someone who asked for a red fox and finds coloured shapes
+            # should know why before opening the folder.
+            lines += ["", *EMULATOR_NOTICE]
         lines.append("OK: every image landed." if self.ok else "NOT OK: see the lines marked !! above.")
         return "\n".join(lines)
 
@@ -214,9 +227,13 @@ def summarize(
     task_instances: list[dict[str, Any]],
     output_dir: Path | None,
     mode: str,
+    emulator: bool,
     seconds: float | None = None,
 ) -> Summary:
-    """Check the run's images in S3 against its manifest and download them into ``output_dir``."""
+    """Check the run's images in S3 against its manifest and download them into ``output_dir``.
+
+    ``emulator``: the images come from the fal queue emulator (the summary says they are placeholders).
+    """
     from PIL import Image
 
     prompts = prompts_of(task_instances)
@@ -230,6 +247,7 @@ def summarize(
         expected=len(prompts) if prompts is not None else len(waits),
         output_dir=str(output_dir) if output_dir else None,
         seconds=seconds,
+        emulator=emulator,
         task_states={
             (f"{ti['task_id']}[{ti['map_index']}]" if ti["map_index"] >= 0 else ti["task_id"]): str(ti["state"])
             for ti in task_instances

@@ -331,6 +331,7 @@ def _summarize(af: AirflowUI, services: LocalServices, run: dict[str, Any], outp
         task_instances=af.task_instances(rid),
         output_dir=folder,
         mode=f"real Airflow, {mode}",
+        emulator=services.emulated,
         seconds=seconds,
     )
 

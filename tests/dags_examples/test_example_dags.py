@@ -24,7 +24,7 @@ from PIL import Image
 
 from demo.run_demo import run_demo
 from demo.services import group_members
-from demo.summary import MARKER, prepare_output
+from demo.summary import MARKER, ImageRow, Summary, prepare_output
 from tests.helpers import REPO
 
 DAGS = REPO / "dags"
@@ -282,6 +282,18 @@ def test_output_folder_is_only_emptied_when_the_demo_made_it(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [MARKER]
 
 
+@pytest.mark.parametrize("emulator", [True, False])
+def test_the_summary_says_when_the_images_are_the_emulators_placeholders(emulator):
+    image = ImageRow(number=1, prompt="a red fox", request_id="r1", status="copied", s3_uri="s3://b/k", size=9)
+    summary = Summary(
+        mode="x", dag_id="d", run_id="r", state="success", bucket="b", expected=1, images=[image], emulator=emulator
+    )
+    rendered = summary.render()
+    assert ("labelled placeholders" in rendered) is emulator
+    assert ('FLUX_DEMO_REAL=1 FLUX_API_TOKEN="$FAL_KEY" make demo' in rendered) is emulator
+    assert rendered.splitlines()[-1].startswith("NOT OK")  # the verdict stays the last line (no local file)
+
+
 def test_demo_runs_flux_content_pipeline_end_to_end(tmp_path):
     """``make demo``'s code path: emulator + moto + dag.test() in a child process; images on disk."""
     log = io.StringIO()
@@ -315,6 +327,9 @@ def test_demo_runs_flux_content_pipeline_end_to_end(tmp_path):
     rendered = summary.render()
     assert "OK: every image landed." in rendered
     assert all(row.request_id in rendered and row.s3_uri in rendered for row in summary.images)
+    # Nobody should mistake the emulator's placeholders for FLUX's work, nor miss how to get the real thing.
+    assert summary.emulator
+    assert "labelled placeholders" in rendered and "FLUX_DEMO_REAL=1" in rendered
 
     # Every process the demo started (emulator, moto, the Airflow child and its children) is gone.
     assert len(summary.pids) == 3
@@ -335,6 +350,7 @@ def test_demo_real_mode_uses_the_api_from_the_environment(tmp_path, emulator, mo
     (submit,) = emulator.calls(kind="submit")
     assert submit.authorization == "Bearer real-mode-token-3f9a"  # not fal's host: an aggregator
     assert "real-mode-token-3f9a" not in log.getvalue()
+    assert not summary.emulator and "placeholders" not in summary.render()
     assert group_members(summary.pids) == []
 
 
