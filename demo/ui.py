@@ -11,12 +11,14 @@ S3 server, as in ``make demo``. Nothing touches your own Airflow: a temporary
 
 Once the DAG is parsed it is unpaused, and the scheduler starts today's ``@daily`` run
 (``catchup=False``: the latest interval only). Watch the waits go *deferred* in the Grid
-view; each finished run's images are checked in S3 and written to ``demo-output/<run>/``.
-Press Trigger in the UI for more runs. Ctrl-C stops every process.
+view, and its images in the Flux gallery (the banner prints both URLs); each finished run's
+images are checked in S3 and written to ``demo-output/<run>/``. Press Trigger in the UI for
+more runs. The connection form's Test button is on (``AIRFLOW__CORE__TEST_CONNECTION``).
+Ctrl-C stops every process and exits 0 (1 if a finished run lost images).
 
 ``--once`` (or ``FLUX_DEMO_UI_ONCE=1``): wait for that run through the REST API
 (``/api/v2/dags/flux_content_pipeline/dagRuns``), print its summary and exit: 0 if every
-image landed. ``FLUX_DEMO_REAL=1`` uses the real API, as in ``make demo``.
+image landed (130 if Ctrl-C came first). ``FLUX_DEMO_REAL=1`` uses the real API, as in ``make demo``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urljoin
 
 if __package__ in (None, ""):  # run as a script: python demo/ui.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -66,6 +69,8 @@ COMPONENTS: dict[str, list[str]] = {
     "triggerer": ["triggerer", "--skip-serve-logs"],
 }
 FINISHED = ("success", "failed")
+#: The name of airflow_flux's gallery plugin (airflow_flux.plugins.gallery.FluxGalleryPlugin).
+GALLERY_PLUGIN = "flux_gallery"
 
 
 class AirflowUI(AirflowApi):
@@ -87,6 +92,8 @@ class AirflowUI(AirflowApi):
             AIRFLOW__CORE__FERNET_KEY=Fernet.generate_key().decode(),
             # A local demo: every visitor is admin, no password to find.
             AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
+            # Airflow 3 turns the connection form's Test button off by default.
+            AIRFLOW__CORE__TEST_CONNECTION="Enabled",
             AIRFLOW__API__HOST="127.0.0.1",
             AIRFLOW__API__PORT=str(port),
             AIRFLOW__API__BASE_URL=f"{self.url}/",
@@ -134,6 +141,16 @@ class AirflowUI(AirflowApi):
         resp = self.session.post(f"{self.url}/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None}, timeout=10)
         resp.raise_for_status()
         return str(resp.json()["dag_run_id"])
+
+    def gallery_url(self) -> str | None:
+        """The DAG's page in the Flux gallery, as the loaded plugin declares it; None if it is not loaded."""
+        for plugin in self.get("plugins", limit=1000)["plugins"]:
+            if plugin["name"] != GALLERY_PLUGIN:
+                continue
+            for view in plugin.get("external_views") or []:
+                if view.get("destination") == "dag" and view.get("href"):
+                    return urljoin(f"{self.url}/", view["href"].replace("{DAG_ID}", DAG_ID))
+        return None
 
     def runs(self) -> list[dict[str, Any]]:
         return list(self.get(f"dags/{DAG_ID}/dagRuns", order_by="start_date", limit=100)["dag_runs"])
@@ -217,7 +234,14 @@ def run_ui(
                 )
                 discard = code == 0
                 return code
-            except (KeyboardInterrupt, SystemExit):
+            except KeyboardInterrupt:
+                discard = watcher.failures == 0
+                if once:
+                    raise  # --once promised a checked run: an interrupted one is not
+                # Ctrl-C is how this mode ends (make would print "Error 130" for a non-zero
+                # code): the stop below is a success unless a finished run lost images.
+                return 1 if watcher.failures else 0
+            except SystemExit:
                 discard = watcher.failures == 0
                 raise
             finally:
@@ -261,8 +285,11 @@ def _start_and_watch(
     af.wait_until(f"DAG {DAG_ID} to be parsed", af.dag_parsed, timeout=120)
     af.unpause()
     watcher.say(f"{DAG_ID} unpaused: the scheduler starts today's @daily run")
+    gallery = af.gallery_url() or f"(the gallery plugin is not loaded: see {procs.logs['api-server']})"
     print(
-        f"\n  Airflow UI:  {af.url}/dags/{DAG_ID}   (no login: everyone is admin in this demo)\n"
+        f"\n  Airflow UI:       {af.url}/dags/{DAG_ID}   (no login: everyone is admin in this demo)\n"
+        f"  Flux gallery:     {gallery}   (the DAG's images; also Browse -> Flux gallery)\n"
+        "  Connection test:  enabled (AIRFLOW__CORE__TEST_CONNECTION=Enabled): Admin -> Connections, Test\n"
         f"  Logs: {procs.log_dir}/*.log, task logs in {home}/logs (kept after exit with --keep or on failure)\n"
         + ("" if once else "  Press Ctrl-C to stop everything.\n"),
         flush=True,
