@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 if __package__ in (None, ""):  # run as a script: python demo/ui.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -149,7 +149,10 @@ class AirflowUI(AirflowApi):
                 continue
             for view in plugin.get("external_views") or []:
                 if view.get("destination") == "dag" and view.get("href"):
-                    return urljoin(f"{self.url}/", view["href"].replace("{DAG_ID}", DAG_ID))
+                    # Without the view's query: it asks for the layout embedded in Airflow's
+                    # Images tab, and this URL opens a browser tab of its own.
+                    path = urlsplit(view["href"]).path.replace("{DAG_ID}", DAG_ID)
+                    return urljoin(f"{self.url}/", path)
         return None
 
     def runs(self) -> list[dict[str, Any]]:

@@ -449,6 +449,7 @@ def test_make_demo_ui_prints_both_urls_tests_connections_and_stops_on_ctrl_c_wit
         assert http.get(dag_url, timeout=30).status_code == 200
         gallery = http.get(gallery_url, timeout=30)
         assert gallery.status_code == 200 and "text/html" in gallery.headers["content-type"], gallery.text[:500]
+        assert "flux_content_pipeline" in gallery.text
         # The Test button's call: enabled, and run by the hook on the api-server. flux_default
         # lives in the demo's environment; the form sends no password, so its own is used.
         tested = http.post(
