@@ -601,6 +601,77 @@ def test_gallery_pages_in_headless_chromium(
     print(f"\ngallery screenshots: {screenshots}")
 
 
+async def _connection_form(env: GalleryEnv, binary: str, work: Path, out: Path) -> dict[str, Any]:
+    """Airflow's own "Add Connection" form for the flux type, as an admin sees it."""
+    chromium = Chromium(binary, work, window=(1280, 1800))
+    chromium.start()
+    try:
+        async with chromium.page() as page:
+            await page.send(
+                "Network.setCookie",
+                name="_token",
+                value=env.tokens["admin"],
+                url=env.api + "/",
+                path="/",
+                httpOnly=True,
+                sameSite="Lax",
+            )
+            await page.navigate(env.url("/connections"))
+
+            async def until(expression: str) -> Any:
+                for _ in range(100):
+                    if value := await page.evaluate(expression):
+                        return value
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"never true: {expression}")
+
+            async def click(label: str) -> None:
+                x, y = await until(
+                    f"(() => {{ const b = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === "
+                    f"{label!r}); if (!b) return null; const r = b.getBoundingClientRect(); "
+                    "return [r.x + 20, r.y + r.height / 2]; })()"
+                )
+                for kind in ("mousePressed", "mouseReleased"):
+                    await page.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+            await click("Add Connection")
+            await until("!!document.querySelector('input[aria-autocomplete=list]')")
+            await page.evaluate("document.querySelector('input[aria-autocomplete=list]').focus()")
+            await page.send("Input.insertText", text="FLUX (fal")
+            await asyncio.sleep(0.5)
+            await _key(page, "Enter", 13)
+            await click("Extra Fields")
+            await until("document.body.innerText.includes('Re-base returned URLs')")
+            await asyncio.sleep(0.5)
+            form = await page.evaluate(
+                """(() => {
+                    const dialog = document.querySelector('[role=dialog]') || document.body;
+                    const checkbox = [...dialog.querySelectorAll('input[type=checkbox]')];
+                    return {text: dialog.innerText,
+                            values: [...dialog.querySelectorAll('input')].map(i => i.value).filter(v => v),
+                            switches: checkbox.map(c => c.checked)};
+                })()"""
+            )
+            form["shot"] = await page.screenshot(out / "10-connection-form.png")
+            return form
+    finally:
+        chromium.stop()
+
+
+def test_connection_form_shows_real_defaults_in_headless_chromium(
+    gallery_env: GalleryEnv, chromium_binary: str, screenshots: Path, tmp_path: Path
+) -> None:
+    """No "null" choice; every field starts at what the hook does when it is left alone."""
+    form = asyncio.run(_connection_form(gallery_env, chromium_binary, tmp_path, screenshots))
+    text = form["text"]
+    assert "null" not in text.lower(), text
+    assert "Auto (Key on fal's hosts, Bearer elsewhere)" in text
+    assert "Auto (on for non-fal hosts, off on fal's)" in text
+    assert "fal-ai/flux-pro/kontext/text-to-image" in form["values"] and "60" in form["values"]
+    assert form["switches"] == [True]  # "Let fal store payloads": on, fal's own default
+    assert form["shot"].stat().st_size > 5_000
+
+
 def test_presigned_delivery_redirects_to_a_short_lived_url(gallery_env: GalleryEnv) -> None:
     """``[flux_gallery] image_delivery = presigned``: after the same auth, a redirect to S3 itself.
 
