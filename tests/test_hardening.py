@@ -25,6 +25,7 @@ S3_DEFAULTS = {
     "nsfw": "skip",
     "prefix": "",
     "key_template": "{request_id}_{index}.{ext}",
+    "aspect_ratio": "1:1",
 }
 
 

@@ -171,6 +171,7 @@ def _run(dags: Any, dag_id: str = DAG_ID, **conf: Any) -> str:
         "nsfw": "skip",
         "prefix": "",
         "key_template": "{request_id}_{index}.{ext}",
+        "aspect_ratio": "1:1",
     }
     dr = dags.get_dag(dag_id).test(run_conf={**params, **conf} if dag_id == DAG_ID else conf)
     assert dr.state == "success", [(ti.task_id, ti.state) for ti in dr.get_task_instances()]

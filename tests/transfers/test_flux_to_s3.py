@@ -34,6 +34,7 @@ def _run(dags, dag_id: str, **params):
         "nsfw": "skip",
         "prefix": "",
         "key_template": "{request_id}_{index}.{ext}",
+        "aspect_ratio": "1:1",
     }
     return dags.get_dag(dag_id).test(run_conf={**defaults, **params})
 
