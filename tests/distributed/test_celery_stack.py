@@ -78,7 +78,7 @@ def stack(moto_server: str) -> Iterator[Stack]:
             )
             yield Stack(base, emu, s3, af)
         except BaseException:
-            print(f"\n---------- Airflow output ({af.home}) ----------\n{af.tails()}")
+            print(f"\n---------- Airflow output ({af.home}) ----------\n{af.tails(40)}")
             raise
         finally:
             af.stop()

@@ -28,27 +28,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import requests
-from cryptography.fernet import Fernet, InvalidToken
 
 from airflow_flux.emulator import FluxEmulator
-from demo.airflow_api import AirflowApi
+from tests.airflow_processes import AirflowProcesses
 from tests.helpers import TOKEN, moto_aws_conn, moto_s3_client
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    import requests
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -59,181 +54,42 @@ REUSE_BUCKET = "flux-system"
 REVIEW_DAG_ID = "flux_review_and_publish"
 REVIEW_BUCKET = "flux-review"
 DAGS_FOLDER = Path(__file__).resolve().parent / "dags"
-AIRFLOW = Path(sys.executable).with_name("airflow")
 COMPONENTS: dict[str, list[str]] = {
     # --skip-serve-logs: no log server sockets (logs are local files here).
     "scheduler": ["scheduler", "--skip-serve-logs"],
     "dag-processor": ["dag-processor"],
     "triggerer": ["triggerer", "--skip-serve-logs"],
-    # "api-server" gets its host and port in _Airflow.start().
 }
-STOP_GRACE = 15.0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"({exc})"
-
-
-class _Airflow(AirflowApi):
-    """The Airflow processes of one test: environment, start, CLI, REST, stop."""
+class _Airflow(AirflowProcesses):
+    """Airflow with the LocalExecutor on SQLite: api-server, scheduler, dag-processor, triggerer."""
 
     def __init__(self, home: Path, flux_base_url: str, extra_env: dict[str, str] | None = None) -> None:
-        self.home = home
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.dag_id = DAG_ID
-        self.session = requests.Session()
         self.db_path = home / "airflow.db"
-        self.fernet_key = Fernet.generate_key().decode()
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.outputs: dict[str, Path] = {}
-        self.timings: list[str] = []
-        self._t0 = time.monotonic()
-        # Inherit PATH, locale, ... but no AIRFLOW* setting of this process (tests/conftest.py
-        # points AIRFLOW_HOME at the unit tests' home, and tests may set AIRFLOW_CONN_*).
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-        env.update(
-            {
-                "PATH": f"{AIRFLOW.parent}{os.pathsep}{env.get('PATH', '')}",
-                "PYTHONUNBUFFERED": "1",
-                "AIRFLOW_HOME": str(home),
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db_path}",
-                "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
-                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        super().__init__(
+            home,
+            database_url=f"sqlite:///{self.db_path}",
+            dags_folder=DAGS_FOLDER,
+            flux_base_url=flux_base_url,
+            components=COMPONENTS,
+            env={
                 "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
                 "AIRFLOW__CORE__PARALLELISM": "4",
-                "AIRFLOW__CORE__FERNET_KEY": self.fernet_key,
-                "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-                # No login for the REST calls of this test.
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-                "AIRFLOW__API__HOST": "127.0.0.1",
-                "AIRFLOW__API__PORT": str(self.port),
-                "AIRFLOW__API__BASE_URL": f"{self.url}/",
-                "AIRFLOW__API__WORKERS": "1",
-                "AIRFLOW__API__SECRET_KEY": Fernet.generate_key().decode(),
-                "AIRFLOW__API_AUTH__JWT_SECRET": Fernet.generate_key().decode(),
-                # Where task workers (LocalExecutor) report to: the api-server above.
-                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
-                "AIRFLOW__LOGGING__COLORED_CONSOLE_LOG": "False",
                 "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
-                "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
                 "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
                 "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "0",
                 "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
                 # A killed triggerer's triggers go to the next one once its heartbeat is this old.
                 "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "6",
-                "AIRFLOW_CONN_FLUX_DEFAULT": json.dumps(
-                    {"conn_type": "flux", "host": flux_base_url, "password": TOKEN}
-                ),
-            }
+                **(extra_env or {}),
+            },
         )
-        env.update(extra_env or {})
-        self.env = env
+        self.dag_id = DAG_ID
 
-    # ---- processes
-
-    def mark(self, phase: str) -> None:
-        self.timings.append(f"{phase} {time.monotonic() - self._t0:.1f}s")
-
-    def cli(self, *args: str, timeout: float = 120) -> str:
-        out = subprocess.run(
-            [str(AIRFLOW), *args],
-            env=self.env,
-            cwd=self.home,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        log = self.home / "cli.log"
-        with log.open("a") as fh:
-            fh.write(f"$ airflow {' '.join(args)}  (exit {out.returncode})\n{out.stdout}{out.stderr}\n")
-        assert out.returncode == 0, f"airflow {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}"
-        return out.stdout
-
-    def start(self) -> None:
-        commands = {**COMPONENTS, "api-server": ["api-server", "--host", "127.0.0.1", "--port", str(self.port)]}
-        for name, args in commands.items():
-            path = self.outputs[name] = self.home / f"{name}.out"
-            with path.open("wb") as out:
-                # Own session and process group: stop() signals the whole group, so the
-                # executor's workers, the trigger runner and uvicorn go with their parent.
-                self.procs[name] = subprocess.Popen(
-                    [str(AIRFLOW), *args],
-                    env=self.env,
-                    cwd=self.home,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-
-    def crash(self, name: str) -> None:
-        """Kill a component and everything it started, as a crash would (no clean shutdown)."""
-        proc = self.procs.pop(name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-    def restart(self, name: str) -> None:
-        path = self.outputs[name] = self.home / f"{name}.restarted.out"
-        with path.open("wb") as out:
-            self.procs[name] = subprocess.Popen(
-                [str(AIRFLOW), *COMPONENTS[name]],
-                env=self.env,
-                cwd=self.home,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def check_alive(self) -> None:
-        dead = {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
-        assert not dead, f"Airflow component(s) exited early: {dead}"
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for proc in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for proc in self.procs.values():
-            # The group may outlive its leader (workers, trigger runner): always finish it off.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-
-    def tails(self) -> str:
-        parts = [f"===== {name} ({path}) =====\n{_tail(path)}" for name, path in self.outputs.items()]
-        parts.append(f"===== CLI =====\n{_tail(self.home / 'cli.log')}")
-        for log in sorted((self.home / "logs").rglob("*")):
-            if log.is_file() and "dag_id=" in str(log):
-                parts.append(f"===== {log.relative_to(self.home)} =====\n{_tail(log, 40)}")
-        return "\n".join(parts)
-
-    # ---- REST API
-
-    def failure(self, message: str) -> Exception:
-        return AssertionError(message)
-
-    def post(self, path: str, body: dict[str, Any]) -> Any:
-        resp = self.session.post(f"{self.url}/api/v2/{path}", json=body, timeout=30)
-        assert resp.ok, f"POST {path}: HTTP {resp.status_code}: {resp.text[:500]}"
-        return resp.json()
+    def tails(self, lines: int = 60, *, task_logs: bool = True) -> str:
+        return super().tails(lines, task_logs=task_logs)
 
     # ---- metadata DB (read only, next to the running scheduler)
 
@@ -244,12 +100,6 @@ class _Airflow(AirflowApi):
             return conn.execute(sql).fetchall()
         finally:
             conn.close()
-
-    def decrypt(self, value: str) -> str | None:
-        try:
-            return Fernet(self.fernet_key.encode()).decrypt(value.encode()).decode()
-        except (InvalidToken, ValueError):
-            return None
 
 
 def _watch_run(
@@ -375,7 +225,7 @@ def test_submit_and_deferred_sensor_on_real_scheduler_and_triggerer(stack: _Stac
             af.wait_until("the triggerer to open the status stream", lambda: emu.calls(kind="stream"), timeout=30)
             af.crash("triggerer")
             af.mark("triggerer killed")
-            af.restart("triggerer")
+            af.start("triggerer")
 
         run_state, states, wait_states, trigger_rows = _watch_run(af, timeout=180, on_deferred=kill_triggerer_mid_wait)
         af.mark("run finished")
