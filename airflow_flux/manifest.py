@@ -7,6 +7,7 @@ contract: ``version`` changes if a key's meaning does.
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from typing import Any
 
@@ -81,3 +82,28 @@ class Manifest(BaseModel):
     images: list[ManifestImage]
     #: What the requests behind these images cost in all, US dollars (None: no price known).
     cost_usd: float | None = None
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``(bucket, key)``; a ValueError for anything else.
+
+    :param uri: an ``s3://`` URI (a manifest's own, or one of its entries').
+    """
+    if not uri.startswith("s3://") or "/" not in uri[5:]:
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
+
+
+def write_manifest(client: Any, manifest: Manifest, key: str) -> str:
+    """Put ``manifest`` at ``key`` of its bucket (indented JSON, S3 checksummed); its ``s3://`` URI.
+
+    :param client: a boto3 S3 client.
+    :param manifest: the manifest (its ``bucket`` is where it goes).
+    :param key: the object's key.
+    """
+    body = json.dumps(manifest.model_dump(mode="json"), indent=2).encode()
+    client.put_object(
+        Bucket=manifest.bucket, Key=key, Body=body, ContentType="application/json", ChecksumAlgorithm="SHA256"
+    )
+    return f"s3://{manifest.bucket}/{key}"

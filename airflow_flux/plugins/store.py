@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from sqlalchemy import func, select
 
-from airflow_flux.manifest import STORED_STATUSES
+from airflow_flux.manifest import STORED_STATUSES, split_s3_uri
 from airflow_flux.xcom_keys import MANIFEST_XCOM_KEY
 
 if TYPE_CHECKING:
@@ -114,15 +114,12 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> ``(bucket, key)``.
-
-    :param uri: an ``s3://`` URI.
-    """
-    if not uri.startswith("s3://") or "/" not in uri[5:]:
-        raise GalleryError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[5:].partition("/")
-    return bucket, key
+def _bucket_and_key(uri: str) -> tuple[str, str]:
+    """:func:`~airflow_flux.manifest.split_s3_uri`, failing as the gallery's pages show it."""
+    try:
+        return split_s3_uri(uri)
+    except ValueError as exc:
+        raise GalleryError(str(exc)) from None
 
 
 class _TTLCache:
@@ -314,7 +311,7 @@ class GalleryStore:
         cached = self._manifests.get((ref.conn_id, ref.uri))
         if cached is not None:
             return cached
-        bucket, key = split_s3_uri(ref.uri)
+        bucket, key = _bucket_and_key(ref.uri)
         try:
             body = self.hook(ref.conn_id).get_conn().get_object(Bucket=bucket, Key=key)["Body"].read()
             manifest = json.loads(body)
@@ -345,7 +342,7 @@ class GalleryStore:
             except GalleryError as exc:
                 gallery.errors.append((ref, str(exc)))
                 continue
-            bucket = str(manifest.get("bucket") or split_s3_uri(ref.uri)[0])
+            bucket = str(manifest.get("bucket") or _bucket_and_key(ref.uri)[0])
             gallery.images.extend(GalleryImage(ref=ref, bucket=bucket, entry=e) for e in manifest["images"])
         return gallery
 
@@ -424,7 +421,7 @@ class GalleryStore:
         :param uri: the input's ``s3://`` URI.
         :param size: the longest side, pixels.
         """
-        bucket, key = split_s3_uri(uri)
+        bucket, key = _bucket_and_key(uri)
         client = self.hook(image.ref.conn_id).get_conn()
         try:
             head = client.head_object(Bucket=bucket, Key=key)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -16,7 +14,7 @@ from airflow.sdk import BaseOperator
 from airflow_flux.exceptions import FluxError, FluxImageExistsError, FluxIntegrityError, FluxTransportError
 from airflow_flux.identity import DEFAULT_CONN_ID, coerce_handle, conn_id_for
 from airflow_flux.links import FluxCopiedImagesLink
-from airflow_flux.manifest import ImageStatus, Manifest, ManifestImage
+from airflow_flux.manifest import ImageStatus, Manifest, ManifestImage, split_s3_uri, write_manifest
 from airflow_flux.models import FluxResult, cost_usd
 from airflow_flux.transfers.planning import (
     ImageJob,
@@ -26,7 +24,7 @@ from airflow_flux.transfers.planning import (
     plan_images,
     sniff_content_type,
 )
-from airflow_flux.transfers.s3stream import MAX_SINGLE_PUT
+from airflow_flux.transfers.s3stream import MAX_SINGLE_PUT, whole_object_sha256
 from airflow_flux.xcom_keys import MANIFEST_XCOM_KEY
 
 if TYPE_CHECKING:
@@ -234,11 +232,9 @@ class FluxToS3Operator(BaseOperator):
                 return None
             raise
         meta = dict(head.get("Metadata") or {})
-        checksum = head.get("ChecksumSHA256") or ""
-        # A multipart object's checksum is a checksum of part checksums ("...-N"): not the image's.
-        whole = checksum and "-" not in checksum and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
-        if whole and not meta.get("flux-sha256"):
-            meta["flux-sha256"] = base64.b64decode(checksum).hex()
+        digest = whole_object_sha256(head)
+        if digest and not meta.get("flux-sha256"):
+            meta["flux-sha256"] = digest
         return meta
 
     def _check_destinations(self, jobs: list[ImageJob]) -> None:
@@ -383,16 +379,8 @@ class FluxToS3Operator(BaseOperator):
             prefix=prefix,
             images=[*(j.manifest_entry(self.s3_bucket) for j in jobs), *failed],
             cost_usd=_total_cost(jobs),
-        ).model_dump(mode="json")
-        body = json.dumps(manifest, indent=2).encode()
-        self.s3_hook.get_conn().put_object(
-            Bucket=self.s3_bucket,
-            Key=key,
-            Body=body,
-            ContentType="application/json",
-            ChecksumAlgorithm="SHA256",
         )
-        uri = f"s3://{self.s3_bucket}/{key}"
+        uri = write_manifest(self.s3_hook.get_conn(), manifest, key)
         self.log.info("Wrote manifest %s (%d images)", uri, len(jobs))
         context["ti"].xcom_push(key=MANIFEST_XCOM_KEY, value=uri)
         return uri
@@ -402,7 +390,7 @@ class FluxToS3Operator(BaseOperator):
 
         collector = get_hook_lineage_collector()
         for uri in [*uris, *([manifest_uri] if manifest_uri else [])]:
-            bucket, _, key = uri[len("s3://") :].partition("/")
+            bucket, key = split_s3_uri(uri)
             collector.add_output_asset(context=self.s3_hook, scheme="s3", asset_kwargs={"bucket": bucket, "key": key})
         # Downstream DAGs scheduled on this task's outlets get the manifest and the count.
         outlet_events = context.get("outlet_events")

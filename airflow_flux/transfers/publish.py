@@ -8,15 +8,14 @@ the approved images only, is written last: a reader that finds it finds every im
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from airflow_flux.exceptions import FluxImageExistsError, FluxIntegrityError
-from airflow_flux.manifest import STORED_STATUSES, ImageStatus, Manifest, ManifestImage
+from airflow_flux.manifest import STORED_STATUSES, ImageStatus, Manifest, ManifestImage, split_s3_uri, write_manifest
+from airflow_flux.transfers.s3stream import whole_object_sha256
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -41,14 +40,6 @@ class PublishResult:
     withdrawn: list[str]
 
 
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> ``(bucket, key)``."""
-    if not uri.startswith("s3://") or "/" not in uri[5:]:
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[5:].partition("/")
-    return bucket, key
-
-
 def read_manifest(s3_hook: S3Hook, uri: str) -> Manifest:
     """The manifest at ``uri`` (as ``FluxToS3Operator`` writes it)."""
     bucket, key = split_s3_uri(uri)
@@ -62,13 +53,6 @@ def review_images(manifest: Manifest) -> list[ManifestImage]:
     Only images stored in S3: skipped (NSFW) and failed entries have nothing to publish.
     """
     return [i for i in manifest.images if i.status.value in STORED_STATUSES and i.key]
-
-
-def _hex_sha256(checksum: str | None) -> str | None:
-    """S3's base64 ``ChecksumSHA256`` as hex, or None for none or a multipart one (``...-N``)."""
-    if not checksum or "-" in checksum:
-        return None
-    return base64.b64decode(checksum).hex()
 
 
 def _published_key(key: str, source_prefix: str, prefix: str) -> str:
@@ -144,8 +128,7 @@ def publish_images(
                 ChecksumAlgorithm="SHA256",
             )
             copied.append(key)
-            head = client.head_object(Bucket=dest_bucket, Key=key, ChecksumMode="ENABLED")
-            digest = _hex_sha256(head.get("ChecksumSHA256"))
+            digest = whole_object_sha256(client.head_object(Bucket=dest_bucket, Key=key, ChecksumMode="ENABLED"))
             if digest != image.sha256:
                 raise FluxIntegrityError(
                     f"s3://{staging.bucket}/{image.key} is not the image that was reviewed: SHA-256 "
@@ -153,21 +136,18 @@ def publish_images(
                 )
             entries[index] = _entry(image, dest_bucket, key, ImageStatus.COPIED, round(time.monotonic() - started, 3))
         published = [e for e in entries if e is not None]
-        manifest_uri = _write_manifest(
-            client,
-            Manifest(
-                created_at=datetime.now(timezone.utc).isoformat(),
-                dag_id=dag_id,
-                run_id=run_id,
-                task_id=task_id,
-                map_index=map_index,
-                bucket=dest_bucket,
-                prefix=prefix,
-                images=published,
-                cost_usd=_cost(published),
-            ),
-            manifest_name,
+        manifest = Manifest(
+            created_at=datetime.now(timezone.utc).isoformat(),
+            dag_id=dag_id,
+            run_id=run_id,
+            task_id=task_id,
+            map_index=map_index,
+            bucket=dest_bucket,
+            prefix=prefix,
+            images=published,
+            cost_usd=_cost(published),
         )
+        manifest_uri = write_manifest(client, manifest, f"{prefix}/{manifest_name}" if prefix else manifest_name)
     except BaseException:
         # Leave the published prefix as it was: a retry (or a person) starts clean.
         if copied:
@@ -207,7 +187,7 @@ def _states(client: Any, bucket: str, plan: list[tuple[ManifestImage, str]]) -> 
                 raise
             states.append("free")
             continue
-        same = image.sha256 and _hex_sha256(head.get("ChecksumSHA256")) == image.sha256
+        same = image.sha256 and whole_object_sha256(head) == image.sha256
         states.append("same" if same else "other")
     return states
 
@@ -233,12 +213,3 @@ def _check_destinations(
 def _cost(images: list[ManifestImage]) -> float | None:
     costs = [i.cost_usd for i in images if i.cost_usd is not None]
     return round(sum(costs), 6) if costs else None
-
-
-def _write_manifest(client: Any, manifest: Manifest, name: str) -> str:
-    key = f"{manifest.prefix}/{name}" if manifest.prefix else name
-    body = json.dumps(manifest.model_dump(mode="json"), indent=2).encode()
-    client.put_object(
-        Bucket=manifest.bucket, Key=key, Body=body, ContentType="application/json", ChecksumAlgorithm="SHA256"
-    )
-    return f"s3://{manifest.bucket}/{key}"

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 MAX_SINGLE_PUT = 5 * 1024**3  # S3's largest PutObject
@@ -272,6 +272,19 @@ def _fill(read: Callable[[int], bytes], buffer: bytearray, chunk: int = 1024 * 1
         buffer[filled : filled + len(data)] = data
         filled += len(data)
     return filled
+
+
+def whole_object_sha256(head: Mapping[str, Any]) -> str | None:
+    """The object's SHA-256 (hex) from S3's own checksum in a ``head_object`` (``ChecksumMode=ENABLED``)
+    answer, or None when it has none or only a multipart one (a checksum of part checksums,
+    ``"...-N"``, is not the object's).
+
+    :param head: the ``head_object`` response.
+    """
+    checksum = head.get("ChecksumSHA256") or ""
+    if not checksum or "-" in checksum or head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+        return None
+    return base64.b64decode(checksum).hex()
 
 
 def _b64_sha256(view: memoryview) -> str:
