@@ -337,6 +337,19 @@ def test_embedded_mode_has_no_header_and_stays_in_its_tab(gallery_env: GalleryEn
     assert all("embed=dag" in a["href"] for a in _cards(dag_tab).links if a["href"].startswith("/flux-gallery/"))
 
 
+async def _log_in(page: Any, env: GalleryEnv, user: str) -> None:
+    """Log ``user`` in as the UI does it: the JWT in the ``_token`` cookie (HttpOnly, SameSite=Lax)."""
+    await page.send(
+        "Network.setCookie",
+        name="_token",
+        value=env.tokens[user],
+        url=env.api + "/",
+        path="/",
+        httpOnly=True,
+        sameSite="Lax",
+    )
+
+
 async def _browse(env: GalleryEnv, binary: str, work: Path, out: Path) -> dict[str, Any]:
     """Open the to_s3 task's extra link in headless Chromium as alice; collect what rendered."""
     links = env.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{env.runs['foxes']}/taskInstances/to_s3/links", "admin").json()
@@ -351,15 +364,7 @@ async def _browse(env: GalleryEnv, binary: str, work: Path, out: Path) -> dict[s
             seen["anonymous_text"] = await page.evaluate("document.body.innerText")
             # Logged in as the UI does it: the JWT in the _token cookie (HttpOnly, SameSite=Lax).
             for user in ("bob", "alice"):
-                await page.send(
-                    "Network.setCookie",
-                    name="_token",
-                    value=env.tokens[user],
-                    url=env.api + "/",
-                    path="/",
-                    httpOnly=True,
-                    sameSite="Lax",
-                )
+                await _log_in(page, env, user)
                 seen[f"{user}_status"] = await page.navigate(url)
             # Lazy images load as they scroll into view: scroll down, then wait for every one.
             seen["images"] = await page.evaluate(
@@ -482,15 +487,7 @@ async def _browse_pages(env: GalleryEnv, binary: str, work: Path, out: Path) -> 
     seen: dict[str, Any] = {}
     try:
         async with chromium.page() as page:
-            await page.send(
-                "Network.setCookie",
-                name="_token",
-                value=env.tokens["alice"],
-                url=env.api + "/",
-                path="/",
-                httpOnly=True,
-                sameSite="Lax",
-            )
+            await _log_in(page, env, "alice")
             pages = {
                 "index": (f"{base}/", "01-index.png"),
                 "dag": (f"{base}/dags/{DAG_ID}", "02-dag-page.png"),
@@ -608,15 +605,7 @@ async def _connection_form(env: GalleryEnv, binary: str, work: Path, out: Path) 
     chromium.start()
     try:
         async with chromium.page() as page:
-            await page.send(
-                "Network.setCookie",
-                name="_token",
-                value=env.tokens["admin"],
-                url=env.api + "/",
-                path="/",
-                httpOnly=True,
-                sameSite="Lax",
-            )
+            await _log_in(page, env, "admin")
             await page.navigate(env.url("/connections"))
 
             async def until(expression: str) -> Any:
