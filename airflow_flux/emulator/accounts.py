@@ -18,7 +18,7 @@ The schedule at time ``now``, over the account's jobs that have not ended:
   whose inputs are still loading: until further notice);
 * the waiting ones, in submit order, each take the slot that frees first, and start at the
   later of that moment and their own ``submitted_at + queue_seconds`` (never before
-  ``now``). With one ``queue_seconds`` for all, they start in submit order;
+  ``now``; a job held at a closed queue gate: not known until the gate is released). With one ``queue_seconds`` for all, they start in submit order;
 * a waiting job whose start would come after its ``X-Fal-Request-Timeout`` deadline times
   out at the deadline and leaves its slot to the next one; if its start is not known yet
   (every slot held until further notice), it times out at the deadline unless a slot frees
@@ -80,7 +80,8 @@ class Account:
         for index, job in enumerate(waiting):
             job.ahead_leaves, job.ahead_count = leaves, index
             free = heapq.heappop(slot_free)
-            start = max(job.submitted_at + job.queue_seconds, free)
+            ready = job.ready_at  # None: held at its queue gate (``Scenario.hold_queue``)
+            start = max(math.inf if ready is None else ready, free)
             if job.start_by is not None and start > job.start_by:
                 # It would start too late: it times out at its deadline and never runs.
                 job.scheduled_start = None

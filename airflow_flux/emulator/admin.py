@@ -1,7 +1,7 @@
 """The emulator's own admin endpoints under ``/_emulator/`` (no auth).
 
-Health, recorded requests, jobs, scenario registration and reset, for cross-process tests
-and demos. A mixin on :class:`~airflow_flux.emulator.core._CoreState`; see ``app``.
+Health, recorded requests, jobs, scenario registration, gates and reset, for cross-process
+tests and demos. A mixin on :class:`~airflow_flux.emulator.core._CoreState`; see ``app``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 class _AdminHandlers(_CoreState):
-    """Handlers for ``/_emulator/{health,requests,jobs,scenarios,reset}``."""
+    """Handlers for ``/_emulator/{health,requests,jobs,scenarios,gates,reset}``."""
 
     # ---- admin
 
@@ -57,6 +57,15 @@ class _AdminHandlers(_CoreState):
             return _json({"detail": str(exc)}, 400)
         self.add_scenario(scenario, match)
         return _json({"ok": True})
+
+    async def admin_gate(self, request: web.Request) -> web.Response:
+        """``POST /_emulator/gates/{name}/{hold,release}``: close a gate for later submits, or
+        release the jobs it holds (``{"released": n}``, how many it held)."""
+        name, action = request.match_info["name"], request.match_info["action"]
+        if action == "hold":
+            self.hold_gate(name)
+            return _json({"ok": True})
+        return _json({"ok": True, "released": self.release_gate(name)})
 
     async def admin_reset(self, request: web.Request) -> web.Response:
         """Forget jobs, scenarios and recorded requests."""
@@ -98,6 +107,7 @@ def _job_summary(job: Job, now: float) -> dict[str, Any]:
         "model_path": job.model_path,
         "status": state,
         "queue_position": job.queue_position_at(now) if state == IN_QUEUE else None,
+        "held_at": job.held_at(now),
         "outcome": job.outcome if job.completed_at is not None else None,
         "submitted_at": job.submitted_at,
         "started_at": _started_at(job, now),

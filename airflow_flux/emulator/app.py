@@ -15,7 +15,9 @@ Endpoints (``{app}`` = owner/app, the first two segments of the model path):
 * ``PUT /{app}/requests/{id}/cancel`` 202 / 400 ALREADY_COMPLETED / 404 NOT_FOUND
 * ``GET /cdn/files/{id}/{index}.{ext}`` image bytes, no auth
 * ``/_emulator/{health,requests,jobs,scenarios,reset}`` admin, no auth (``jobs`` gives each
-  job's ``submitted_at``, ``started_at``, ``completed_at`` and, while queued, ``queue_position``)
+  job's ``submitted_at``, ``started_at``, ``completed_at``, ``held_at`` (the closed gate that
+  holds it) and, while queued, ``queue_position``); ``POST /_emulator/gates/{name}/hold`` and
+  ``.../release`` close and open a gate of ``Scenario.hold_queue``/``hold_run``
 
 Decisions where fal's behaviour is unknown or simplified:
 
@@ -80,6 +82,7 @@ class _EmulatorCore(_QueueHandlers, _OutputHandlers, _AdminHandlers):
         r.add_get("/_emulator/requests", self.admin_requests, name="admin-requests")
         r.add_get("/_emulator/jobs", self.admin_jobs, name="admin-jobs")
         r.add_post("/_emulator/scenarios", self.admin_scenarios, name="admin-scenarios")
+        r.add_post("/_emulator/gates/{name}/{action:hold|release}", self.admin_gate, name="admin-gate")
         r.add_post("/_emulator/reset", self.admin_reset, name="admin-reset")
         r.add_get("/cdn/files/{id}/{index:\\d+}.{ext}", self.cdn, name="cdn")
         r.add_get("/{owner}/{app}/requests/{id}/status/stream", self.stream, name="stream")

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from airflow_flux.emulator import images
 from airflow_flux.emulator.accounts import Account
+from airflow_flux.emulator.jobs import COMPLETED, Gate
 from airflow_flux.emulator.scenarios import _API_KINDS, RecordedRequest, Scenario
 
 if TYPE_CHECKING:
@@ -105,6 +106,8 @@ class _CoreState:
         self.scenarios: dict[str, Scenario] = {}
         self.default_scenario = Scenario()
         self.submit_error_counts: dict[str | None, int] = {}
+        #: The gates of ``Scenario.hold_queue``/``hold_run`` by name (the current one of each).
+        self.gates: dict[str, Gate] = {}
         self.cache = images.ImageCache()
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._inflight: dict[tuple[str, int], asyncio.Future[bytes]] = {}
@@ -175,7 +178,61 @@ class _CoreState:
             self.scenarios.clear()
             self.default_scenario = Scenario()
             self.submit_error_counts.clear()
+            self.gates.clear()
         self.cache.clear()
+
+    # ---- gates (``Scenario.hold_queue`` / ``hold_run``)
+
+    def gate(self, name: str | None) -> Gate | None:
+        """The current gate called ``name``, closed if new (hold ``lock``)."""
+        if name is None:
+            return None
+        gate = self.gates.get(name)
+        if gate is None:
+            gate = self.gates[name] = Gate(name)
+        return gate
+
+    def hold_gate(self, name: str) -> None:
+        """Close ``name`` for the jobs submitted from now on (those already past it stay so)."""
+        with self.lock:
+            gate = self.gates.get(name)
+            if gate is None or not gate.closed:
+                self.gates[name] = Gate(name)
+
+    def release_gate(self, name: str) -> int:
+        """Open ``name`` now: the jobs it holds move on (at once if their time is over).
+
+        Runs on the server's loop (it wakes streams). Returns how many jobs it held.
+        """
+        now = time.time()
+        with self.lock:
+            gate = self.gate(name)
+            assert gate is not None
+            held = [
+                job
+                for job in self.jobs.values()
+                if (job.queue_gate is gate or job.run_gate is gate) and job.state_at(now) != COMPLETED
+            ]
+            if gate.closed:
+                gate.released_at = now
+            for job in held:
+                if not job.limited:
+                    self.apply_deadline(job)
+        for job in held:
+            self._reschedule(job, now)
+            job.notify()
+        return len(held)
+
+    @staticmethod
+    def apply_deadline(job: Job) -> None:
+        """Without a concurrency limit: a job that cannot leave the queue by its
+        ``X-Fal-Request-Timeout`` (or is held at a closed gate) ends at the deadline,
+        unless released in time (called at submit and at each release, before the deadline)."""
+        ready = job.ready_at
+        if job.start_by is not None and (ready is None or ready > job.start_by):
+            job.deadline_at = job.start_by
+        else:
+            job.deadline_at = None
 
     def _admit(self, job: Job, now: float) -> None:
         """Give a new job its place in its account's queue (only under a limit; hold ``lock``)."""

@@ -106,7 +106,7 @@ class _InputFetchHandlers(_CoreState):
 
     async def _fetch_inputs_when_started(self, job: Job) -> None:
         # Loop: the event loop's clock may wake a hair before time.time() says it is time, and
-        # under a concurrency limit the start can change while waiting (``Job.notify``).
+        # the start can change while waiting (``Job.notify``: a slot freed, a gate released).
         while not self.closing:
             wakeup = job.wakeup
             now = time.time()
@@ -115,10 +115,9 @@ class _InputFetchHandlers(_CoreState):
                 break
             if end is not None and end <= now:
                 return  # cancelled / timed out in the queue: never fetched
-            delay = None if start is None else start - now + 0.001
-            if not job.limited:
-                await self._sleep(delay or 0.0)  # the start cannot move: as before
-                continue
+            # A start not known yet (a held gate, no free slot) is woken when it is known.
+            known = [t for t in (start, end) if t is not None]
+            delay = min(known) - now + 0.001 if known else None
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), delay)
         if self.closing or not job.started:

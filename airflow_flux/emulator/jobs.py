@@ -18,6 +18,10 @@ Under a concurrency limit (``FluxEmulator(concurrency=N)``) a job leaves the que
 account's schedule says (see ``accounts``): the schedule stores its start (``scheduled_start``,
 None while not known) and when each job ahead of it leaves the queue (``ahead_leaves``), and
 the job's state and ``queue_position`` follow from those times in the same way.
+
+A test can hold a job in a state until it says so (``Scenario.hold_queue``/``hold_run``): the
+job's :class:`Gate` has no release time while closed, so the job's start (or end) is not
+known, as above; once released, it follows from the release time like any other time.
 """
 
 from __future__ import annotations
@@ -43,6 +47,18 @@ _INPUT_POLL_SECONDS = 0.05
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(eq=False)
+class Gate:
+    """A named hold (``Scenario.hold_queue``/``hold_run``): closed while ``released_at`` is None."""
+
+    name: str
+    released_at: float | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.released_at is None
 
 
 @dataclass(eq=False)
@@ -97,6 +113,9 @@ class Job:
     #: one. The list is shared by the account's waiting jobs.
     ahead_leaves: list[float] = field(default_factory=list, repr=False)
     ahead_count: int = 0
+    #: The gates of ``Scenario.hold_queue`` / ``hold_run`` as they were at submit (None: none).
+    queue_gate: Gate | None = None
+    run_gate: Gate | None = None
     # Woken on cancel or shutdown so sleeping SSE streams react at once; replaced and set by
     # :meth:`notify` when the job's times change.
     wakeup: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -107,12 +126,21 @@ class Job:
         event.set()
 
     @property
+    def ready_at(self) -> float | None:
+        """When the job may leave the queue by its own queue time and queue gate (None: its
+        gate is closed); under a concurrency limit it also waits for a slot."""
+        ready = self.submitted_at + self.queue_seconds
+        gate = self.queue_gate
+        if gate is None:
+            return ready
+        return None if gate.released_at is None else max(ready, gate.released_at)
+
+    @property
     def queue_end(self) -> float | None:
-        """When the job leaves the queue (None, under a concurrency limit only: not known yet,
-        or it never starts)."""
+        """When the job leaves the queue (None: not known yet, or it never starts)."""
         if self.limited:
             return self.scheduled_start
-        return self.submitted_at + self.queue_seconds
+        return self.ready_at
 
     @property
     def natural_end(self) -> float | None:
@@ -122,6 +150,11 @@ class Job:
         if self.scenario.never_complete or start is None:
             return None
         run_end = start + self.run_seconds
+        if self.run_gate is not None:
+            released = self.run_gate.released_at
+            if released is None:
+                return None
+            run_end = max(run_end, released)
         if not self.input_refs:
             return run_end
         done = self.inputs_done_at
@@ -167,6 +200,12 @@ class Job:
         """``time.time()`` at which the job became COMPLETED, or None if it has not yet."""
         end = self.end_time
         return end if end is not None and end <= time.time() else None
+
+    def held_at(self, now: float) -> str | None:
+        """The closed gate that holds the job in its present state at ``now`` (None: none)."""
+        state = self.state_at(now)
+        gate = {IN_QUEUE: self.queue_gate, IN_PROGRESS: self.run_gate}.get(state)
+        return gate.name if gate is not None and gate.closed else None
 
     @property
     def state(self) -> str:

@@ -101,13 +101,14 @@ class _QueueHandlers(_InputFetchHandlers):
             account=request.headers.get("Authorization"),
         )
         seconds = options["request_timeout"]
-        if self.concurrency is not None:
-            # The account's schedule decides the start, and whether the deadline is missed.
-            job.start_by = None if seconds is None else now + seconds
-        elif seconds is not None and seconds < queue_seconds:
-            # It would not leave the queue in time: it ends at the deadline, never runs.
-            job.deadline_at = now + seconds
+        job.start_by = None if seconds is None else now + seconds
         with self.lock:
+            job.queue_gate = self.gate(scenario.hold_queue)
+            job.run_gate = self.gate(scenario.hold_run)
+            if self.concurrency is None:
+                # If it would not leave the queue in time, it ends at the deadline, never runs
+                # (under a limit the account's schedule decides this).
+                self.apply_deadline(job)
             self.jobs[request_id] = job
             self._admit(job, now)
         if job.input_refs:
@@ -145,6 +146,12 @@ class _QueueHandlers(_InputFetchHandlers):
             body.update(job.error_fields())
         return body
 
+    def _reported(self, body: dict[str, Any]) -> None:
+        """Note on the request's record the status it told the client (after it was sent)."""
+        record = _record()
+        with self.lock:
+            record.statuses.append(body["status"])
+
     def _take_status_fault(self, job: Job) -> int | str | None:
         with self.lock:
             index = job.status_calls
@@ -167,6 +174,7 @@ class _QueueHandlers(_InputFetchHandlers):
         if isinstance(fault, int):
             return self._error_response(fault, retry_after=job.scenario.retry_after)
         body = self._status_body(job, time.time(), self._wants_logs(request))
+        self._reported(body)
         return _json(body, 200 if body["status"] == COMPLETED else 202)
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
@@ -210,6 +218,7 @@ class _QueueHandlers(_InputFetchHandlers):
                 payload = json.dumps(body)
                 if payload != last_payload:
                     await response.write(f"data: {payload}\n\n".encode())
+                    self._reported(body)
                     last_payload = payload
                     last_write = loop.time()
                     if body["status"] == COMPLETED:

@@ -25,6 +25,12 @@ class Scenario:
 
     ``None`` timings fall back to the emulator's defaults. Counted faults
     (``submit_errors``, ``status_errors``, ``result_errors``) are consumed in order.
+
+    ``hold_queue`` / ``hold_run`` name a gate (``FluxEmulator.hold``/``release``): the job
+    stays ``IN_QUEUE`` (``IN_PROGRESS``) past its queue (run) time until the gate is
+    released, then moves on at once if that time is over. A gate is closed when first named
+    and stays open once released, until ``hold`` closes it again for later submits. A test
+    that must see a state uses one instead of racing the timers.
     """
 
     queue_seconds: float | None = None
@@ -45,8 +51,13 @@ class Scenario:
     cdn_bytes_per_second: float | None = None
     cdn_break_after: int | None = None
     cancel_response: str | None = None
+    hold_queue: str | None = None
+    hold_run: str | None = None
 
     def __post_init__(self) -> None:
+        for gate in (self.hold_queue, self.hold_run):
+            if gate is not None and (not isinstance(gate, str) or not gate):
+                raise ValueError(f"hold_queue and hold_run must be gate names (non-empty strings): {gate!r}")
         if self.stream not in ("ok", "refuse", "drop"):
             raise ValueError(f"stream must be 'ok', 'refuse' or 'drop', not {self.stream!r}")
         for item in self.status_errors:
@@ -67,7 +78,11 @@ class Scenario:
 
 @dataclass
 class RecordedRequest:
-    """One HTTP request the emulator received (``status`` is 0 while a stream is open)."""
+    """One HTTP request the emulator received (``status`` is 0 while a stream is open).
+
+    ``statuses`` are the job statuses it reported, in order: one for a status poll, one per
+    event for a stream (what a test waits for before it releases a gate).
+    """
 
     kind: str
     method: str
@@ -79,6 +94,7 @@ class RecordedRequest:
     time: float
     headers: dict[str, str] = field(default_factory=dict)
     body: Any = None
+    statuses: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -240,14 +240,50 @@ class FluxEmulator:
         self._core.add_scenario(scenario, match)
 
     def reset(self) -> None:
-        """Forget jobs, scenarios and recorded requests."""
+        """Forget jobs, scenarios, gates and recorded requests."""
         self._core.reset()
+
+    def hold(self, gate: str) -> None:
+        """Close ``gate`` (``Scenario.hold_queue``/``hold_run``) for the jobs submitted from now
+        on. A gate is closed when a scenario first names it; this closes it again after a
+        :meth:`release`."""
+        self._core.hold_gate(gate)
+
+    def release(self, gate: str) -> int:
+        """Open ``gate``: the jobs it holds leave the queue (or complete) now, or when their own
+        queue (run) time is over. Returns how many jobs it held. Later submits pass it until
+        :meth:`hold` closes it again."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            raise RuntimeError("emulator not running")
+        # On the server's loop: it wakes the streams that watch the released jobs.
+        return asyncio.run_coroutine_threadsafe(self._release(gate), loop).result(timeout=10)
+
+    async def _release(self, gate: str) -> int:
+        return self._core.release_gate(gate)
+
+    def held(self, gate: str | None = None) -> list[str]:
+        """Ids of the jobs a closed gate (``gate``, or any) holds now, in submit order."""
+        now = time.time()
+        with self._core.lock:
+            jobs = list(self._core.jobs.values())
+        return [j.request_id for j in jobs if (name := j.held_at(now)) is not None and gate in (None, name)]
+
+    def reported(self, request_id: str | None = None, kind: str | None = None) -> list[str]:
+        """The job statuses the emulator told its clients (status answers and stream events), in
+        order, for one request id and/or one kind of call (``"status"``, ``"stream"``)."""
+        return [
+            status
+            for r in self.requests
+            if (request_id is None or r.request_id == request_id) and (kind is None or r.kind == kind)
+            for status in r.statuses
+        ]
 
     @property
     def requests(self) -> list[RecordedRequest]:
         """Snapshot of every request received, in order."""
         with self._core.lock:
-            return [dataclasses.replace(r) for r in self._core.requests]
+            return [dataclasses.replace(r, statuses=list(r.statuses)) for r in self._core.requests]
 
     def calls(self, kind: str | None = None) -> list[RecordedRequest]:
         """Recorded requests of one kind (see ``CALL_KINDS``), or all."""
