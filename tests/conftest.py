@@ -24,7 +24,7 @@ os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 import pytest  # noqa: E402
 
 from airflow_flux.emulator import FluxEmulator  # noqa: E402
-from tests.helpers import TOKEN, free_port, moto_aws_conn, moto_s3_client, start_server  # noqa: E402
+from tests.helpers import TOKEN, moto_aws_conn, moto_s3_client, start_moto_server  # noqa: E402
 
 _conn_ids = itertools.count()
 
@@ -71,15 +71,9 @@ def airflow_db():
 @pytest.fixture(scope="session")
 def moto_server():
     """A real S3 protocol server (moto) in its own process, so its memory and CPU are not ours."""
-    import sys
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     # Its request recorder (tests that check what reached S3) writes here, not into the repo.
     env = {**os.environ, "MOTO_RECORDER_FILEPATH": os.path.join(_AIRFLOW_HOME, "moto_recording")}
-    proc = start_server(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], f"{url}/moto-api/", env=env
-    )
+    proc, url = start_moto_server(env)
     yield url
     proc.terminate()
     proc.wait(timeout=10)
@@ -107,11 +101,25 @@ def flux_default(emulator, monkeypatch) -> FluxEmulator:
     return emulator
 
 
-@pytest.fixture(scope="session")
-def dags():
-    """The test DAGs of tests/dags, parsed once (dag.test() re-syncs them to the DB)."""
-    from airflow.dag_processing.dagbag import DagBag
+class FreshDags:
+    """The test DAGs of tests/dags, a new DAG object for each :meth:`get_dag` call.
 
-    bag = DagBag()
-    assert not bag.import_errors, bag.import_errors
-    return bag
+    A run must not see another run's conf: ``dag.test(run_conf=...)`` writes the conf into the
+    ``Param`` objects of the DAG it runs (``process_params`` updates a dict that shares them),
+    so a DAG object shared between tests hands one test's conf to the next as its defaults.
+    """
+
+    def get_dag(self, dag_id: str):
+        from airflow.dag_processing.dagbag import DagBag
+
+        bag = DagBag(dag_folder=str(_REPO / "tests" / "dags"))
+        assert not bag.import_errors, bag.import_errors
+        dag = bag.get_dag(dag_id)
+        assert dag is not None, f"no DAG {dag_id!r} in tests/dags"
+        return dag
+
+
+@pytest.fixture(scope="session")
+def dags() -> FreshDags:
+    """The test DAGs of tests/dags, parsed anew for each ``get_dag`` (dag.test() re-syncs them to the DB)."""
+    return FreshDags()

@@ -6,9 +6,19 @@ loads first and which sets up Airflow's environment before anything imports airf
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from airflow_flux.hooks.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from airflow_flux.emulator import FluxEmulator
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,11 +36,24 @@ def task_states(dr) -> dict[str, str]:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago: only for servers that cannot bind port 0 themselves and
+    report it (Airflow's api-server, PostgreSQL, Redis); their start retries on a taken port."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port nobody listens on while the block runs: bound by us, never listening,
+    so a connection to it is refused (and no other process can take it meanwhile)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 def start_server(args: list[str], health_url: str, *, timeout: float = 30, env: dict[str, str] | None = None):
@@ -39,7 +62,6 @@ def start_server(args: list[str], health_url: str, *, timeout: float = 30, env: 
     Returns the ``Popen``; the caller terminates it.
     """
     import subprocess
-    import time
     import urllib.request
 
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -53,6 +75,63 @@ def start_server(args: list[str], health_url: str, *, timeout: float = 30, env: 
                 proc.kill()
                 raise RuntimeError(f"{args[:3]} did not start") from None
             time.sleep(0.1)
+
+
+def start_announcing_server(args: list[str], pattern: str, *, timeout: float = 60, env: dict[str, str] | None = None):
+    """Start a server process that binds port 0 and prints the port it got; returns ``(Popen, match)``.
+
+    ``pattern`` (a regular expression) is looked for in the first line the process prints; the
+    caller reads the port from the match and terminates the process.
+    """
+    import re
+    import select
+    import subprocess
+
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else ""
+    match = re.search(pattern, line)
+    if match is None:
+        proc.kill()
+        proc.wait(timeout=10)
+        raise RuntimeError(f"{args[:3]} did not start: {line!r}")
+    return proc, match
+
+
+#: moto's S3 server in a process of its own, on a port the OS picks (printed on its first line).
+_MOTO_SERVER = """
+import os, signal, sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+port = server.get_host_and_port()[1]
+os.environ["MOTO_PORT"] = str(port)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+print(f"moto listening on {port}", flush=True)
+while True:
+    signal.pause()
+"""
+
+
+def start_moto_server(env: dict[str, str] | None = None):
+    """A moto S3 server process on a port it bound itself: ``(Popen, url)``."""
+    import sys
+
+    proc, match = start_announcing_server([sys.executable, "-c", _MOTO_SERVER], r"moto listening on (\d+)", env=env)
+    return proc, f"http://127.0.0.1:{match.group(1)}"
+
+
+def start_emulator_process(*args: str, env: dict[str, str] | None = None):
+    """``python -m airflow_flux.emulator --port 0 ARGS``: ``(Popen, base_url)``, the URL it announced."""
+    import sys
+
+    proc, match = start_announcing_server(
+        [sys.executable, "-m", "airflow_flux.emulator", "--port", "0", *args],
+        r"flux emulator listening on (http://\S+)",
+        env={**(env or os.environ), "PYTHONUNBUFFERED": "1"},
+    )
+    return proc, match.group(1)
 
 
 def xcom(dr, task_id: str, map_index: int = -1):
@@ -81,3 +160,46 @@ def moto_s3_client(endpoint_url: str):
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
+
+
+@contextlib.contextmanager
+def releasing(
+    emulator: FluxEmulator, *steps: tuple[str, Callable[[], bool]], timeout: float = 120
+) -> Iterator[list[str]]:
+    """Release the emulator's gates from a thread, each once its condition holds, in order.
+
+    ``steps`` are ``(gate, condition)``: the thread waits until ``condition()`` is true, then
+    releases ``gate``, then goes on to the next step. For code the test cannot step through
+    itself (a ``dag.test()`` run, a trigger's loop): a job held at a gate (``Scenario.hold_queue``
+    / ``hold_run``) stays in its state until the client has seen it, however slow the machine.
+    Yields the gates released so far. On leaving, every step must have happened: a condition
+    still false after ``timeout`` seconds releases the remaining gates (so the code under test
+    can end) and fails the test.
+    """
+    released: list[str] = []
+    missed: list[str] = []
+    done = threading.Event()
+
+    def met(condition: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if done.is_set() or time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def run() -> None:
+        for gate, condition in steps:
+            ok = not missed and met(condition)
+            with contextlib.suppress(RuntimeError):  # the emulator stopped: nothing left to hold
+                emulator.release(gate)
+            (released if ok else missed).append(gate)
+
+    thread = threading.Thread(target=run, name="releasing", daemon=True)
+    thread.start()
+    try:
+        yield released
+    finally:
+        done.set()
+        thread.join(timeout=30)
+    assert not missed, f"gates released without their condition: {missed} (released in time: {released})"

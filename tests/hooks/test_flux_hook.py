@@ -44,7 +44,24 @@ def _wait_completed(hook: FluxHook, handle, timeout: float = 10.0) -> list[str]:
     raise AssertionError(f"not completed in {timeout}s; saw {seen}")
 
 
+def _status_until(hook: FluxHook, handle, status: str, timeout: float = 30.0) -> list[str]:
+    """The statuses seen, polling, until ``status`` (each change once)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not seen or seen[-1] != status:
+        assert time.monotonic() < deadline, f"not {status} in {timeout}s; saw {seen}"
+        current = hook.get_status(handle).status
+        if not seen or seen[-1] != current:
+            seen.append(current)
+        if current == "COMPLETED":
+            break
+        time.sleep(0.02)
+    return seen
+
+
 def test_sync_round_trip_submit_status_result_image(emulator, flux_conn):
+    # Held in each state until the test has seen it: no timer decides what a poll finds.
+    emulator.add_scenario(Scenario(hold_queue="queued", hold_run="running"), match="a red fox")
     hook = _hook(flux_conn)
     handle = hook.submit({"prompt": "a red fox in snow", "aspect_ratio": "16:9", "seed": 7})
 
@@ -53,7 +70,11 @@ def test_sync_round_trip_submit_status_result_image(emulator, flux_conn):
     assert handle.response_url == f"{emulator.base_url}/fal-ai/flux-pro/requests/{handle.request_id}"
     assert handle.cancel_url.endswith(f"/requests/{handle.request_id}/cancel")
 
-    assert _wait_completed(hook, handle) == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    assert _status_until(hook, handle, "IN_QUEUE") == ["IN_QUEUE"]
+    assert emulator.release("queued") == 1
+    assert _status_until(hook, handle, "IN_PROGRESS") == ["IN_QUEUE", "IN_PROGRESS"]
+    assert emulator.release("running") == 1
+    assert _status_until(hook, handle, "COMPLETED") == ["IN_PROGRESS", "COMPLETED"]
     result = hook.get_result(handle)
     assert result.request_id == handle.request_id
     assert result.seed == 7 and result.prompt == "a red fox in snow"
@@ -159,17 +180,18 @@ def test_503_and_malformed_status_are_retried(emulator, flux_conn):
 
 
 def test_final_errors_are_not_retried_and_carry_the_api_reason(emulator, flux_conn):
-    emulator.add_scenario(Scenario(result_error_always=422), match="policy")
+    emulator.add_scenario(Scenario(result_error_always=422, hold_run="running"), match="policy")
     hook = _hook(flux_conn)
     handle = hook.submit({"prompt": "policy fox"})
 
-    # 400: the result is asked for before completion.
+    # 400: the result is asked for before completion (the request is held running).
     with pytest.raises(FluxAPIError) as early:
         hook.get_result(handle)
     assert early.value.status_code == 400 and not early.value.retryable
     assert "still in progress" in str(early.value)
     assert len(emulator.calls(kind="result")) == 1
 
+    emulator.release("running")
     _wait_completed(hook, handle)
     emulator.clear_requests()
     with pytest.raises(FluxAPIError) as info:
@@ -260,10 +282,18 @@ def test_token_never_appears_in_logs_or_errors(emulator, flux_conn, caplog):
 
 
 async def test_async_stream_status_and_result(emulator, flux_conn):
+    emulator.add_scenario(Scenario(hold_queue="queued", hold_run="running"), match="a streaming fox")
     hook = _hook(flux_conn)
     handle = hook.submit({"prompt": "a streaming fox"})
     async with _hook(flux_conn) as ahook:
-        statuses = [s async for s in ahook.astream_status(handle)]
+        statuses = []
+        # Each state is held until the stream has delivered it.
+        async for s in ahook.astream_status(handle):
+            statuses.append(s)
+            if s.status == "IN_QUEUE":
+                emulator.release("queued")
+            elif s.status == "IN_PROGRESS":
+                emulator.release("running")
         assert statuses[-1].is_completed
         assert [s.status for s in statuses][0] == "IN_QUEUE"
         assert any(s.status == "IN_PROGRESS" for s in statuses)

@@ -9,7 +9,7 @@ from airflow_flux.exceptions import FluxError, FluxRequestFailedError
 from airflow_flux.operators import FluxGenerateOperator
 from airflow_flux.operators.wait import default_deferrable
 from airflow_flux.sensors import FluxStatusSensor
-from tests.helpers import TOKEN, task_states, xcom
+from tests.helpers import TOKEN, releasing, task_states, xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -24,7 +24,15 @@ def _task_log(capfd: pytest.CaptureFixture[str]) -> str:
 
 
 def test_submit_then_deferred_sensor(dags, flux_default, capfd):
-    dr = dags.get_dag("flux_test_submit_sensor").test(run_conf={"prompt": "a red fox"})
+    # Held until the trigger's stream has shown each state: the sensor's first check finds the
+    # request queued (so it defers), and the stream sees it run, however slow the machine.
+    flux_default.add_scenario(Scenario(hold_queue="queued", hold_run="running"), match="a red fox")
+    with releasing(
+        flux_default,
+        ("queued", lambda: "IN_QUEUE" in flux_default.reported(kind="stream")),
+        ("running", lambda: "IN_PROGRESS" in flux_default.reported(kind="stream")),
+    ):
+        dr = dags.get_dag("flux_test_submit_sensor").test(run_conf={"prompt": "a red fox"})
     logs = capfd.readouterr()
     assert dr.state == "success", task_states(dr)
 
@@ -44,8 +52,9 @@ def test_submit_then_deferred_sensor(dags, flux_default, capfd):
     assert result["prompt"] == "a red fox" and result["seed"] == 11
     assert result["images"][0]["width"] == 1392 and result["has_nsfw_concepts"] == [False]
 
-    # submit + one synchronous check + the SSE stream + the result.
+    # submit + one synchronous check (it found the request queued) + the SSE stream + the result.
     assert _api_calls(flux_default) == ["submit", "status", "stream", "result"]
+    assert flux_default.reported(kind="status") == ["IN_QUEUE"]
     assert TOKEN not in logs.out + logs.err
     assert f"FLUX request {handle['request_id']} is IN_PROGRESS" in logs.out + logs.err
 

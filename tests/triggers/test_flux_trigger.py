@@ -13,7 +13,7 @@ from airflow_flux.emulator import Scenario
 from airflow_flux.hooks import FluxHook
 from airflow_flux.hooks.polling import next_poll_interval
 from airflow_flux.triggers import FluxStatusTrigger
-from tests.helpers import FAST_RETRY, TOKEN
+from tests.helpers import FAST_RETRY, TOKEN, releasing
 
 
 def _submit(conn_id: str, prompt: str) -> dict:
@@ -43,9 +43,16 @@ def test_serialized_trigger_holds_no_token_and_round_trips(emulator, flux_conn):
 
 
 async def test_stream_path_ends_with_the_result_in_two_calls(emulator, flux_conn, capfd):
+    # Each state held until the stream has shown it: the log must have IN_PROGRESS, once.
+    emulator.add_scenario(Scenario(hold_queue="queued", hold_run="running"), match="a streaming fox")
     handle = _submit(flux_conn, "a streaming fox")
     emulator.clear_requests()
-    (event,) = await _run(FluxStatusTrigger(flux_conn_id=flux_conn, handle=handle, end_time=time.time() + 30))
+    with releasing(
+        emulator,
+        ("queued", lambda: "IN_QUEUE" in emulator.reported(kind="stream")),
+        ("running", lambda: "IN_PROGRESS" in emulator.reported(kind="stream")),
+    ):
+        (event,) = await _run(FluxStatusTrigger(flux_conn_id=flux_conn, handle=handle, end_time=time.time() + 60))
     assert event["status"] == "success"
     assert event["result"]["prompt"] == "a streaming fox"
     assert event["result"]["request_id"] == handle["request_id"]
@@ -75,16 +82,17 @@ async def test_failed_completion_and_result_errors_become_failed_events(emulator
 
 async def test_deadline_survives_recreation_of_the_trigger(emulator, flux_conn):
     emulator.add_scenario(Scenario(never_complete=True), match="stuck")
-    trigger = FluxStatusTrigger(
-        flux_conn_id=flux_conn, handle=_submit(flux_conn, "stuck fox"), end_time=time.time() + 1
-    )
+    end_time = time.time() + 3
+    trigger = FluxStatusTrigger(flux_conn_id=flux_conn, handle=_submit(flux_conn, "stuck fox"), end_time=end_time)
     classpath, kwargs = trigger.serialize()
-    await asyncio.sleep(0.5)
-    # A triggerer restart re-creates the trigger from its row: the wall-clock deadline still holds.
+    await asyncio.sleep(1.5)
+    # A triggerer restart re-creates the trigger from its row: the wall-clock deadline still holds,
+    # not the 3 s it had when created (which would end it 3 s after the re-creation).
     started = time.monotonic()
     (event,) = await _run(import_string(classpath)(**kwargs))
     assert event["status"] == "timeout"
-    assert time.monotonic() - started < 1.5
+    assert time.time() >= end_time, "timed out before its deadline"
+    assert time.monotonic() - started < 2.7
     assert "did not complete within the timeout" in event["message"]
     assert emulator.calls(kind="cancel") == [], "run() must not cancel: that is the task's decision"
 
@@ -181,23 +189,42 @@ async def test_result_fetches_in_flight_are_bounded_per_loop(emulator, flux_conn
 
     # The bound is the event loop's, shared by every trigger on it (and the batch trigger).
     monkeypatch.setattr(shared, "RESULT_FETCH_CONCURRENCY", 2)
+    # All 8 held running until every stream has shown it: then they complete at one moment.
+    emulator.add_scenario(Scenario(hold_run="burst"), match="a burst fox")
     handles = [_submit(flux_conn, f"a burst fox {i}") for i in range(8)]
-    in_flight, most = 0, 0
+    in_flight, most, finished = 0, 0, 0
     real = FluxHook.aget_result
 
+    changed = asyncio.Condition()
+
     async def counting(self, handle):
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
+        nonlocal in_flight, most, finished
+        async with changed:
+            in_flight += 1
+            most = max(most, in_flight)
+            changed.notify_all()
         try:
-            await asyncio.sleep(0.05)  # long enough for the others to pile up
+            # Each fetch waits for a second one in flight (unless no other is left): with the
+            # bound, 2 at most get here at once; without it, all 8 would pile up.
+            async with changed:
+                await asyncio.wait_for(
+                    changed.wait_for(lambda: in_flight >= 2 or finished + in_flight >= len(handles)), 30
+                )
+            await asyncio.sleep(0.05)  # room for more to pile up, were there no bound
             return await real(self, handle)
         finally:
-            in_flight -= 1
+            async with changed:
+                in_flight -= 1
+                finished += 1
+                changed.notify_all()
+
+    def all_running() -> bool:
+        return len({r.request_id for r in emulator.calls(kind="stream") if "IN_PROGRESS" in r.statuses}) == 8
 
     monkeypatch.setattr(FluxHook, "aget_result", counting)
     triggers = [FluxStatusTrigger(flux_conn_id=flux_conn, handle=h) for h in handles]
-    events = await asyncio.gather(*(_run(t) for t in triggers))
+    with releasing(emulator, ("burst", all_running)):
+        events = await asyncio.gather(*(_run(t) for t in triggers))
     assert [e["status"] for (e,) in events] == ["success"] * 8
     assert sorted(e["request_id"] for (e,) in events) == sorted(h["request_id"] for h in handles)
     assert most == 2
