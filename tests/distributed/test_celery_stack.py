@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from airflow_flux.emulator import FluxEmulator
+from airflow_flux.emulator import FluxEmulator, Scenario
 from tests.distributed.conftest import FIGURES
 from tests.distributed.stack import CeleryAirflow, Postgres, Redis, missing_binaries
 from tests.helpers import TOKEN, moto_s3_client
@@ -53,7 +53,8 @@ def stack(moto_server: str) -> Iterator[Stack]:
     pg, redis = Postgres(base / "pg"), Redis(base / "redis")
     s3 = moto_s3_client(moto_server)
     s3.create_bucket(Bucket=BUCKET)
-    # Generations long enough that all 24 waits are deferred at the same time.
+    # The triggerer-kill tests hold their generations running (Scenario.hold_run) until the kill
+    # is over; the others' last long enough to be mid-run when their process is killed.
     with FluxEmulator(queue_seconds=2, run_seconds=25, token=TOKEN) as emu:
         af = CeleryAirflow(
             base / "airflow_home", pg=pg, redis_url=redis.url, flux_base_url=emu.base_url, s3_url=moto_server
@@ -100,15 +101,20 @@ def _busiest_triggerer(af: CeleryAirflow) -> tuple[str, int, set[int]]:
     return jobs[job_id], job_id, held[job_id]
 
 
-def _kill_a_triggerer_when(af: CeleryAirflow, *, deferred: int, at_least: int) -> dict[str, Any]:
-    """Once ``deferred`` triggers are running and one triggerer holds ``at_least`` of them,
-    SIGKILL that triggerer and time until the other has taken every one of them over."""
+def _kill_the_busiest_triggerer(af: CeleryAirflow, emu: FluxEmulator, gate: str, *, waits: int) -> dict[str, Any]:
+    """With ``waits`` requests held running at ``gate``, once as many triggers are running,
+    SIGKILL the triggerer holding the most of them, time until the other has taken every one
+    of them over, then release the requests.
+
+    The requests cannot complete before the release, so the kill always finds every wait
+    deferred and the taken-over ones still waiting, however slow the machine.
+    """
 
     def ready() -> bool:
         held = af.pg.query("SELECT count(*) FROM trigger WHERE triggerer_id IS NOT NULL")[0][0]
-        return held >= deferred and len(_busiest_triggerer(af)[2]) >= at_least
+        return held >= waits
 
-    af.wait_until(f"{deferred} running triggers, {at_least} on one triggerer", ready, timeout=180)
+    af.wait_until(f"{waits} running triggers", ready, timeout=300)
     name, job_id, triggers = _busiest_triggerer(af)
     killed = af.crash(name)
 
@@ -119,7 +125,8 @@ def _kill_a_triggerer_when(af: CeleryAirflow, *, deferred: int, at_least: int) -
     af.wait_until("the other triggerer to take the triggers over", taken_over, timeout=120, interval=0.2)
     takeover = time.time() - killed
     af.start(name)  # two triggerers again for the next scenarios
-    return {"name": name, "triggers": len(triggers), "killed_at": killed, "takeover_s": takeover}
+    released = emu.release(gate)
+    return {"name": name, "triggers": len(triggers), "killed_at": killed, "takeover_s": takeover, "released": released}
 
 
 def _manifest(s3: Any, key: str) -> dict[str, Any]:
@@ -129,8 +136,12 @@ def _manifest(s3: Any, key: str) -> dict[str, Any]:
 def test_a_24_prompt_pipeline_survives_its_busiest_triggerer_being_killed(stack: Stack) -> None:
     af, emu = stack.af, stack.emu
     started = time.monotonic()
+    # Every generation held running until the kill is over: all 24 waits deferred at once.
+    emu.add_scenario(Scenario(hold_run="pipeline"), match="a distributed fox")
     run_id = af.trigger("flux_dist_pipeline", {"prompts": PROMPTS})
-    kill = _kill_a_triggerer_when(af, deferred=24, at_least=8)
+    kill = _kill_the_busiest_triggerer(af, emu, "pipeline", waits=24)
+    # 24 waits on 2 triggerers: the busiest held at least half.
+    assert kill["triggers"] >= 12 and kill["released"] == 24, kill
     state = af.wait_for_run("flux_dist_pipeline", run_id, timeout=400)
     assert state == "success", af.task_instances("flux_dist_pipeline", run_id)
     assert _submits(emu, "a distributed fox") == 24, "a killed triggerer made a wait pay again"
@@ -202,8 +213,11 @@ def test_the_scheduler_killed_and_restarted_mid_run(stack: Stack) -> None:
 def test_a_batch_survives_its_triggerer_being_killed_mid_wait(stack: Stack) -> None:
     af, emu = stack.af, stack.emu
     prompts = [f"a batch fox {i:02d}" for i in range(24)]
+    # The batch's generations held running until its trigger has been taken over.
+    emu.add_scenario(Scenario(hold_run="batch"), match="a batch fox")
     run_id = af.trigger("flux_dist_batch", {"prompts": prompts})
-    kill = _kill_a_triggerer_when(af, deferred=1, at_least=1)
+    kill = _kill_the_busiest_triggerer(af, emu, "batch", waits=1)
+    assert kill["triggers"] == 1 and kill["released"] == 24, kill
     state = af.wait_for_run("flux_dist_batch", run_id, timeout=400)
     assert state == "success", af.task_instances("flux_dist_batch", run_id)
     assert _submits(emu, "a batch fox") == 24

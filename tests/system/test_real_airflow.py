@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from airflow_flux.emulator import FluxEmulator
+from airflow_flux.emulator import FluxEmulator, Scenario
 from tests.airflow_processes import AirflowProcesses
-from tests.helpers import TOKEN, moto_aws_conn, moto_s3_client
+from tests.helpers import TOKEN, moto_aws_conn, moto_s3_client, releasing
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -214,7 +214,17 @@ def _tails_on_failure(stack: _Stack) -> Iterator[None]:
 
 def test_submit_and_deferred_sensor_on_real_scheduler_and_triggerer(stack: _Stack) -> None:
     af, emu, home = stack.af, stack.emu, stack.home
-    with _tails_on_failure(stack):
+    # The generation is held running until the new triggerer has seen it run: the kill is always
+    # mid-wait, and the task log always has the IN_PROGRESS line, however slow the restart.
+    emu.add_scenario(Scenario(hold_run="running"), match="a fox seen by a real scheduler")
+    killed_at: list[float] = []
+
+    def resumed_and_seen_running() -> bool:
+        return bool(killed_at) and any(
+            r.time > killed_at[0] and "IN_PROGRESS" in r.statuses for r in emu.calls(kind="stream")
+        )
+
+    with _tails_on_failure(stack), releasing(emu, ("running", resumed_and_seen_running), timeout=240):
         af.cli("dags", "unpause", DAG_ID)
         af.cli("dags", "trigger", DAG_ID, "--run-id", RUN_ID)
         af.mark("triggered")
@@ -222,12 +232,13 @@ def test_submit_and_deferred_sensor_on_real_scheduler_and_triggerer(stack: _Stac
         def kill_triggerer_mid_wait() -> None:
             # Once the triggerer follows the request, it dies and a new one starts: the
             # wait must carry on from the trigger row alone (same request, no new submit).
-            af.wait_until("the triggerer to open the status stream", lambda: emu.calls(kind="stream"), timeout=30)
+            af.wait_until("the triggerer to open the status stream", lambda: emu.calls(kind="stream"), timeout=60)
             af.crash("triggerer")
+            killed_at.append(time.time())
             af.mark("triggerer killed")
             af.start("triggerer")
 
-        run_state, states, wait_states, trigger_rows = _watch_run(af, timeout=180, on_deferred=kill_triggerer_mid_wait)
+        run_state, states, wait_states, trigger_rows = _watch_run(af, timeout=300, on_deferred=kill_triggerer_mid_wait)
         af.mark("run finished")
 
         # ---- the run, and the proof that the wait left the worker for the triggerer
