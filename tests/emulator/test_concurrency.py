@@ -23,7 +23,7 @@ import requests
 from PIL import Image
 
 from airflow_flux.emulator import FluxEmulator, Scenario
-from tests.emulator.test_emulator import AUTH, MODEL, REPO, free_port, rebase, result, status, submit, wait_completed
+from tests.emulator.test_emulator import AUTH, MODEL, REPO, rebase, result, status, submit, wait_completed
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -338,9 +338,8 @@ def test_concurrency_must_be_a_positive_int(value: Any) -> None:
 
 
 def test_cli_concurrency() -> None:
-    port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = ["--port", str(port), "--queue-seconds", "0.05", "--run-seconds", "0.2", "--concurrency", "1"]
+    args = ["--port", "0", "--queue-seconds", "0.05", "--run-seconds", "0.2", "--concurrency", "1"]
     with subprocess.Popen(
         [sys.executable, "-m", "airflow_flux.emulator", *args],
         cwd=REPO,
@@ -352,8 +351,9 @@ def test_cli_concurrency() -> None:
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline().strip()
-            assert line == f"flux emulator listening on http://127.0.0.1:{port}"
-            base = f"http://127.0.0.1:{port}"
+            prefix = "flux emulator listening on http://127.0.0.1:"
+            assert line.startswith(prefix) and line[len(prefix) :].isdigit(), line
+            base = line[len("flux emulator listening on ") :]
             scenario = {"match": "hold", "scenario": {"never_complete": True}}
             assert requests.post(base + "/_emulator/scenarios", json=scenario, timeout=10).status_code == 200
 

@@ -22,7 +22,8 @@ from PIL import Image
 
 from airflow_flux.emulator import FluxEmulator, Scenario
 from airflow_flux.emulator import images as emulator_images
-from tests.emulator.test_emulator import AUTH, free_port, read_sse, rebase, result, status, wait_completed
+from tests.emulator.test_emulator import AUTH, read_sse, rebase, result, status, wait_completed
+from tests.helpers import closed_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -250,9 +251,10 @@ def test_render_hook_receives_the_inputs(emu: FluxEmulator, monkeypatch: pytest.
 
 
 def test_unreachable_input_fails_with_422_naming_the_field(emu: FluxEmulator) -> None:
-    url = f"http://127.0.0.1:{free_port()}/gone.png?token=abc"
-    sub = submit_ok(emu, EDIT, image_url=url)
-    (err,) = load_error(emu, sub)
+    with closed_port() as port:  # bound, never listening: the fetch is refused
+        url = f"http://127.0.0.1:{port}/gone.png?token=abc"
+        sub = submit_ok(emu, EDIT, image_url=url)
+        (err,) = load_error(emu, sub)
     assert err["loc"] == ["body", "image_url"]
     assert err["type"] == "image_load_error"
     assert err["input"] == url

@@ -7,7 +7,7 @@ import base64
 import io
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import threading
@@ -88,12 +88,6 @@ def read_sse(resp: requests.Response) -> tuple[list[dict[str, Any]], int]:
         elif line.startswith(":"):
             pings += 1
     return events, pings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- happy path
@@ -795,10 +789,9 @@ def test_import_is_light() -> None:
 
 
 def test_cli_serves_and_terminates() -> None:
-    port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with subprocess.Popen(
-        [sys.executable, "-m", "airflow_flux.emulator", "--port", str(port), "--queue-seconds", "0.05"],
+        [sys.executable, "-m", "airflow_flux.emulator", "--port", "0", "--queue-seconds", "0.05"],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -808,8 +801,10 @@ def test_cli_serves_and_terminates() -> None:
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline().strip()
-            assert line == f"flux emulator listening on http://127.0.0.1:{port}"
-            health = requests.get(f"http://127.0.0.1:{port}/_emulator/health", timeout=5)
+            # --port 0: the OS picks the port, the first line says which.
+            match = re.fullmatch(r"flux emulator listening on http://127\.0\.0\.1:(\d+)", line)
+            assert match is not None and int(match.group(1)) > 0, line
+            health = requests.get(f"http://127.0.0.1:{match.group(1)}/_emulator/health", timeout=5)
             assert health.json() == {"ok": True}
             proc.terminate()
             assert proc.wait(timeout=10) == 0
