@@ -2,7 +2,8 @@
 
 Just what the gallery test needs: set a cookie, open a page, wait for it, run JavaScript,
 read the bytes the browser received for a request, take a screenshot. Chromium runs in its
-own process group with a throw-away profile, and listens on 127.0.0.1 only.
+own process group with a throw-away profile, and listens on 127.0.0.1 only. Every wait is
+for a state (an event, a response); its timeout is a bound for a loaded machine, not a pause.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class Page:
             elif method == "Runtime.consoleAPICalled":
                 self.console.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params["args"]))
 
-    async def send(self, method: str, timeout: float = 30, **params: Any) -> dict[str, Any]:
+    async def send(self, method: str, timeout: float = 90, **params: Any) -> dict[str, Any]:
         cid = next(self.ids)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self.pending[cid] = future
@@ -97,7 +98,7 @@ class Page:
             raise CDPError(f"{method}: {data['error']}")
         return data.get("result", {})
 
-    async def navigate(self, url: str, timeout: float = 30) -> int:
+    async def navigate(self, url: str, timeout: float = 90) -> int:
         """Open ``url`` and wait for its load event; return the document's HTTP status."""
         self.events.pop("Page.loadEventFired", None)
         self.responses.clear()
@@ -112,7 +113,7 @@ class Page:
         document = [r for r in self.responses.values() if r.url == url]
         return document[0].status if document else 0
 
-    async def evaluate(self, expression: str, timeout: float = 30) -> Any:
+    async def evaluate(self, expression: str, timeout: float = 90) -> Any:
         """Run JavaScript in the page (promises awaited) and return its value as JSON."""
         result = await self.send(
             "Runtime.evaluate", timeout=timeout, expression=expression, awaitPromise=True, returnByValue=True
@@ -148,7 +149,7 @@ class Chromium:
         self.port = 0
         self.log = workdir / "chromium.log"
 
-    def start(self, timeout: float = 30) -> None:
+    def start(self, timeout: float = 60) -> None:
         self.profile.mkdir(parents=True, exist_ok=True)
         port_file = self.profile / "DevToolsActivePort"
         port_file.unlink(missing_ok=True)  # a reused profile's is stale

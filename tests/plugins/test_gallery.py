@@ -383,22 +383,21 @@ async def _browse(env: GalleryEnv, binary: str, work: Path, out: Path) -> dict[s
             # The same page as the UI shows it: the run's "Images" tab, the gallery in the UI's frame.
             tab = f"{env.api}/dags/{DAG_ID}/runs/{quote(env.runs['foxes'], safe='')}/plugin/flux-gallery-run"
             await page.navigate(tab)
-            seen["ui_frame"] = await page.evaluate(
-                """(async () => {
-                    for (let i = 0; i < 200; i++) {
-                        const frame = document.querySelector('iframe');
-                        const doc = frame && frame.contentDocument;
-                        const imgs = doc ? [...doc.images] : [];
-                        if (imgs.length && imgs.every(i => i.complete)) {
-                            return {src: frame.getAttribute('src'),
-                                    rendered: imgs.filter(i => i.naturalWidth > 0).length, total: imgs.length,
-                                    title: doc.querySelector('h1') ? doc.querySelector('h1').innerText : null,
-                                    text: doc.body.innerText};
-                        }
-                        await new Promise(r => setTimeout(r, 100));
-                    }
-                    return null;
-                })()"""
+            # The UI builds the frame after its own load event: wait for the frame's document and
+            # every image in it to be there (an explicit page state, however slow the machine).
+            seen["ui_frame"] = await _until(
+                page,
+                """(() => {
+                    const frame = document.querySelector('iframe');
+                    const doc = frame && frame.contentDocument;
+                    if (!doc || doc.readyState !== 'complete') return null;
+                    const imgs = [...doc.images];
+                    if (!imgs.length || !imgs.every(i => i.complete)) return null;
+                    return {src: frame.getAttribute('src'),
+                            rendered: imgs.filter(i => i.naturalWidth > 0).length, total: imgs.length,
+                            title: doc.querySelector('h1') ? doc.querySelector('h1').innerText : null,
+                            text: doc.body.innerText};
+                })()""",
             )
             seen["ui_screenshot"] = await page.screenshot(out / "08-airflow-run-images-tab.png")
             seen["full_view"] = {}
@@ -467,11 +466,24 @@ async def _key(page: Any, key: str, code: int) -> None:
         await page.send("Input.dispatchKeyEvent", type=kind, key=key, code=key, windowsVirtualKeyCode=code, **text)
 
 
-async def _wait_load(page: Any, timeout: float = 30) -> None:
+#: How long a page may take to reach the state a test waits for (a bound, not a pause).
+PAGE_TIMEOUT = 90.0
+
+
+async def _wait_load(page: Any, timeout: float = PAGE_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not page.events.get("Page.loadEventFired"):
         assert time.monotonic() < deadline, "page did not load"
         await asyncio.sleep(0.05)
+
+
+async def _until(page: Any, expression: str, timeout: float = PAGE_TIMEOUT) -> Any:
+    """Evaluate ``expression`` in the page until it is truthy (a page state), and return it."""
+    deadline = time.monotonic() + timeout
+    while not (value := await page.evaluate(expression)):
+        assert time.monotonic() < deadline, f"never true within {timeout:.0f}s: {expression}"
+        await asyncio.sleep(0.1)
+    return value
 
 
 async def _browse_pages(env: GalleryEnv, binary: str, work: Path, out: Path) -> dict[str, Any]:
@@ -608,31 +620,35 @@ async def _connection_form(env: GalleryEnv, binary: str, work: Path, out: Path) 
             await _log_in(page, env, "admin")
             await page.navigate(env.url("/connections"))
 
-            async def until(expression: str) -> Any:
-                for _ in range(100):
-                    if value := await page.evaluate(expression):
-                        return value
-                    await asyncio.sleep(0.1)
-                raise AssertionError(f"never true: {expression}")
-
             async def click(label: str) -> None:
-                x, y = await until(
+                x, y = await _until(
+                    page,
                     f"(() => {{ const b = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === "
                     f"{label!r}); if (!b) return null; const r = b.getBoundingClientRect(); "
-                    "return [r.x + 20, r.y + r.height / 2]; })()"
+                    "return [r.x + 20, r.y + r.height / 2]; })()",
                 )
                 for kind in ("mousePressed", "mouseReleased"):
                     await page.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
             await click("Add Connection")
-            await until("!!document.querySelector('input[aria-autocomplete=list]')")
+            await _until(page, "!!document.querySelector('input[aria-autocomplete=list]')")
             await page.evaluate("document.querySelector('input[aria-autocomplete=list]').focus()")
             await page.send("Input.insertText", text="FLUX (fal")
-            await asyncio.sleep(0.5)
+            # Enter picks the first option shown: wait until the list is filtered down to ours.
+            await _until(
+                page,
+                "(() => { const o = [...document.querySelectorAll('[role=option], [id*=\"-option-\"]')]; "
+                "return o.length > 0 && o[0].innerText.includes('FLUX (fal'); })()",
+            )
             await _key(page, "Enter", 13)
             await click("Extra Fields")
-            await until("document.body.innerText.includes('Re-base returned URLs')")
-            await asyncio.sleep(0.5)
+            await _until(page, "document.body.innerText.includes('Re-base returned URLs')")
+            # The form fills its fields from the type's defaults once shown: wait for a filled one.
+            await _until(
+                page,
+                "[...(document.querySelector('[role=dialog]') || document.body).querySelectorAll('input')]"
+                ".some(i => i.value === 'fal-ai/flux-pro/kontext/text-to-image')",
+            )
             form = await page.evaluate(
                 """(() => {
                     const dialog = document.querySelector('[role=dialog]') || document.body;
