@@ -19,7 +19,7 @@ from airflow_flux.exceptions import (
     FluxResultExpiredError,
     FluxTransportError,
 )
-from airflow_flux.hooks.retry import RESUBMIT_SAFE_STATUS, is_retryable_status, parse_retry_after
+from airflow_flux.hooks.retry import RESUBMIT_SAFE_STATUS, RESULT_EXPIRED, is_retryable_status, parse_retry_after
 from airflow_flux.models import FluxRequestHandle, FluxResult, FluxStatus
 from airflow_flux.redact import redact_presigned, redact_value
 
@@ -146,7 +146,7 @@ def result_error(exc: FluxAPIError, handle: FluxRequestHandle) -> FluxAPIError:
             "Fetch results as soon as requests complete.",
             status_code=404,
             detail=exc.detail,
-            error_type=exc.error_type or "result_expired",
+            error_type=RESULT_EXPIRED,
             request_id=handle.request_id,
         )
     return exc

@@ -1,9 +1,18 @@
-"""The one retry policy of every API call, sync and async.
+"""The one retry policy of every API call, sync and async, and the one answer to "pay again?".
 
-Built on tenacity so both paths share the same stop/wait/predicate objects. What is worth
-retrying follows fal's documented behaviour: transport failures and 408, 409, 429, 502,
-503, 504 are transient; a 504 whose ``X-Fal-Request-Timeout-Type`` is ``user`` means the
-caller's own start deadline passed and is final; every other 4xx is final.
+Two questions, answered here and nowhere else:
+
+- **Repeat a call?** (:class:`RetryPolicy`, built on tenacity so the sync and async paths
+  share the same stop/wait/predicate objects.) Following fal's documented behaviour:
+  transport failures and 408, 409, 429, 502, 503, 504 are transient; a 504 whose
+  ``X-Fal-Request-Timeout-Type`` is ``user`` means the caller's own start deadline passed
+  and is final; every other 4xx is final.
+- **Pay for a failed request again?** (:func:`worth_resubmitting`, used by a single
+  request's retry and by a batch alike.) Only when the failure was the infrastructure's:
+  a transient ``error_type``, a 5xx that the call policy calls transient, or a request the
+  API does not know (404). A final refusal (422 validation or content policy, which fal
+  may bill; any other 4xx) is never paid for again by a retry; a user's clear still
+  starts fresh.
 """
 
 from __future__ import annotations
@@ -25,6 +34,16 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: fal ``error_type`` values of failed requests worth paying for again: the infrastructure's
+#: failures, not the request's.
+TRANSIENT_ERROR_TYPES: frozenset[str] = frozenset(
+    {"runner_disconnected", "internal_error", "runner_unavailable", "bad_gateway"}
+)
+
+#: The ``error_type`` of a result fal no longer keeps (one hour after completion): the image
+#: was paid for, so it is not paid for again (results are kept by whoever fetched them).
+RESULT_EXPIRED = "result_expired"
+
 RETRYABLE_STATUS: frozenset[int] = frozenset({408, 409, 429, 502, 503, 504})
 #: Answers that mean the request was not taken: the only ones after which a submit (which
 #: pays for an image) is sent again. A 502/504 from a gateway may come after fal queued it.
@@ -36,6 +55,23 @@ def is_retryable_status(status: int, headers: Mapping[str, str]) -> bool:
     if status == 504 and headers.get("X-Fal-Request-Timeout-Type", "").lower() == "user":
         return False
     return status in RETRYABLE_STATUS
+
+
+def worth_resubmitting(*, status_code: int | None, error_type: str | None, retryable: bool = False) -> bool:
+    """Whether a request that ended in this failure may be paid for again (transient) or not (final).
+
+    :param status_code: 200 for a ``COMPLETED`` status that carries an error; otherwise the
+        HTTP status of the failed status or result call (0 for a transport failure).
+    :param error_type: fal's ``error_type`` (body or ``X-Fal-Error-Type``).
+    :param retryable: whether the call policy called that HTTP failure transient.
+    """
+    if error_type in TRANSIENT_ERROR_TYPES:
+        return True
+    if status_code == 404 and error_type != RESULT_EXPIRED:
+        # The API does not know the request (lost, or never queued): nothing of it will
+        # ever complete, so submitting it again is the only way to an image.
+        return True
+    return bool(status_code and status_code >= 500 and retryable)
 
 
 def parse_retry_after(value: str | None) -> float | None:

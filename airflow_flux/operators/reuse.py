@@ -17,7 +17,8 @@ decision                when                                                 met
 ``fresh_submit``        nothing stored (first try), or reuse is off          fresh_submit
 ``reconnect``           same request, still queued or running                reconnect_success
 ``already_succeeded``   same request, completed without error                already_succeeded
-``terminal_resubmit``   same request, completed with an error                terminal_resubmit
+``terminal_resubmit``   same request, failed for a transient reason          terminal_resubmit
+``final_failure``       same request, refused for good: the try fails        final_failure
 ``input_changed``       the stored request is for a different input          fresh_submit
 ``cleared``             the stored request is from before a clear            fresh_submit
 ``no_fingerprint``      the stored entry has no fingerprint (older version)  fresh_submit
@@ -25,6 +26,14 @@ decision                when                                                 met
 
 ``reconnect_attempt`` counts the stored requests whose status was looked up; every
 ``fresh_submit`` carries a ``reason`` tag (the decision).
+
+Whether a failed request is paid for again is :func:`~airflow_flux.hooks.retry.worth_resubmitting`'s
+answer, the batch's too: a final refusal (422 validation or content policy, which fal may
+bill; 401/403) fails the try with the API's reason instead of paying again; a clear still
+starts fresh. Once a wait ends, its outcome (the compact result, or the failure) is kept
+with the record (:func:`record_outcome`), so a retry after fal dropped the result (it keeps
+one for an hour) still returns it without a call, and a known final failure is not even
+looked up again.
 """
 
 from __future__ import annotations
@@ -32,10 +41,13 @@ from __future__ import annotations
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from airflow_flux.exceptions import FluxAPIError
+from airflow_flux.exceptions import FluxAPIError, FluxRequestFailedError
+from airflow_flux.hooks.retry import worth_resubmitting
 from airflow_flux.identity import STATE_KEY, RequestIdentity, StoredRequest
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from airflow.sdk import Context
 
     from airflow_flux.hooks.flux import FluxHook
@@ -48,6 +60,7 @@ class Decision(str, Enum):
     RECONNECT = "reconnect"
     ALREADY_SUCCEEDED = "already_succeeded"
     TERMINAL_RESUBMIT = "terminal_resubmit"
+    FINAL_FAILURE = "final_failure"
     INPUT_CHANGED = "input_changed"
     CLEARED = "cleared"
     NO_FINGERPRINT = "no_fingerprint"
@@ -57,6 +70,7 @@ _METRIC = {
     Decision.RECONNECT: "reconnect_success",
     Decision.ALREADY_SUCCEEDED: "already_succeeded",
     Decision.TERMINAL_RESUBMIT: "terminal_resubmit",
+    Decision.FINAL_FAILURE: "final_failure",
 }
 
 
@@ -93,6 +107,9 @@ class RequestReuse:
         self.tags = {"operator": type(task).__name__ if task is not None else "unknown"}
         #: The decision of :meth:`reusable`, once made.
         self.decision: Decision | None = None
+        #: The result kept with the record (``already_succeeded`` without a call), if any.
+        self.result: dict[str, Any] | None = None
+        self._failure: FluxAPIError | None = None
 
     @property
     def _max_tries(self) -> int | None:
@@ -100,7 +117,11 @@ class RequestReuse:
         return value if isinstance(value, int) else None
 
     def reusable(self) -> dict[str, Any] | None:
-        """The handle to reuse, or None to submit anew; logs and counts the decision."""
+        """The handle to reuse, or None to submit anew; logs and counts the decision.
+
+        Raises the API's reason when the stored request was refused for good
+        (``final_failure``): paying again would meet the same refusal.
+        """
         from opentelemetry import trace
 
         with trace.get_tracer(__name__).start_as_current_span("resumable_job.resume_decision") as span:
@@ -111,6 +132,8 @@ class RequestReuse:
         self.decision = decision
         if decision in _METRIC:
             self._incr(_METRIC[decision])
+        if self._failure is not None:
+            raise self._failure
         if handle is None:
             self._incr("fresh_submit", reason=decision.value)
         return handle
@@ -164,6 +187,17 @@ class RequestReuse:
             return decision, None
         rid = stored.handle.get("request_id")
         span.set_attribute("resumable.external_id", str(rid))
+        kept = stored.outcome or {}
+        if kept.get("status") == "completed" and isinstance(kept.get("result"), dict):
+            self.log.info(
+                "FLUX request %s of try %s already completed; its result was kept: no new charge, no call",
+                rid,
+                stored.try_number,
+            )
+            self.result = dict(kept["result"])
+            return Decision.ALREADY_SUCCEEDED, dict(stored.handle)
+        if kept.get("status") == "failed":
+            return self._after_failure(stored, kept.get("error"), kept.get("error_type"), kept.get("status_code"))
         self._incr("reconnect_attempt")
         try:
             status = self.hook.get_status(stored.handle, logs=False)
@@ -172,17 +206,10 @@ class RequestReuse:
                 # The API is unreachable or overloaded: the request may be fine. Failing this try
                 # (its retry asks again) is cheaper than paying for the image twice.
                 raise
-            self.log.warning("Stored FLUX request %s cannot be reused (%s); submitting fresh", rid, exc)
-            return Decision.TERMINAL_RESUBMIT, None
+            return self._after_failure(stored, exc.detail or str(exc), exc.error_type, exc.status_code)
         span.set_attribute("resumable.prior_status", status.status)
         if status.is_failed:
-            self.log.warning(
-                "Prior FLUX request %s in terminal state (%s: %s), resubmitting fresh",
-                rid,
-                status.error_type or "error",
-                status.error or "no reason given",
-            )
-            return Decision.TERMINAL_RESUBMIT, None
+            return self._after_failure(stored, status.error, status.error_type, 200)
         if status.is_completed:
             self.log.info(
                 "FLUX request %s of try %s already completed successfully, skipping resubmission: no new charge",
@@ -197,6 +224,27 @@ class RequestReuse:
             status.status,
         )
         return Decision.RECONNECT, dict(stored.handle)
+
+    def _after_failure(
+        self, stored: StoredRequest, error: str | None, error_type: str | None, status_code: int | None
+    ) -> tuple[Decision, dict[str, Any] | None]:
+        """Resubmit after a transient failure; after a final one, fail the try with the API's reason."""
+        rid = stored.handle.get("request_id")
+        reason = f"{error_type or 'error'}: {error or 'no reason given'}"
+        if worth_resubmitting(status_code=status_code, error_type=error_type):
+            self.log.warning(
+                "Prior FLUX request %s failed for a transient reason (%s), resubmitting fresh", rid, reason
+            )
+            return Decision.TERMINAL_RESUBMIT, None
+        self._failure = FluxRequestFailedError(
+            f"FLUX request {rid} (try {stored.try_number}) was refused for good ({reason}, HTTP {status_code}); "
+            "a retry does not pay for it again. Fix the input, or clear the task to submit anew.",
+            status_code=status_code or 200,
+            detail=error,
+            error_type=error_type,
+            request_id=str(rid),
+        )
+        return Decision.FINAL_FAILURE, None
 
     def record(self, handle: dict[str, Any], outcome: dict[str, Any] | None = None) -> StoredRequest:
         """Store ``handle`` with this try's fingerprint, right after the submit that paid for it.
@@ -218,3 +266,25 @@ class RequestReuse:
         from airflow.sdk.observability.stats import incr
 
         incr(f"resumable_job.{metric}", tags={**self.tags, **tags})
+
+
+def record_outcome(
+    context: Context, handle: Mapping[str, Any], outcome: dict[str, Any], *, key: str = STATE_KEY
+) -> bool:
+    """Keep what became of the recorded request ``handle`` with its record, for a later try.
+
+    :param context: the task's context (``task_state_store``).
+    :param handle: the request whose wait ended.
+    :param outcome: ``{"status": "completed", "result": {...}}``, or ``{"status": "failed",
+        "error", "error_type", "status_code"}``.
+    :param key: the ``task_state_store`` key of the record.
+    :returns: whether it was kept (a record of this very request exists).
+    """
+    store = context.get("task_state_store")
+    if store is None:
+        return False
+    stored = StoredRequest.load(store.get(key))
+    if stored is None or stored.handle.get("request_id") != handle.get("request_id"):
+        return False
+    store.set(key, stored.model_copy(update={"outcome": outcome}).model_dump(mode="json"))
+    return True

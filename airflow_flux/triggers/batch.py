@@ -28,6 +28,7 @@ from airflow_flux.events import BatchOutcome, FluxBatchEvent
 from airflow_flux.exceptions import FluxAPIError, FluxError
 from airflow_flux.hooks.flux import FluxHook
 from airflow_flux.hooks.polling import next_poll_interval
+from airflow_flux.hooks.retry import worth_resubmitting
 from airflow_flux.hooks.shared import result_slots
 from airflow_flux.models import FluxRequestHandle
 
@@ -35,9 +36,6 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping, Sequence
 
     from airflow_flux.models import FluxResult, FluxStatus
-
-#: fal ``error_type`` values of failures worth paying for again: the infrastructure's, not the request's.
-TRANSIENT_ERROR_TYPES = frozenset({"runner_disconnected", "internal_error", "runner_unavailable", "bad_gateway"})
 
 
 def pack_handles(handles: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, Any]:
@@ -288,7 +286,7 @@ class _BatchWait:
                 status.error or "no reason given",
                 status.error_type,
                 200,
-                retryable=status.error_type in TRANSIENT_ERROR_TYPES,
+                retryable=worth_resubmitting(status_code=200, error_type=status.error_type),
             )
             return
         try:
@@ -296,7 +294,9 @@ class _BatchWait:
                 result = await self.hook.aget_result(self.handles[index])
         except FluxAPIError as exc:
             # fal reports most failures only here (422 content policy: final; 5xx: transient).
-            retryable = (exc.status_code >= 500 and exc.retryable) or exc.error_type in TRANSIENT_ERROR_TYPES
+            retryable = worth_resubmitting(
+                status_code=exc.status_code, error_type=exc.error_type, retryable=exc.retryable
+            )
             self.outcomes[index] = self._failed(
                 index, exc.detail or str(exc), exc.error_type, exc.status_code, retryable=retryable
             )
@@ -309,9 +309,8 @@ class _BatchWait:
         if not exc.retryable:
             # 404: the API does not know the request (submitting it again is right); others
             # (401/403, a 4xx of an aggregator) say the same for any other request.
-            self.outcomes[index] = self._failed(
-                index, str(exc), exc.error_type, exc.status_code, retryable=exc.status_code == 404
-            )
+            retryable = worth_resubmitting(status_code=exc.status_code, error_type=exc.error_type)
+            self.outcomes[index] = self._failed(index, str(exc), exc.error_type, exc.status_code, retryable=retryable)
             return
         self.failures[index] += 1
         if self.failures[index] >= self.t.max_consecutive_failures:
