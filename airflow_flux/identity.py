@@ -7,13 +7,20 @@ short digest per field, so a mismatch can say *which* fields differ without stor
 logging) their values, and the task instance's ``max_tries`` at submit time, which a user's
 clear raises and an automatic retry does not: a clear means "run it again".
 
-A leaf module (pydantic and the models only), used by the operators and the transfer.
+An ``s3://`` input is identified by its object, not its name: the URI is pinned to the
+object's version (``s3://bucket/key?versionId=V`` where the bucket keeps versions, else
+``s3://bucket/key?etag=E``) before the fingerprint is taken, so an object replaced between
+two tries is a new request, and the handle, results and manifest record which bytes were
+edited (:func:`pin_s3_uri`, :func:`split_s3_input`).
+
+A leaf module (pydantic and the models only), used by the operators, the transfer and the gallery.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +34,58 @@ DEFAULT_CONN_ID = "flux_default"
 #: ``task_state_store`` key of the submitted request (the same key as before fingerprints, so
 #: an entry an older version wrote is seen, and refused for having no fingerprint).
 STATE_KEY = "flux_request"
+
+
+#: The pin an ``s3://`` input may end with: ``?versionId=...`` or ``?etag=...`` (S3 keys may
+#: hold a ``?`` of their own; only a trailing pin of this form is read as one).
+_PIN = re.compile(r"\?(?P<kind>versionId|etag)=(?P<value>[^?&/\s]+)$")
+
+
+def pin_s3_uri(bucket: str, key: str, *, version_id: str | None = None, etag: str | None = None) -> str:
+    """The ``s3://`` URI of one version of an object: its VersionId when the bucket keeps
+    versions (``"null"`` is no version), else its ETag (quotes dropped).
+
+    :param bucket: the bucket.
+    :param key: the object's key.
+    :param version_id: the object's ``VersionId``, as ``HeadObject`` returns it.
+    :param etag: the object's ``ETag``.
+    """
+    if version_id and version_id != "null":
+        return f"s3://{bucket}/{key}?versionId={version_id}"
+    if etag:
+        return f"s3://{bucket}/{key}?etag={etag.strip(chr(34))}"
+    return f"s3://{bucket}/{key}"
+
+
+def split_s3_input(uri: str) -> tuple[str, str, str | None, str | None]:
+    """``(bucket, key, version_id, etag)`` of an ``s3://`` input, pinned or not.
+
+    :param uri: ``s3://bucket/key``, optionally ending in ``?versionId=V`` or ``?etag=E``.
+    """
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri[:100]!r}")
+    bucket, _, key = uri[5:].partition("/")
+    version_id = etag = None
+    if match := _PIN.search(key):
+        key = key[: match.start()]
+        if match["kind"] == "versionId":
+            version_id = match["value"]
+        else:
+            etag = match["value"]
+    if not bucket or not key:
+        raise ValueError(f"an s3:// URI needs a bucket and a key, s3://bucket/key (got {uri[:100]!r})")
+    return bucket, key, version_id, etag
+
+
+def s3_object_args(bucket: str, key: str, version_id: str | None, etag: str | None) -> dict[str, str]:
+    """``HeadObject``/``GetObject`` arguments for one version of an object: by ``VersionId``,
+    else the key only while it still has ``etag`` (S3 answers 412 otherwise)."""
+    args = {"Bucket": bucket, "Key": key}
+    if version_id:
+        args["VersionId"] = version_id
+    elif etag:
+        args["IfMatch"] = f'"{etag}"'
+    return args
 
 
 def _canonical(value: Any) -> bytes:

@@ -1,7 +1,12 @@
 """FluxBatchGenerateOperator: hundreds of FLUX requests in one task, at the API's own speed.
 
-Every request is validated first, then submitted from the worker, each recorded in
-``task_state_store`` (with its fingerprint) the moment it is paid for; the task defers
+Every request is validated first and every ``s3://`` input checked and pinned to the
+object it is now (one HEAD per distinct input), all before the first paid call. Then the
+requests are submitted from the worker, a few at a time, each recorded in
+``task_state_store`` (with its fingerprint) the moment its submit returns, in the order
+submits complete. On the first submit that fails for good (the hook has already retried
+transient answers) no new submit starts: those in flight are awaited and recorded, then
+the task fails naming the item and the API's reason. The task defers
 once, to one :class:`~airflow_flux.triggers.FluxBatchTrigger` for the whole batch, and
 returns every request's outcome in input order. A retry pays only for what failed: a
 completed request's result is kept in the task state (fal keeps it one hour, the copy may
@@ -14,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -22,11 +27,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 
 from airflow_flux.exceptions import FluxError, FluxTimeoutError, FluxValidationError
-from airflow_flux.identity import DEFAULT_CONN_ID
+from airflow_flux.identity import DEFAULT_CONN_ID, StoredRequest
 from airflow_flux.links import FluxGalleryLink
 from airflow_flux.models import RequestOptions, build_payload, cost_usd
 from airflow_flux.operators.flux import REQUEST_FIELDS
-from airflow_flux.operators.inputs import check_inputs, describe_inputs, has_s3_inputs, url_expires_in
+from airflow_flux.operators.inputs import InputResolver, check_inputs, describe_inputs, has_s3_inputs
 from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, default_deferrable
 
 if TYPE_CHECKING:
@@ -47,6 +52,8 @@ MARKER_KEY = "flux_batch"
 OUTCOMES_KEY = "flux_batch/outcomes"
 #: Submits in flight at once from the worker (each is one short HTTP call).
 SUBMIT_CONCURRENCY = 8
+#: Seconds between progress lines while submitting.
+PROGRESS_INTERVAL = 10.0
 
 
 class FluxBatchGenerateOperator(BaseOperator):
@@ -181,6 +188,9 @@ class FluxBatchGenerateOperator(BaseOperator):
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
         payloads = self._payloads(endpoint)  # before any call
         options = RequestOptions.build(start_timeout=self.start_timeout, priority=self.priority)
+        resolver = self._resolver(options) if any(has_s3_inputs(p) for p in payloads) else None
+        if resolver is not None:
+            payloads = self._pin_all(resolver, payloads)  # every s3:// input checked, before any payment
         reuses = [self._reuse(context, endpoint, index, payload) for index, payload in enumerate(payloads)]
         store = context.get("task_state_store")
         # One read on a first try: the per-request records are only read when an earlier try
@@ -212,7 +222,7 @@ class FluxBatchGenerateOperator(BaseOperator):
             )
         if store is not None and to_submit:
             store.set(MARKER_KEY, {"requests": len(payloads)})
-        waiting.update(self._submit_all(endpoint, payloads, reuses, to_submit, options))
+        waiting.update(self._submit_all(endpoint, payloads, reuses, to_submit, options, resolver))
         if not waiting:
             return self._finish(context, endpoint, payloads, outcomes, timed_out=False)
         trigger = self._trigger(waiting)
@@ -239,6 +249,23 @@ class FluxBatchGenerateOperator(BaseOperator):
             key=STATE_KEY.format(index=index),
         )
 
+    def _pin_all(self, resolver: InputResolver, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every payload with its ``s3://`` inputs checked and pinned (a few HEADs at a time)."""
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=SUBMIT_CONCURRENCY) as pool:
+            futures = [pool.submit(resolver.pin, p) if has_s3_inputs(p) else None for p in payloads]
+            pinned = []
+            for index, (payload, future) in enumerate(zip(payloads, futures, strict=True)):
+                try:
+                    pinned.append(future.result() if future is not None else payload)
+                except FluxValidationError as exc:
+                    for other in futures:
+                        if other is not None:
+                            other.cancel()
+                    raise FluxValidationError(f"requests[{index}]: {exc}", errors=exc.errors) from None
+        self.log.info("FLUX batch: s3:// inputs checked in %.1fs; nothing paid for yet", time.monotonic() - started)
+        return pinned
+
     def _submit_all(
         self,
         endpoint: str,
@@ -246,45 +273,59 @@ class FluxBatchGenerateOperator(BaseOperator):
         reuses: list[RequestReuse],
         indices: list[int],
         options: RequestOptions,
+        resolver: InputResolver | None,
     ) -> dict[int, dict[str, Any]]:
-        """Submit ``indices``, a few at a time; each handle is recorded as soon as it is paid for."""
+        """Submit ``indices`` in order, a few at a time; each handle recorded as its submit returns.
+
+        After the first submit that fails, no new one starts; the ones in flight are awaited
+        and recorded (they are paid for), then the failure is raised naming its item.
+        """
         if not indices:
             return {}
-        resolver = self._resolver(options) if any(has_s3_inputs(payloads[i]) for i in indices) else None
 
         def submit(index: int) -> dict[str, Any]:
             payload = payloads[index]
             sent = resolver.resolve(payload) if resolver is not None and has_s3_inputs(payload) else payload
             handle = self.hook.submit(sent, endpoint=endpoint, options=options).model_dump()
-            handle["inputs"] = describe_inputs(payload)
+            handle["inputs"] = describe_inputs(payload)  # the pinned s3:// URIs, never a presigned URL
             return handle
 
         handles: dict[int, dict[str, Any]] = {}
-        started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=min(SUBMIT_CONCURRENCY, len(indices))) as pool:
-            futures = {index: pool.submit(submit, index) for index in indices}
-            try:
-                for index, future in futures.items():
+        failure: tuple[int, BaseException] | None = None
+        queue = iter(indices)
+        started = last_progress = time.monotonic()
+        width = min(SUBMIT_CONCURRENCY, len(indices))
+        with ThreadPoolExecutor(max_workers=width) as pool:
+            running: dict[Future[dict[str, Any]], int] = {}
+            while True:
+                # Refill up to the pool's width only: a queued submit could not be taken back.
+                while failure is None and len(running) < width and (index := next(queue, None)) is not None:
+                    running[pool.submit(submit, index)] = index
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index = running.pop(future)
+                    if (exc := future.exception()) is not None:
+                        failure = failure or (index, exc)
+                        continue
                     handles[index] = future.result()
                     reuses[index].record(handles[index])  # the task state is written from this thread only
-            finally:
-                # A submit that failed leaves the others paid for: record every one that returned.
-                for index, future in futures.items():
-                    if index not in handles and future.done() and future.exception() is None:
-                        handles[index] = future.result()
-                        reuses[index].record(handles[index])
+                if time.monotonic() - last_progress >= PROGRESS_INTERVAL:
+                    last_progress = time.monotonic()
+                    self.log.info("FLUX batch: submitted %d of %d", len(handles), len(indices))
         self.log.info("FLUX batch: submitted %d request(s) in %.1fs", len(handles), time.monotonic() - started)
+        if failure is not None:
+            index, exc = failure
+            raise FluxError(
+                f"requests[{index}]: the submit failed: {exc}. {len(handles)} request(s) submitted by this try are "
+                f"recorded (a retry does not pay for them again); {len(indices) - len(handles) - 1} not submitted"
+            ) from exc
         return handles
 
-    def _resolver(self, options: RequestOptions) -> Any:
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-        from airflow_flux.operators.inputs import InputResolver
-
-        return InputResolver(
-            S3Hook(aws_conn_id=self.aws_conn_id),
-            delivery=self.input_delivery,
-            expires_in=url_expires_in(options.start_timeout),
+    def _resolver(self, options: RequestOptions) -> InputResolver:
+        return InputResolver.for_task(
+            self.aws_conn_id, delivery=self.input_delivery, start_timeout=options.start_timeout
         )
 
     def _trigger(self, waiting: dict[int, dict[str, Any]]) -> Any:
@@ -323,7 +364,14 @@ class FluxBatchGenerateOperator(BaseOperator):
         for outcome in batch.outcomes:
             if outcome.status == "pending":
                 outcomes[outcome.index] = outcome.model_dump(mode="json", exclude_none=True)
-        return self._finish(context, endpoint, payloads, outcomes, timed_out=batch.status == "timeout")
+        # The s3:// inputs as pinned when each request was paid for (their objects may have
+        # changed since; what was edited is what the record says).
+        pinned: dict[int, Any] = {}
+        for index, payload in enumerate(payloads):
+            if has_s3_inputs(payload):
+                stored = StoredRequest.load(store.get(STATE_KEY.format(index=index))) if store is not None else None
+                pinned[index] = stored.handle.get("inputs") if stored is not None else None
+        return self._finish(context, endpoint, payloads, outcomes, timed_out=batch.status == "timeout", inputs=pinned)
 
     def _cancel(self, handle: dict[str, Any]) -> None:
         """Cancel an unfinished request (its URLs are built from its id on the connection)."""
@@ -340,6 +388,7 @@ class FluxBatchGenerateOperator(BaseOperator):
         outcomes: dict[int, dict[str, Any]],
         *,
         timed_out: bool,
+        inputs: Mapping[int, Any] | None = None,
     ) -> list[dict[str, Any]]:
         price = self.hook.settings.price_per_image
         results: list[dict[str, Any]] = []
@@ -348,7 +397,7 @@ class FluxBatchGenerateOperator(BaseOperator):
             if outcome.get("status") == "pending":
                 outcome = {**outcome, "error": outcome.get("error") or "not finished within wait_timeout"}
             common = {"index": index, "prompt": payload.get("prompt"), "endpoint": endpoint}
-            common["inputs"] = describe_inputs(payload)
+            common["inputs"] = inputs[index] if inputs and index in inputs else describe_inputs(payload)
             if outcome.get("status") == "completed":
                 result = dict(outcome.get("result") or {})
                 images = len(result.get("images") or [])

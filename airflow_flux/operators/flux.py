@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
 
-from airflow_flux.exceptions import FluxValidationError
+from airflow_flux.exceptions import FluxRequestFailedError, FluxValidationError
 from airflow_flux.identity import DEFAULT_CONN_ID
 from airflow_flux.links import FluxGalleryLink, FluxRequestLink
 from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE, RequestOptions, build_payload
@@ -18,7 +18,6 @@ from airflow_flux.operators.inputs import (
     check_inputs,
     describe_inputs,
     has_s3_inputs,
-    url_expires_in,
 )
 from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, FluxWaitMixin
 from airflow_flux.xcom_keys import LINK_XCOM_KEY
@@ -42,6 +41,9 @@ REQUEST_FIELDS: tuple[str, ...] = (
     "image_url",
     "image_urls",
 )
+#: What a completed request's record keeps of its result, for a retry after fal dropped it
+#: (the fields the worker adds, cost and inputs, are computed again).
+KEPT_RESULT_FIELDS: tuple[str, ...] = ("images", "seed", "has_nsfw_concepts", "timings", "prompt", "metrics")
 #: Stand-ins for required fields that are only known after rendering (checked then).
 _TEMPLATED = {
     "prompt": "(templated)",
@@ -223,11 +225,22 @@ class FluxSubmitOperator(BaseOperator):
         from airflow_flux.operators.reuse import Decision, RequestReuse
 
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
-        # The rendered values, checked before any call; the caller's own (s3:// inputs not yet
-        # presigned), so the fingerprint is the same on every try.
+        # The rendered values, checked before any call; the caller's own (s3:// inputs pinned
+        # to the objects they are now, not presigned), so the fingerprint is the same on every
+        # try unless an input object was replaced.
         payload = build_payload(self._request_fields(), endpoint)
         check_inputs(payload)
         options = RequestOptions.build(start_timeout=self.start_timeout, priority=self.priority)
+        resolver = None
+        if has_s3_inputs(payload):
+            resolver = InputResolver.for_task(
+                self.aws_conn_id,
+                delivery=self.input_delivery,
+                start_timeout=options.start_timeout,
+                expires_in=self.input_url_expires_in,
+            )
+        if resolver is not None:
+            payload = resolver.pin(payload)
         reuse = RequestReuse(
             context,
             hook=self.hook,
@@ -237,8 +250,9 @@ class FluxSubmitOperator(BaseOperator):
         )
         handle = reuse.reusable()
         self._already_completed = reuse.decision is Decision.ALREADY_SUCCEEDED
+        self._kept_result = reuse.result
         if handle is None:
-            sent = self._resolve_inputs(payload, options)
+            sent = resolver.resolve(payload) if resolver is not None else payload
             handle = self.hook.submit(
                 sent, endpoint=endpoint, webhook_url=self.webhook_url, options=options
             ).model_dump()
@@ -248,19 +262,6 @@ class FluxSubmitOperator(BaseOperator):
         # XCom right away: if the worker dies now, the id is still on record.
         context["ti"].xcom_push(key=LINK_XCOM_KEY, value=handle["response_url"])
         return handle
-
-    def _resolve_inputs(self, payload: dict[str, Any], options: RequestOptions) -> dict[str, Any]:
-        """What fal is sent for the payload's ``s3://`` inputs (no S3 call when there are none)."""
-        if not has_s3_inputs(payload):
-            return payload
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-        resolver = InputResolver(
-            S3Hook(aws_conn_id=self.aws_conn_id),
-            delivery=self.input_delivery,
-            expires_in=url_expires_in(options.start_timeout, self.input_url_expires_in),
-        )
-        return resolver.resolve(payload)
 
     def execute(self, context: Context) -> dict[str, Any]:
         return self.submit(context)
@@ -300,13 +301,49 @@ class FluxGenerateOperator(FluxWaitMixin, FluxSubmitOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         handle = self._handle = self.submit(context)
         if self._already_completed:
-            # A retry whose request already completed: its result is one call away. Deferring
-            # would only add a round trip, and a trigger that fires before this worker has
-            # exited can make the scheduler fail the task (apache/airflow#66374).
-            return self._result(handle, 0.0)
+            # A retry whose request already completed: its result was kept, or is one call
+            # away. Deferring would only add a round trip, and a trigger that fires before this
+            # worker has exited can make the scheduler fail the task (apache/airflow#66374).
+            if self._kept_result is not None:
+                return self._return_value(self._kept_result, handle, 0.0)
+            return self._keep_outcome(context, handle, lambda: self._result(handle, 0.0))
         if self.deferrable:
             self._defer_wait(handle)
-        return self._wait_blocking(handle)
+        return self._keep_outcome(context, handle, lambda: self._wait_blocking(handle))
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """Resume after the trigger's event; what became of the request is kept for a retry."""
+        handle = event.get("handle") if isinstance(event, Mapping) else None
+        resume = super().execute_complete
+        return self._keep_outcome(context, handle or {}, lambda: resume(context, event))
+
+    def _keep_outcome(
+        self, context: Context, handle: Mapping[str, Any], wait: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Run ``wait`` and keep its outcome with the request's record (see :mod:`.reuse`).
+
+        A retry then returns the kept result without a call (fal drops it after an hour), or
+        meets a final refusal without paying again. A failure to reach the API is not an
+        outcome: nothing is kept, and the retry looks the request up again.
+        """
+        from airflow_flux.hooks.retry import RETRYABLE_STATUS, worth_resubmitting
+        from airflow_flux.operators.reuse import record_outcome
+
+        try:
+            result = wait()
+        except FluxRequestFailedError as exc:
+            if exc.status_code:
+                retryable = worth_resubmitting(
+                    status_code=exc.status_code,
+                    error_type=exc.error_type,
+                    retryable=exc.status_code in RETRYABLE_STATUS,
+                )
+                outcome = {"status": "failed", "error": exc.detail or str(exc), "error_type": exc.error_type}
+                record_outcome(context, handle, {**outcome, "status_code": exc.status_code, "retryable": retryable})
+            raise
+        kept = {k: result[k] for k in KEPT_RESULT_FIELDS if result.get(k) is not None}
+        record_outcome(context, handle, {"status": "completed", "result": kept})
+        return result
 
     def on_kill(self) -> None:
         # Non-deferred runs only: a deferred task is cancelled by the trigger's on_kill.

@@ -106,12 +106,14 @@ def test_edit_of_an_s3_image_end_to_end(dags, flux_default, s3, red_input, s3_re
     assert not [r for r in recorded if TOKEN in json.dumps(r)], "the API token reached the S3 server"
 
     # The result and the manifest say what the edit was made from (the caller's URI) and cost.
+    # The input is recorded pinned to the object that was edited (its ETag: no versioning here).
+    pinned = f"{red_input}?etag={s3.head_object(Bucket=s3.bucket, Key='inputs/red.png')['ETag'].strip(chr(34))}"
     handle, result = xcom(dr, "submit"), xcom(dr, "wait")
-    assert handle["inputs"] == [red_input] and handle["endpoint"] == KONTEXT_EDIT
-    assert result["inputs"] == [red_input] and result["cost_usd"] == 0.04
+    assert handle["inputs"] == [pinned] and handle["endpoint"] == KONTEXT_EDIT
+    assert result["inputs"] == [pinned] and result["cost_usd"] == 0.04
     manifest = json.loads(s3.get_object(Bucket=s3.bucket, Key="edits/manifest.json")["Body"].read())
     (entry,) = manifest["images"]
-    assert entry["inputs"] == [red_input] and entry["endpoint"] == KONTEXT_EDIT
+    assert entry["inputs"] == [pinned] and entry["endpoint"] == KONTEXT_EDIT
     assert entry["cost_usd"] == 0.04 and manifest["cost_usd"] == 0.04
     # The output is derived from the input: the emulator's edit keeps the input's colour.
     out = s3.get_object(Bucket=s3.bucket, Key=entry["key"])["Body"].read()
@@ -136,11 +138,11 @@ def test_multi_with_two_inputs_and_a_retry_that_reuses_its_request(dags, flux_de
     # Try 1 submitted and died; try 2 presigned anew (another URL) and still reused its request.
     (job,) = flux_default.jobs.values()
     assert len(flux_default.calls(kind="submit")) == 1
-    assert "of try 1 already completed successfully" in logs or "Reconnecting to existing FLUX request" in logs
+    assert "of try 1 already completed; its result was kept" in logs
     assert SIGNATURE in job.input["image_urls"][0] and job.input["image_urls"][1] == blue
     assert [f.ok for f in job.input_fetches] == [True, True]
     result = xcom(dr, "generate")
-    assert result["inputs"][0] == red_input
+    assert result["inputs"][0].startswith(f"{red_input}?etag=")
     assert result["inputs"][1].startswith("data:image/png;") and "base64" not in result["inputs"][1]
     assert result["cost_usd"] == 0.16  # [max]: $0.08 x 2 images
 

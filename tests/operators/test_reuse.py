@@ -49,9 +49,11 @@ def test_retries_reuse_only_the_request_they_would_submit(dags, flux_default, ca
     # The generate operator: the unchanged retry reused (one submit), the changed one did not.
     same = xcom(dr, "generate_same")
     assert same["prompt"] == "the same dog" and _prompt_of(flux_default, same["request_id"]) == "the same dog"
-    assert f"FLUX request {same['request_id']} of try 1 already completed successfully" in text
-    # ... and was not waited on again: its result was fetched at once, with no second deferral.
+    assert f"FLUX request {same['request_id']} of try 1 already completed; its result was kept" in text
+    # ... and was not waited on again: its result was kept by try 1, so no second deferral,
+    # status or result call.
     assert len([c for c in flux_default.calls(kind="stream") if c.request_id == same["request_id"]]) == 1
+    assert len([c for c in flux_default.calls(kind="result") if c.request_id == same["request_id"]]) == 1
     changed = xcom(dr, "generate_changed")
     assert changed["prompt"] == "second dog" and _prompt_of(flux_default, changed["request_id"]) == "second dog"
 
