@@ -247,12 +247,19 @@ def test_flux_edit_from_s3_edits_every_image_under_the_prefix(tmp_path, emulator
     # The manifest lists both edits, each with its own input, and each output keeps its input's colour.
     prefix = f"flux/edits/{outcome['run_id']}"
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read())
-    assert sorted(i["inputs"][0] for i in manifest["images"]) == sorted(f"s3://{bucket}/{k}" for k in colours)
+    # Each input recorded pinned to the object that was edited (s3://bucket/key?etag=...).
+    assert sorted(i["inputs"][0].split("?etag=")[0] for i in manifest["images"]) == sorted(
+        f"s3://{bucket}/{k}" for k in colours
+    )
+    for image in manifest["images"]:
+        key = image["inputs"][0].split("/", 3)[3].split("?")[0]
+        etag = s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        assert image["inputs"][0] == f"s3://{bucket}/{key}?etag={etag}"
     for image in manifest["images"]:
         data = s3.get_object(Bucket=bucket, Key=image["key"])["Body"].read()
         picture = Image.open(io.BytesIO(data)).convert("RGB")
         centre = picture.getpixel((picture.width // 2, picture.height // 2))
-        expected = colours[image["inputs"][0].split("/", 3)[3]]
+        expected = colours[image["inputs"][0].split("/", 3)[3].split("?")[0]]
         assert all(abs(c - e) < 70 for c, e in zip(centre, expected, strict=True)), (centre, expected)
     assert manifest["cost_usd"] == pytest.approx(0.08)
     assert "Signature=" not in json.dumps(manifest) + proc.stdout + proc.stderr
