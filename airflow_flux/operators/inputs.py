@@ -32,7 +32,7 @@ from airflow_flux.models import IMAGE_INPUT_FIELDS
 from airflow_flux.redact import redact_presigned
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
@@ -58,6 +58,18 @@ def _values(payload: Mapping[str, Any]) -> list[tuple[str, str]]:
         elif isinstance(value, list):
             found.extend((f"{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, str))
     return found
+
+
+def _map_inputs(payload: Mapping[str, Any], fn: Callable[[str, str], str]) -> dict[str, Any]:
+    """``payload`` with each input image value replaced by ``fn(field, value)``."""
+    mapped = dict(payload)
+    for name in IMAGE_INPUT_FIELDS:
+        value = payload.get(name)
+        if isinstance(value, str):
+            mapped[name] = fn(name, value)
+        elif isinstance(value, list):
+            mapped[name] = [fn(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    return mapped
 
 
 def check_inputs(payload: Mapping[str, Any]) -> None:
@@ -153,14 +165,7 @@ class InputResolver:
         Refuses, naming the field, an input that does not exist or cannot be read (nothing is
         paid for yet). An input the caller pinned is checked to still be that version.
         """
-        pinned = dict(payload)
-        for name in IMAGE_INPUT_FIELDS:
-            value = payload.get(name)
-            if isinstance(value, str):
-                pinned[name] = self._pin(name, value)
-            elif isinstance(value, list):
-                pinned[name] = [self._pin(f"{name}[{i}]", v) for i, v in enumerate(value)]
-        return pinned
+        return _map_inputs(payload, self._pin)
 
     def _pin(self, field: str, value: str) -> str:
         if not value.startswith("s3://"):
@@ -175,14 +180,7 @@ class InputResolver:
 
     def resolve(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """``payload`` with each ``s3://`` input replaced; other values unchanged."""
-        sent = dict(payload)
-        for name in IMAGE_INPUT_FIELDS:
-            value = payload.get(name)
-            if isinstance(value, str):
-                sent[name] = self._one(name, value)
-            elif isinstance(value, list):
-                sent[name] = [self._one(f"{name}[{i}]", v) for i, v in enumerate(value)]
-        return sent
+        return _map_inputs(payload, self._one)
 
     def _one(self, field: str, value: str) -> str:
         if not value.startswith("s3://"):
