@@ -1,19 +1,49 @@
-"""The manifest a copy to S3 writes beside its images, typed once for the writer and the gallery.
+"""The manifest a copy to S3 writes beside its images, typed once for the writers and the readers.
 
-A leaf module: :class:`~airflow_flux.transfers.FluxToS3Operator` writes it, the Flux gallery
+A leaf module: :class:`~airflow_flux.transfers.FluxToS3Operator` and
+:func:`~airflow_flux.transfers.publish_images` write it, the Flux gallery
 (:mod:`airflow_flux.plugins.store`) and other jobs read it. Its JSON keys are the
 contract: ``version`` changes if a key's meaning does.
+
+Several tasks may copy into one prefix (two copy tasks of a run, mapped copies, a retry), so
+the manifest at ``{prefix}/{manifest_name}`` is the prefix's, shared by its writers (a writer is
+one task instance: ``dag_id``, ``run_id``, ``task_id``, ``map_index``). A writer never replaces
+it: :func:`merge_manifest` reads it, keeps the other writers' entries, puts its own in place of
+its earlier ones (a retry or a clear rewrites them rather than adding copies) and drops the
+other writers' entries at keys it has just written (those objects were overwritten; one it
+found holding its very image and left as it was stays listed by both), then writes
+it back under an S3 precondition (``If-Match`` the ETag it read, ``If-None-Match: *`` when there
+was none). A writer that lost the race re-reads and merges again. Per-task manifest names were
+the alternative; they would leave every reader (the gallery, ``publish_images``, jobs that read
+``manifest.json``) to find and join several files, and a prefix with one file is what people
+and downstream jobs already read. A store that ignores conditional writes still merges, but two
+writes at the very same moment can then lose one writer's entries.
+
+Version 2 (this module) gives each entry its writer and adds ``writers``; the top-level
+``dag_id``, ``run_id``, ``task_id``, ``map_index`` and ``created_at`` name the last writer and
+when it wrote, and ``cost_usd`` is the sum over ``writers``. A version-1 manifest (one writer)
+reads as a version-2 one: its entries and its one writer take the top-level fields.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import time
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-MANIFEST_VERSION = 1
+from airflow_flux.exceptions import FluxError, FluxImageExistsError
+
+MANIFEST_VERSION = 2
+
+#: How many times a writer re-reads and merges after losing a race for the manifest.
+MERGE_ATTEMPTS = 10
+
+#: A writer of a manifest: ``(dag_id, run_id, task_id, map_index)``.
+WriterKey = tuple[str, str, str, int]
 
 
 class ImageStatus(str, Enum):
@@ -36,7 +66,7 @@ STORED_STATUSES: frozenset[str] = frozenset({ImageStatus.COPIED.value, ImageStat
 
 
 class ManifestImage(BaseModel):
-    """One image of the manifest, copied or not."""
+    """One image of the manifest, copied or not, and the task that wrote its entry."""
 
     model_config = ConfigDict(defer_build=True)
 
@@ -64,15 +94,56 @@ class ManifestImage(BaseModel):
     inputs: list[str] | None = None
     #: This image's share of its request's cost, US dollars.
     cost_usd: float | None = None
+    #: The task instance that wrote this entry (set in every written manifest; None only while
+    #: an entry is built, before it goes into a :class:`Manifest`).
+    dag_id: str | None = None
+    run_id: str | None = None
+    task_id: str | None = None
+    map_index: int | None = None
+
+    @property
+    def stored(self) -> bool:
+        """Whether the entry has an object in S3."""
+        return self.status.value in STORED_STATUSES and bool(self.key)
+
+    @property
+    def writer(self) -> WriterKey | None:
+        if self.dag_id is None or self.run_id is None or self.task_id is None or self.map_index is None:
+            return None
+        return (self.dag_id, self.run_id, self.task_id, self.map_index)
+
+
+class ManifestWriter(BaseModel):
+    """One task instance that wrote into the manifest: when it last did, and what its requests cost."""
+
+    model_config = ConfigDict(defer_build=True)
+
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int
+    created_at: str
+    #: What the requests behind its images cost, US dollars (None: no price known).
+    cost_usd: float | None = None
+
+    @property
+    def key(self) -> WriterKey:
+        return (self.dag_id, self.run_id, self.task_id, self.map_index)
 
 
 class Manifest(BaseModel):
-    """``manifest.json``: the run and task that wrote it, and every image it planned."""
+    """``manifest.json``: every image its writers planned, each entry naming its writer.
+
+    Built by one writer (its entries without a writer take the top-level one), it is that
+    writer's part; :func:`merge_manifest` joins it with what the prefix's manifest already holds.
+    """
 
     model_config = ConfigDict(defer_build=True)
 
     version: int = MANIFEST_VERSION
+    #: When the last writer wrote.
     created_at: str
+    #: The last writer (in a version-1 manifest, the only one).
     dag_id: str
     run_id: str
     task_id: str
@@ -80,8 +151,39 @@ class Manifest(BaseModel):
     bucket: str
     prefix: str
     images: list[ManifestImage]
-    #: What the requests behind these images cost in all, US dollars (None: no price known).
+    #: What the requests behind these images cost in all, US dollars: the sum over ``writers``
+    #: (None: no price known).
     cost_usd: float | None = None
+    #: Every writer with an entry here (version 2; a version-1 manifest's is its top-level one).
+    writers: list[ManifestWriter] = []
+
+    @model_validator(mode="after")
+    def _writer_of_unattributed_entries(self) -> Manifest:
+        # A version-1 manifest, or one writer's own part being built: the top-level writer wrote it.
+        top = {"dag_id": self.dag_id, "run_id": self.run_id, "task_id": self.task_id, "map_index": self.map_index}
+        if not self.writers:
+            self.writers = [ManifestWriter(**top, created_at=self.created_at, cost_usd=self.cost_usd)]
+        self.images = [i if i.writer else i.model_copy(update=top) for i in self.images]
+        return self
+
+    @property
+    def writer(self) -> WriterKey:
+        """The top-level writer (the last one)."""
+        return (self.dag_id, self.run_id, self.task_id, self.map_index)
+
+
+def entry_writer(entry: dict[str, Any], manifest: dict[str, Any]) -> WriterKey | None:
+    """The writer of one entry of a manifest read as plain JSON (a reader that does not validate
+    it, as the gallery): the entry's own, else the manifest's top-level (version 1), else None.
+
+    :param entry: an item of the manifest's ``images``.
+    :param manifest: the manifest.
+    """
+    for source in (entry, manifest):
+        values = [source.get(k) for k in ("dag_id", "run_id", "task_id", "map_index")]
+        if all(isinstance(v, str) for v in values[:3]) and isinstance(values[3], int):
+            return (str(values[0]), str(values[1]), str(values[2]), int(values[3]))
+    return None
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -95,15 +197,139 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def write_manifest(client: Any, manifest: Manifest, key: str) -> str:
-    """Put ``manifest`` at ``key`` of its bucket (indented JSON, S3 checksummed); its ``s3://`` URI.
+def merge(existing: Manifest | None, own: Manifest) -> Manifest:
+    """``own`` (one writer's part) joined with the manifest already at its key; pure.
+
+    The other writers' entries are kept, in their order, except those at a key ``own`` has
+    copied to (the object they list was overwritten). ``own``'s entries take the place of its
+    writer's earlier ones, so a retry keeps the image numbers readers were shown; a new
+    writer's go last.
+
+    :param existing: the manifest read from S3, or None.
+    :param own: this writer's entries and top-level fields.
+    """
+    if existing is None:
+        return own
+    me = own.writer
+    overwritten = {i.key for i in own.images if i.status is ImageStatus.COPIED and i.key}
+    images: list[ManifestImage] = []
+    placed = False
+    for image in existing.images:
+        if image.writer == me:
+            if not placed:
+                images += own.images
+                placed = True
+        elif not (image.stored and image.key in overwritten):
+            images.append(image)
+    if not placed:
+        images += own.images
+    # A writer all of whose entries were overwritten is no longer behind any image here.
+    left = {i.writer for i in images}
+    had = {i.writer for i in existing.images}
+    writers = [w for w in existing.writers if w.key != me and (w.key in left or w.key not in had)]
+    writers += own.writers
+    costs = [w.cost_usd for w in writers if w.cost_usd is not None]
+    update = {
+        "version": MANIFEST_VERSION,
+        "images": images,
+        "writers": writers,
+        "cost_usd": round(sum(costs), 6) if costs else None,
+    }
+    return own.model_copy(update=update)
+
+
+class StoredManifest(BaseModel):
+    """What is at a manifest's key: its ETag (None: nothing) and the manifest, or why it is none."""
+
+    etag: str | None = None
+    manifest: Manifest | None = None
+    #: Set when an object is there but is not a manifest this version may merge into.
+    problem: str | None = None
+
+
+def read_stored(client: Any, bucket: str, key: str) -> StoredManifest:
+    """The object at a manifest's key, as :func:`merge_manifest` merges into it.
 
     :param client: a boto3 S3 client.
-    :param manifest: the manifest (its ``bucket`` is where it goes).
-    :param key: the object's key.
+    :param bucket: the bucket.
+    :param key: the manifest's key.
     """
-    body = json.dumps(manifest.model_dump(mode="json"), indent=2).encode()
-    client.put_object(
-        Bucket=manifest.bucket, Key=key, Body=body, ContentType="application/json", ChecksumAlgorithm="SHA256"
+    from botocore.exceptions import ClientError
+
+    try:
+        obj = client.get_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return StoredManifest()
+        raise
+    etag, body = str(obj["ETag"]), obj["Body"].read()
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return StoredManifest(etag=etag, problem="not a manifest (not JSON)")
+    version = data.get("version") if isinstance(data, dict) else None
+    if isinstance(version, int) and version > MANIFEST_VERSION:
+        # Merging would drop whatever the newer format added.
+        return StoredManifest(etag=etag, problem=f"a version-{version} manifest, newer than this airflow-flux")
+    try:
+        return StoredManifest(etag=etag, manifest=Manifest.model_validate(data))
+    except ValidationError as exc:
+        return StoredManifest(etag=etag, problem=f"not a manifest ({exc.error_count()} schema error(s))")
+
+
+def check_manifest_key(client: Any, bucket: str, key: str, *, replace: bool) -> None:
+    """Refuse a manifest key holding something that is not a manifest, unless ``replace``.
+
+    :param client: a boto3 S3 client.
+    :param bucket: the bucket.
+    :param key: the manifest's key.
+    :param replace: overwrite such an object.
+    """
+    stored = read_stored(client, bucket, key)
+    if stored.problem and not replace:
+        raise FluxImageExistsError(
+            f"Refusing to overwrite s3://{bucket}/{key}: {stored.problem} (replace=True overwrites it)"
+        )
+
+
+def merge_manifest(client: Any, own: Manifest, key: str, *, replace: bool = False) -> Manifest:
+    """Merge ``own`` into the manifest at ``key`` of its bucket (:func:`merge`) under an S3
+    precondition, re-reading after a lost race; the manifest written.
+
+    :param client: a boto3 S3 client.
+    :param own: this writer's part (its ``bucket`` is where it goes).
+    :param key: the manifest's key.
+    :param replace: overwrite an object there that is not a manifest (else refused).
+    """
+    from botocore.exceptions import ClientError
+
+    for attempt in range(MERGE_ATTEMPTS):
+        stored = read_stored(client, own.bucket, key)
+        if stored.problem and not replace:
+            raise FluxImageExistsError(
+                f"Refusing to overwrite s3://{own.bucket}/{key}: {stored.problem} (replace=True overwrites it)"
+            )
+        merged = merge(stored.manifest, own)
+        condition = {"IfMatch": stored.etag} if stored.etag else {"IfNoneMatch": "*"}
+        body = json.dumps(merged.model_dump(mode="json"), indent=2).encode()
+        try:
+            client.put_object(
+                Bucket=own.bucket,
+                Key=key,
+                Body=body,
+                ContentType="application/json",
+                ChecksumAlgorithm="SHA256",
+                **condition,
+            )
+            return merged
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            # 412: another writer got there first; 409: at the same moment; 404 (If-Match): it was deleted.
+            if code not in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"):
+                raise
+        # Jittered, so writers that collided do not collide again in step.
+        time.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))
+    raise FluxError(
+        f"s3://{own.bucket}/{key} changed under each of {MERGE_ATTEMPTS} attempts to merge this task's "
+        "entries into it; its images are in S3 and a retry of the task merges them again"
     )
-    return f"s3://{manifest.bucket}/{key}"

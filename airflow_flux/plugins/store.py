@@ -5,6 +5,10 @@ A ``FluxToS3Operator`` task pushes its manifest's ``s3://`` URI as the XCom ``fl
 api-server, which has the metadata DB: it looks those XComs up for a run, reads the
 manifests with ``S3Hook`` (the connection the task itself used, from its rendered fields),
 and serves only images listed there, so a gallery URL can never name another S3 object.
+
+A prefix's manifest may be shared by several tasks, of this run or of others
+(:mod:`airflow_flux.manifest`): a run shows the entries its own tasks wrote, each under the
+task that wrote it, and a manifest shared by several of its tasks is read once.
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from sqlalchemy import func, select
 
-from airflow_flux.manifest import STORED_STATUSES, split_s3_uri
+from airflow_flux.manifest import STORED_STATUSES, entry_writer, split_s3_uri
 from airflow_flux.xcom_keys import MANIFEST_XCOM_KEY
 
 if TYPE_CHECKING:
@@ -50,6 +54,7 @@ class GalleryError(Exception):
 class ManifestRef:
     """One copy task's manifest: which task wrote it, where it is, and the connection to read it."""
 
+    dag_id: str
     run_id: str
     task_id: str
     map_index: int
@@ -63,7 +68,8 @@ class ManifestRef:
 
 @dataclass
 class GalleryImage:
-    """One entry of a manifest, with the task that wrote it."""
+    """One entry of a manifest, with the task that wrote it (``ref``: that task's, read through
+    the manifest reference it was found by)."""
 
     ref: ManifestRef
     bucket: str
@@ -213,6 +219,7 @@ class GalleryStore:
             conn_id = fields.get("aws_conn_id") if isinstance(fields, dict) else None
             refs[row.run_id].append(
                 ManifestRef(
+                    dag_id=dag_id,
                     run_id=row.run_id,
                     task_id=row.task_id,
                     map_index=row.map_index,
@@ -334,7 +341,7 @@ class GalleryStore:
         gallery = RunGallery(run_id=run_id, refs=refs)
         seen: set[str] = set()
         for ref in refs:
-            if ref.uri in seen:  # mapped copy tasks sharing one prefix share one manifest
+            if ref.uri in seen:  # copy tasks sharing one prefix share one manifest
                 continue
             seen.add(ref.uri)
             try:
@@ -343,7 +350,15 @@ class GalleryStore:
                 gallery.errors.append((ref, str(exc)))
                 continue
             bucket = str(manifest.get("bucket") or _bucket_and_key(ref.uri)[0])
-            gallery.images.extend(GalleryImage(ref=ref, bucket=bucket, entry=e) for e in manifest["images"])
+            for entry in manifest["images"]:
+                if not isinstance(entry, dict):
+                    continue
+                writer = entry_writer(entry, manifest)
+                if writer is None:  # no writer on record: the task that found it is the best guess
+                    gallery.images.append(GalleryImage(ref=ref, bucket=bucket, entry=entry))
+                elif writer[:2] == (ref.dag_id, ref.run_id):  # a prefix shared across runs: this run's only
+                    owner = replace(ref, task_id=writer[2], map_index=writer[3])
+                    gallery.images.append(GalleryImage(ref=owner, bucket=bucket, entry=entry))
         return gallery
 
     def latest_images(self, runs: Sequence[tuple[str, list[ManifestRef]]], limit: int) -> list[GalleryImage]:

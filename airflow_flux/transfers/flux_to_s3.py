@@ -14,7 +14,14 @@ from airflow.sdk import BaseOperator
 from airflow_flux.exceptions import FluxError, FluxImageExistsError, FluxIntegrityError, FluxTransportError
 from airflow_flux.identity import DEFAULT_CONN_ID, coerce_handle, conn_id_for
 from airflow_flux.links import FluxCopiedImagesLink
-from airflow_flux.manifest import ImageStatus, Manifest, ManifestImage, split_s3_uri, write_manifest
+from airflow_flux.manifest import (
+    ImageStatus,
+    Manifest,
+    ManifestImage,
+    check_manifest_key,
+    merge_manifest,
+    split_s3_uri,
+)
 from airflow_flux.models import FluxResult, cost_usd
 from airflow_flux.transfers.planning import (
     ImageJob,
@@ -66,7 +73,8 @@ class FluxToS3Operator(BaseOperator):
 
     Returns the ``s3://`` URIs of the copied images. Objects get metadata (``flux-request-id``,
     ``flux-seed``, ``flux-endpoint``, size, prompt digest, and the URL-encoded prompt when
-    it fits); the manifest (JSON) lists every image, copied or skipped.
+    it fits); the manifest (JSON) lists every image, copied or skipped. Copy tasks sharing a
+    prefix share its manifest: each merges its entries in (:mod:`airflow_flux.manifest`).
 
     :param source: a result of ``FluxStatusSensor``/``FluxGenerateOperator`` (preferred: no API
         call), a submit handle (the result is fetched from its ``response_url``), or a list of
@@ -76,14 +84,16 @@ class FluxToS3Operator(BaseOperator):
         manual runs have too, unlike ``{{ ds }}``).
     :param image_key_template: name of each image under the prefix; ``str.format`` fields:
         ``request_id``, ``index``, ``seed``, ``ext``.
-    :param manifest_name: name of the manifest under the prefix; None to write none.
+    :param manifest_name: name of the manifest under the prefix, shared with the other tasks
+        copying there; None to write none.
     :param aws_conn_id: the amazon provider's connection (``endpoint_url`` in its extra
         targets MinIO, moto or any S3-compatible store).
     :param flux_conn_id: the ``flux`` connection of handles in ``source``; by default each
         handle's own (the one it was submitted with), else ``flux_default``. One that differs
         from a handle's wins, with a warning.
     :param replace: overwrite existing keys; when off (default), an existing key that is
-        not this very image fails the task before anything is written.
+        not this very image, or a manifest key holding something that is not a manifest, fails
+        the task before anything is written.
     :param nsfw_policy: per image flagged by ``has_nsfw_concepts``: ``skip`` (default;
         listed in the manifest as skipped), ``fail`` the task, or ``keep`` it.
     :param max_workers: images copied at once.
@@ -334,6 +344,8 @@ class FluxToS3Operator(BaseOperator):
                 job.status, job.reason = ImageStatus.SKIPPED, "nsfw"
         todo = [j for j in jobs if j.status is ImageStatus.PENDING]
         self._check_destinations(todo)
+        if self.manifest_name:
+            check_manifest_key(self.s3_hook.get_conn(), self.s3_bucket, self._manifest_key, replace=self.replace)
         todo = [j for j in todo if j.status is ImageStatus.PENDING]
 
         self.log.info(
@@ -365,24 +377,29 @@ class FluxToS3Operator(BaseOperator):
         self._record_lineage(uris, manifest_uri, context)
         return uris
 
-    def _write_manifest(self, jobs: list[ImageJob], failed: list[ManifestImage], context: Context) -> str:
+    @property
+    def _manifest_key(self) -> str:
         prefix = self.s3_key_prefix.strip("/")
-        key = f"{prefix}/{self.manifest_name}" if prefix else str(self.manifest_name)
+        return f"{prefix}/{self.manifest_name}" if prefix else str(self.manifest_name)
+
+    def _write_manifest(self, jobs: list[ImageJob], failed: list[ManifestImage], context: Context) -> str:
         ti = context["ti"]
-        manifest = Manifest(
+        own = Manifest(
             created_at=datetime.now(timezone.utc).isoformat(),
             dag_id=ti.dag_id,
             run_id=ti.run_id,
             task_id=ti.task_id,
             map_index=ti.map_index,
             bucket=self.s3_bucket,
-            prefix=prefix,
+            prefix=self.s3_key_prefix.strip("/"),
             images=[*(j.manifest_entry(self.s3_bucket) for j in jobs), *failed],
             cost_usd=_total_cost(jobs),
         )
-        uri = write_manifest(self.s3_hook.get_conn(), manifest, key)
-        self.log.info("Wrote manifest %s (%d images)", uri, len(jobs))
-        context["ti"].xcom_push(key=MANIFEST_XCOM_KEY, value=uri)
+        merged = merge_manifest(self.s3_hook.get_conn(), own, self._manifest_key, replace=self.replace)
+        uri = f"s3://{self.s3_bucket}/{self._manifest_key}"
+        shared = f"; {len(merged.images)} of {len(merged.writers)} tasks in all" if len(merged.writers) > 1 else ""
+        self.log.info("Wrote manifest %s (%d images%s)", uri, len(jobs), shared)
+        ti.xcom_push(key=MANIFEST_XCOM_KEY, value=uri)
         return uri
 
     def _record_lineage(self, uris: list[str], manifest_uri: str | None, context: Context) -> None:

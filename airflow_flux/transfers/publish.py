@@ -3,7 +3,8 @@
 Nothing is generated or downloaded again: each approved image is copied inside S3
 (``CopyObject``) and the copy's SHA-256 is checked against the staging manifest, so what is
 published is, byte for byte, what the reviewer was shown. The published manifest, listing
-the approved images only, is written last: a reader that finds it finds every image it lists.
+the approved images only, is written last, merged into whatever the published prefix's manifest already lists
+(:func:`~airflow_flux.manifest.merge_manifest`): a reader that finds it finds every image it lists.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from airflow_flux.exceptions import FluxImageExistsError, FluxIntegrityError
-from airflow_flux.manifest import STORED_STATUSES, ImageStatus, Manifest, ManifestImage, split_s3_uri, write_manifest
+from airflow_flux.manifest import (
+    STORED_STATUSES,
+    ImageStatus,
+    Manifest,
+    ManifestImage,
+    check_manifest_key,
+    merge_manifest,
+    split_s3_uri,
+)
 from airflow_flux.transfers.s3stream import whole_object_sha256
 
 if TYPE_CHECKING:
@@ -32,11 +41,12 @@ class PublishResult:
     """What a publish did: the manifest it wrote, the images it published and those it left out."""
 
     manifest_uri: str
-    #: Entries of the published manifest (``copied``, or ``reused`` from an earlier try).
+    #: This publish's entries of the published manifest (``copied``, or ``reused`` from an earlier try).
     published: list[ManifestImage]
     #: Staged images that were not approved, as the staging manifest lists them (not copied).
     rejected: list[ManifestImage]
-    #: Keys of rejected images an earlier answer had published, deleted after the manifest.
+    #: Keys of rejected images an earlier answer had published, deleted after the manifest (none
+    #: that another writer of the manifest lists).
     withdrawn: list[str]
 
 
@@ -50,7 +60,8 @@ def read_manifest(s3_hook: S3Hook, uri: str) -> Manifest:
 def review_images(manifest: Manifest) -> list[ManifestImage]:
     """The images a reviewer chooses from, in manifest order: image number ``n`` is ``[n - 1]``.
 
-    Only images stored in S3: skipped (NSFW) and failed entries have nothing to publish.
+    Only images stored in S3 (of every task that copied into the staging prefix): skipped
+    (NSFW) and failed entries have nothing to publish.
     """
     return [i for i in manifest.images if i.status.value in STORED_STATUSES and i.key]
 
@@ -85,8 +96,9 @@ def publish_images(
     :param dag_id: written into the manifest, as are ``run_id``, ``task_id``, ``map_index``.
     :param bucket: the destination bucket; by default the staging manifest's.
     :param manifest_name: name of the published manifest under ``prefix``.
-    :param replace: overwrite existing keys holding other bytes; when off (default), such a key
-        fails the call before anything is written. A key already holding this very image (an
+    :param replace: overwrite existing keys holding other bytes, and a manifest key holding
+        something that is not a manifest; when off (default), either fails the call before
+        anything is written. A key already holding this very image (an
         earlier try) is kept either way.
     """
     if not manifest_name or "/" in manifest_name:
@@ -110,7 +122,9 @@ def publish_images(
         plan.append((image, _published_key(str(image.key), staging.prefix.strip("/"), prefix)))
 
     client = s3_hook.get_conn()
+    manifest_key = f"{prefix}/{manifest_name}" if prefix else manifest_name
     entries = _check_destinations(client, dest_bucket, plan, replace=replace)
+    check_manifest_key(client, dest_bucket, manifest_key, replace=replace)
     copied: list[str] = []
     try:
         for index, (image, key) in enumerate(plan):
@@ -135,8 +149,8 @@ def publish_images(
                     f"{digest or 'unknown'}, the staging manifest says {image.sha256}"
                 )
             entries[index] = _entry(image, dest_bucket, key, ImageStatus.COPIED, round(time.monotonic() - started, 3))
-        published = [e for e in entries if e is not None]
-        manifest = Manifest(
+        listed = [e for e in entries if e is not None]
+        own = Manifest(
             created_at=datetime.now(timezone.utc).isoformat(),
             dag_id=dag_id,
             run_id=run_id,
@@ -144,30 +158,40 @@ def publish_images(
             map_index=map_index,
             bucket=dest_bucket,
             prefix=prefix,
-            images=published,
-            cost_usd=_cost(published),
+            images=listed,
+            cost_usd=_cost(listed),
         )
-        manifest_uri = write_manifest(client, manifest, f"{prefix}/{manifest_name}" if prefix else manifest_name)
+        published = own.images  # now naming this publish as their writer
+        merged = merge_manifest(client, own, manifest_key, replace=replace)
     except BaseException:
         # Leave the published prefix as it was: a retry (or a person) starts clean.
         if copied:
             client.delete_objects(Bucket=dest_bucket, Delete={"Objects": [{"Key": k} for k in copied], "Quiet": True})
         raise
-    withdrawn = _withdraw(client, dest_bucket, staging.prefix.strip("/"), prefix, rejected)
-    return PublishResult(manifest_uri=manifest_uri, published=published, rejected=rejected, withdrawn=withdrawn)
+    withdrawn = _withdraw(client, dest_bucket, staging.prefix.strip("/"), prefix, rejected, merged)
+    return PublishResult(
+        manifest_uri=f"s3://{dest_bucket}/{manifest_key}", published=published, rejected=rejected, withdrawn=withdrawn
+    )
 
 
 def _entry(image: ManifestImage, bucket: str, key: str, status: ImageStatus, seconds: float | None) -> ManifestImage:
     reason = "already published by an earlier try" if status is ImageStatus.REUSED else None
     update = {"status": status, "reason": reason, "key": key, "s3_uri": f"s3://{bucket}/{key}", "copy_seconds": seconds}
+    # The entry is this publish's: the writer fields are the published manifest's, not the staging copy's.
+    update |= {"dag_id": None, "run_id": None, "task_id": None, "map_index": None}
     return image.model_copy(update=update)
 
 
-def _withdraw(client: Any, bucket: str, source_prefix: str, prefix: str, rejected: list[ManifestImage]) -> list[str]:
+def _withdraw(
+    client: Any, bucket: str, source_prefix: str, prefix: str, rejected: list[ManifestImage], merged: Manifest
+) -> list[str]:
     """Delete rejected images that an earlier answer of this review published (the run was
     cleared and answered anew), so the prefix holds what its manifest lists. Only keys holding
-    that very image are deleted, after the manifest that no longer lists them."""
+    that very image and listed by no other writer of the manifest are deleted, after the
+    manifest that no longer lists them."""
+    others = {i.key for i in merged.images if i.stored and i.writer != merged.writer}
     plan = [(image, _published_key(str(image.key), source_prefix, prefix)) for image in rejected]
+    plan = [(image, key) for image, key in plan if key not in others]
     stale = [key for (_, key), state in zip(plan, _states(client, bucket, plan), strict=True) if state == "same"]
     if stale:
         client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in stale], "Quiet": True})

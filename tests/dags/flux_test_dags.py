@@ -235,3 +235,17 @@ with DAG(
     FluxBatchGenerateOperator(
         task_id="batch", requests="{{ params.requests }}", allow_failures=2, poll_interval=0.2, **RETRY
     )
+
+with DAG("flux_test_shared_prefix", schedule=None, start_date=START, params=S3_PARAMS, catchup=False):
+    # Two copy tasks of one run into one prefix, each merging its entries into the prefix's
+    # manifest; "to_s3_a" dies after its copy on try 1, so its retry merges again.
+    for name, retry in (("a", RETRY), ("b", {})):
+        submit = FluxSubmitOperator(task_id=f"submit_{name}", prompt=f"{{{{ params.prompt }}}} {name}")
+        wait = FluxStatusSensor(task_id=f"wait_{name}", request=submit.output, poll_interval=0.2, timeout=60)
+        FluxToS3Operator(
+            task_id=f"to_s3_{name}",
+            source=wait.output,
+            s3_bucket="{{ params.bucket }}",
+            s3_key_prefix="{{ params.prefix }}",
+            **retry,
+        )

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from airflow_flux.exceptions import FluxImageExistsError, FluxIntegrityError
-from airflow_flux.manifest import Manifest
+from airflow_flux.manifest import Manifest, ManifestImage, merge_manifest
 from airflow_flux.transfers import publish_images, read_manifest, review_images
 
 STAGING = "review/staging/run1"
@@ -21,7 +21,8 @@ def _jpeg(n: int) -> bytes:
 
 
 def _stage(s3, count: int = 3, *, skipped: bool = True) -> str:
-    """Objects and a manifest as FluxToS3Operator writes them; one NSFW-skipped entry between."""
+    """Objects and a manifest as FluxToS3Operator wrote them before manifests were shared
+    (version 1: the writer at the top level only); one NSFW-skipped entry between."""
     images = []
     for n in range(1, count + 1):
         key, data = f"{STAGING}/req{n}_0.jpg", _jpeg(n)
@@ -50,6 +51,7 @@ def _stage(s3, count: int = 3, *, skipped: bool = True) -> str:
         if n == 1 and skipped:
             images.append({"status": "skipped", "reason": "nsfw", "key": f"{STAGING}/nsfw_0.jpg", "index": 0})
     manifest = {
+        "version": 1,
         "created_at": "2026-12-01T00:00:00+00:00",
         "dag_id": "review_dag",
         "run_id": "run1",
@@ -129,6 +131,51 @@ def test_a_staging_object_changed_after_the_review_publishes_nothing(s3, hook):
     with pytest.raises(FluxIntegrityError, match="not the image that was reviewed"):
         publish_images(hook, uri, [1, 2], prefix=PUBLISHED, **RUN)
     assert _keys(s3, PUBLISHED) == []  # image 1's copy was rolled back, no manifest
+
+
+def test_images_of_every_task_that_copied_into_the_staging_prefix_are_numbered(s3, hook):
+    """A version-1 staging manifest, then a second copy task of the run merged its image in."""
+    uri = _stage(s3)
+    key, data = f"{STAGING}/req4_0.jpg", _jpeg(4)
+    s3.put_object(Bucket=s3.bucket, Key=key, Body=data, ChecksumAlgorithm="SHA256")
+    image = ManifestImage(status="copied", key=key, index=0, request_id="req4", sha256=hashlib.sha256(data).hexdigest())
+    part = Manifest(
+        created_at="2026-12-01T00:01:00+00:00",
+        **{**RUN, "task_id": "stage_more"},
+        map_index=-1,
+        bucket=s3.bucket,
+        prefix=STAGING,
+        images=[image],
+    )
+    merge_manifest(s3, part, f"{STAGING}/manifest.json")
+
+    staged = review_images(read_manifest(hook, uri))
+    assert [(i.request_id, i.task_id) for i in staged] == [
+        ("req1", "stage"),
+        ("req2", "stage"),
+        ("req3", "stage"),
+        ("req4", "stage_more"),
+    ]
+    result = publish_images(hook, uri, [1, 4], prefix=PUBLISHED, **RUN)
+    assert [(i.request_id, i.task_id) for i in result.published] == [("req1", "publish"), ("req4", "publish")]
+    manifest = read_manifest(hook, result.manifest_uri)
+    assert [i.key for i in manifest.images] == [f"{PUBLISHED}/req1_0.jpg", f"{PUBLISHED}/req4_0.jpg"]
+    assert [(i.task_id, i.run_id) for i in manifest.images] == [("publish", "run1")] * 2
+
+
+def test_a_new_answer_withdraws_nothing_another_publish_still_lists(s3, hook):
+    uri = _stage(s3)
+    shared = "review/published/shared"
+    run2 = {**RUN, "run_id": "run2"}
+    publish_images(hook, uri, [1], prefix=shared, **RUN)
+    again = publish_images(hook, uri, [1, 2], prefix=shared, **run2)
+    assert [i.status.value for i in again.published] == ["reused", "copied"]
+    # run2's review is answered anew without image 1, which run1 published and still lists.
+    anew = publish_images(hook, uri, [2], prefix=shared, **run2)
+    assert anew.withdrawn == []
+    assert _keys(s3, shared) == [f"{shared}/manifest.json", f"{shared}/req1_0.jpg", f"{shared}/req2_0.jpg"]
+    manifest = read_manifest(hook, anew.manifest_uri)
+    assert [(i.run_id, i.request_id) for i in manifest.images] == [("run1", "req1"), ("run2", "req2")]
 
 
 def test_other_bytes_at_a_published_key_fail_before_anything_is_written(s3, hook):
