@@ -227,6 +227,7 @@ def test_each_token_has_its_own_limit() -> None:
 def test_cancel_of_a_queued_job_lets_the_next_start() -> None:
     with FluxEmulator(queue_seconds=0.05, run_seconds=0.3, concurrency=1) as emu:
         emu.add_scenario(Scenario(never_complete=True), match="hold")
+        emu.add_scenario(Scenario(hold_run="running"), match="c")  # runs until its stream has shown it
         a = submit_ok(emu, prompt="hold the slot")
         b = submit_ok(emu, prompt="b")
         c = submit_ok(emu, prompt="c")
@@ -242,6 +243,8 @@ def test_cancel_of_a_queued_job_lets_the_next_start() -> None:
         eventually(lambda: len(sse.events) >= 2)  # the stream reported the new position
 
         cancel(emu, a)  # a running job frees its slot when cancelled
+        eventually(lambda: "IN_PROGRESS" in [e["status"] for e in sse.events])
+        emu.release("running")
         assert "error" not in wait_completed(emu, c, timeout=15)
         events = sse.finish()
         rows_a, rows_b, rows_c = rows_of(emu, [a, b, c])

@@ -65,7 +65,7 @@ class Origin:
                 with origin.lock:
                     origin.seen.append({"path": self.path, "headers": dict(self.headers.items())})
                 if path == "/slow":
-                    time.sleep(1.0)
+                    time.sleep(5.0)  # longer than any fetch timeout a test sets
                 code, content_type, body = origin.files.get(path, (404, "text/plain", b"not found"))
                 try:
                     self.send_response(code)
@@ -304,16 +304,19 @@ def test_non_image_inputs_fail_with_422(emu: FluxEmulator, origin: Origin) -> No
 
 
 def test_input_fetch_timeout_does_not_block_the_server(origin: Origin) -> None:
-    with FluxEmulator(queue_seconds=0.01, run_seconds=0.01, input_fetch_timeout=0.3) as emu:
+    with FluxEmulator(queue_seconds=0.01, run_seconds=0.01, input_fetch_timeout=2) as emu:
         url = origin.serve("/slow", encoded(RED, (8, 8)))
         sub = submit_ok(emu, EDIT, image_url=url)
-        time.sleep(0.1)
+        deadline = time.monotonic() + 1.5
+        while not origin.seen:  # the fetch has begun (its answer is 5 s away)
+            assert time.monotonic() < deadline, "the input was never fetched"
+            time.sleep(0.01)
         started = time.monotonic()
         running = status(emu, sub)
-        assert time.monotonic() - started < 0.2  # the loop is free while the fetch waits
+        assert time.monotonic() - started < 1.0  # the loop is free while the fetch waits its 2 s
         assert running.json()["status"] == "IN_PROGRESS"  # cannot complete before its input
         (err,) = load_error(emu, sub)
-        assert err["msg"] == f"Could not download the image at {url}: timed out after 0.3 s"
+        assert err["msg"] == f"Could not download the image at {url}: timed out after 2 s"
 
 
 # --------------------------------------------------------------------------- submit validation
@@ -450,10 +453,11 @@ def test_admin_jobs_show_new_fields_without_url_queries(emu: FluxEmulator, origi
 
 
 def test_cancelled_in_the_queue_never_fetches(emu: FluxEmulator, origin: Origin) -> None:
-    emu.add_scenario(Scenario(queue_seconds=0.3))
+    emu.add_scenario(Scenario(queue_seconds=0.3, hold_queue="queued"))  # in the queue until cancelled
     sub = submit_ok(emu, EDIT, image_url=origin.serve("/red.png", encoded(RED, (8, 8))))
     cancel = requests.put(rebase(emu, sub["cancel_url"]), headers=AUTH, timeout=5)
     assert cancel.status_code == 202
+    assert emu.release("queued") == 0  # the cancelled job no longer waits there
     time.sleep(0.5)
     assert wait_completed(emu, sub)["error_type"] == "request_cancelled"
     assert emu.jobs[sub["request_id"]].input_fetches == []

@@ -94,7 +94,8 @@ def read_sse(resp: requests.Response) -> tuple[list[dict[str, Any]], int]:
 
 
 def test_lifecycle_poll_result_and_cdn_jpeg(emu: FluxEmulator) -> None:
-    emu.add_scenario(Scenario(queue_seconds=0.2, run_seconds=0.3))
+    # Each state held until the test has looked at it (gates), so no timer decides what it sees.
+    emu.add_scenario(Scenario(queue_seconds=0.2, run_seconds=0.3, hold_queue="queued", hold_run="running"))
     sub = submit_ok(emu, prompt="a red fox in the snow", aspect_ratio="16:9")
     assert sub["status"] == "IN_QUEUE"
     assert sub["logs"] is None
@@ -106,8 +107,12 @@ def test_lifecycle_poll_result_and_cdn_jpeg(emu: FluxEmulator) -> None:
     assert first.json()["status"] == "IN_QUEUE"
     assert first.json()["logs"] is None
 
-    time.sleep(0.25)
+    emu.release("queued")
     running = status(emu, sub)
+    deadline = time.monotonic() + 5
+    while running.json()["status"] == "IN_QUEUE" and time.monotonic() < deadline:  # its 0.2 s queue time
+        time.sleep(0.02)
+        running = status(emu, sub)
     assert running.status_code == 202
     body = running.json()
     assert body["status"] == "IN_PROGRESS"
@@ -116,9 +121,12 @@ def test_lifecycle_poll_result_and_cdn_jpeg(emu: FluxEmulator) -> None:
     assert result(emu, sub).status_code == 400
     assert result(emu, sub).json() == {"detail": "Request is still in progress"}
 
+    emu.release("running")
     done = wait_completed(emu, sub)
     assert done["status"] == "COMPLETED"
-    assert done["metrics"] == {"inference_time": 0.3}
+    # Held past its 0.3 s run: the time it really spent IN_PROGRESS (0.3 exactly: test_png_...).
+    inference = done["metrics"]["inference_time"]
+    assert set(done["metrics"]) == {"inference_time"} and inference >= 0.3
     assert [entry["message"] for entry in done["logs"]][-1] == "Generation complete"
     assert "error" not in done
     completed_at = emu.complete_time(sub["request_id"])
@@ -131,7 +139,7 @@ def test_lifecycle_poll_result_and_cdn_jpeg(emu: FluxEmulator) -> None:
     out = res.json()
     assert out["prompt"] == "a red fox in the snow"
     assert out["has_nsfw_concepts"] == [False]
-    assert out["timings"] == {"inference": 0.3}
+    assert out["timings"] == {"inference": inference}
     assert isinstance(out["seed"], int)
     (image,) = out["images"]
     assert image["url"].startswith(f"{emu.base_url}/cdn/files/{sub['request_id']}/")
@@ -149,8 +157,11 @@ def test_lifecycle_poll_result_and_cdn_jpeg(emu: FluxEmulator) -> None:
 
 def test_png_multiple_images_and_given_seed(emu: FluxEmulator) -> None:
     sub = submit_ok(emu, prompt="tall", aspect_ratio="9:16", output_format="png", num_images=2, seed=1234)
-    wait_completed(emu, sub)
+    done = wait_completed(emu, sub)
+    # Not held, not interrupted: exactly its run time (the emulator's 0.1 s).
+    assert done["metrics"] == {"inference_time": 0.1}
     out = result(emu, sub).json()
+    assert out["timings"] == {"inference": 0.1}
     assert out["seed"] == 1234
     assert len(out["images"]) == 2
     assert out["has_nsfw_concepts"] == [False, False]
@@ -240,22 +251,27 @@ def test_wrong_token_is_403_when_token_configured() -> None:
 
 
 def test_stream_yields_events_until_completed_then_closes(emu: FluxEmulator) -> None:
-    emu.add_scenario(Scenario(queue_seconds=0.15, run_seconds=0.3, queue_position=2))
+    # The position falls a step a second (the stream connects well within the first); the run
+    # is held until the stream has shown it.
+    emu.add_scenario(Scenario(queue_seconds=3, run_seconds=0.3, queue_position=2, hold_run="running"))
     sub = submit_ok(emu)
     assert sub["queue_position"] == 2
     url = rebase(emu, sub["status_url"]) + "/stream?logs=1"
+    events: list[dict[str, Any]] = []
     with requests.get(url, headers=AUTH, stream=True, timeout=10) as resp:
         assert resp.status_code == 200
         assert resp.headers["Content-Type"].startswith("text/event-stream")
-        events, _ = read_sse(resp)
+        for line in resp.iter_lines(decode_unicode=True):
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: ") :]))
+                if events[-1]["status"] == "IN_PROGRESS":
+                    emu.release("running")
     states = [e["status"] for e in events]
     assert states[0] == "IN_QUEUE"
     assert states[-1] == "COMPLETED"
     assert "IN_PROGRESS" in states
     positions = [e["queue_position"] for e in events if e["status"] == "IN_QUEUE"]
-    assert positions == sorted(positions, reverse=True)
-    assert positions[0] == 2
-    assert len(positions) >= 2
+    assert positions == [2, 1, 0]
     assert len(events[-1]["logs"]) == 4
     # The client has the last event before the server's handler returns and records the
     # status (0 while a stream is open), so wait for the server side to finish.
