@@ -22,11 +22,16 @@ import requests
 from cryptography.fernet import Fernet, InvalidToken
 
 from demo.airflow_api import AirflowApi
-from tests.helpers import TOKEN, free_port
+from tests.helpers import TOKEN, free_port, port_taken
 
 AIRFLOW = Path(sys.executable).with_name("airflow")
 #: Seconds a component gets to stop on SIGTERM before its whole group is killed.
 STOP_GRACE = 15.0
+
+
+def _run_number(output_name: str) -> int:
+    """``api-server#2`` -> 2: which start of a component an output is."""
+    return int(output_name.rsplit("#", 1)[1])
 
 
 def tail(path: Path, lines: int = 60) -> str:
@@ -59,8 +64,6 @@ class AirflowProcesses(AirflowApi):
         env: dict[str, str],
     ) -> None:
         self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.dag_id = ""
         self.session = requests.Session()
         self.session.trust_env = False  # 127.0.0.1 only: no proxy from the environment
@@ -69,7 +72,7 @@ class AirflowProcesses(AirflowApi):
         self.outputs: dict[str, Path] = {}
         self.timings: list[str] = []
         self._t0 = time.monotonic()
-        self.components = {"api-server": ["api-server", "--host", "127.0.0.1", "--port", str(self.port)]}
+        self.components = {"api-server": []}  # its port: _use_port()
         self.components.update(components)
         # Inherit PATH, locale, ... but no AIRFLOW* setting of this process (tests/conftest.py
         # points AIRFLOW_HOME at the unit tests' home, and tests may set AIRFLOW_CONN_*).
@@ -87,13 +90,9 @@ class AirflowProcesses(AirflowApi):
                 # No login for the REST calls of the tests.
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
                 "AIRFLOW__API__HOST": "127.0.0.1",
-                "AIRFLOW__API__PORT": str(self.port),
-                "AIRFLOW__API__BASE_URL": f"{self.url}/",
                 "AIRFLOW__API__WORKERS": "1",
                 "AIRFLOW__API__SECRET_KEY": Fernet.generate_key().decode(),
                 "AIRFLOW__API_AUTH__JWT_SECRET": Fernet.generate_key().decode(),
-                # Where task workers report to: the api-server above.
-                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
                 "AIRFLOW__LOGGING__COLORED_CONSOLE_LOG": "False",
                 "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
                 "AIRFLOW_CONN_FLUX_DEFAULT": json.dumps(
@@ -103,6 +102,17 @@ class AirflowProcesses(AirflowApi):
         )
         base.update(env)
         self.env = base
+        self._use_port(free_port())
+
+    def _use_port(self, port: int) -> None:
+        """Serve the api-server on ``port``: its arguments and every setting that names it."""
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.components["api-server"] = ["api-server", "--host", "127.0.0.1", "--port", str(port)]
+        self.env["AIRFLOW__API__PORT"] = str(port)
+        self.env["AIRFLOW__API__BASE_URL"] = f"{self.url}/"
+        # Where task workers report to: the api-server.
+        self.env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = f"{self.url}/execution/"
 
     def component_env(self, name: str) -> dict[str, str]:
         """Settings of one component only (none by default)."""
@@ -130,9 +140,41 @@ class AirflowProcesses(AirflowApi):
         assert out.returncode == 0, f"airflow {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}"
         return out.stdout
 
-    def start(self, name: str | None = None) -> None:
-        """Start one component (again, after a crash) or all of them."""
-        for component in [name] if name else list(self.components):
+    def start(self, name: str | None = None, *, attempts: int = 3) -> None:
+        """Start one component (again, after a crash) or all of them.
+
+        Starting all returns once the api-server listens. Its port was free when chosen (the
+        api-server cannot bind port 0 and say which it got): if another process took it
+        meanwhile, everything starts again on another port.
+        """
+        if name is not None:
+            self._start([name])
+            return
+        for attempt in range(attempts):
+            self._start(list(self.components))
+            if self._api_server_listens():
+                return
+            output = self.outputs[max((n for n in self.outputs if n.startswith("api-server#")), key=_run_number)]
+            if attempt == attempts - 1 or not port_taken(tail(output, 200)):
+                raise AssertionError(f"the api-server did not start:\n{tail(output)}")
+            self.stop()
+            self.procs.clear()
+            self._use_port(free_port())
+
+    def _api_server_listens(self, timeout: float = 240) -> bool:
+        """Wait until the api-server accepts connections (True) or has exited (False)."""
+        import socket
+
+        proc = self.procs["api-server"]
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+            time.sleep(0.2)
+        return proc.poll() is None
+
+    def _start(self, components: list[str]) -> None:
+        for component in components:
             runs = sum(1 for n in self.outputs if n.split("#")[0] == component)
             path = self.outputs[f"{component}#{runs}"] = self.home / f"{component}.{runs}.out"
             with path.open("wb") as out:

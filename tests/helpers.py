@@ -45,6 +45,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: How a server says its port was taken between :func:`free_port` and its own bind.
+PORT_TAKEN = ("address already in use", "errno 98", "could not bind")
+
+
+def port_taken(output: str) -> bool:
+    """Whether a server's output says it could not bind its port (then start it on another)."""
+    text = output.lower()
+    return any(sign in text for sign in PORT_TAKEN)
+
+
 @contextlib.contextmanager
 def closed_port() -> Iterator[int]:
     """A loopback port nobody listens on while the block runs: bound by us, never listening,

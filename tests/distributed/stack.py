@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.airflow_processes import AirflowProcesses
-from tests.helpers import free_port, moto_aws_conn
+from tests.helpers import free_port, moto_aws_conn, port_taken
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS_FOLDER = Path(__file__).resolve().parent / "dags"
@@ -71,9 +71,14 @@ class Postgres:
         self.data = base / "data"
         self.port = free_port()
         self.user = "postgres" if os.geteuid() == 0 else None
-        self.url = f"postgresql+psycopg2://airflow@127.0.0.1:{self.port}/airflow"
 
-    def start(self) -> None:
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://airflow@127.0.0.1:{self.port}/airflow"
+
+    def start(self, attempts: int = 3) -> None:
+        """initdb, then the server on a port that was free (PostgreSQL cannot bind port 0 and say
+        which it got): if another process took the port meanwhile, on another one."""
         self.base.mkdir(parents=True, exist_ok=True)
         if self.user:  # initdb refuses to run as root: the cluster belongs to postgres
             entry = pwd.getpwnam(self.user)
@@ -82,22 +87,20 @@ class Postgres:
             [str(_pg_bin("initdb")), "-D", str(self.data), "-U", "airflow", "--auth=trust", "-E", "UTF8"],
             user=self.user,
         )
-        # Durability off: a test database that is thrown away at the end.
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.base} -c fsync=off -c full_page_writes=off"
-        _run(
-            [
-                str(_pg_bin("pg_ctl")),
-                "-D",
-                str(self.data),
-                "-l",
-                str(self.base / "postgres.log"),
-                "-o",
-                options,
-                "-w",
-                "start",
-            ],
-            user=self.user,
-        )
+        log = self.base / "postgres.log"
+        for attempt in range(attempts):
+            # Durability off: a test database that is thrown away at the end.
+            options = (
+                f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.base} -c fsync=off -c full_page_writes=off"
+            )
+            pg_ctl = [str(_pg_bin("pg_ctl")), "-D", str(self.data), "-l", str(log), "-o", options, "-w", "start"]
+            try:
+                _run(pg_ctl, user=self.user)
+                break
+            except subprocess.CalledProcessError:
+                if attempt == attempts - 1 or not port_taken(log.read_text(errors="replace")):
+                    raise
+                self.port = free_port()
         _run([str(_pg_bin("createdb")), "-h", "127.0.0.1", "-p", str(self.port), "-U", "airflow", "airflow"])
 
     def stop(self) -> None:
@@ -124,40 +127,57 @@ class Redis:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, attempts: int = 3) -> None:
+        """On a port that was free (for Redis, port 0 means no TCP at all): if another process
+        took it meanwhile, on another one."""
         self.base.mkdir(parents=True, exist_ok=True)
-        log = (self.base / "redis.log").open("wb")
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.base),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        log = self.base / "redis.log"
+        for attempt in range(attempts):
+            if self._start(log):
+                return
+            if attempt == attempts - 1 or not port_taken(log.read_text(errors="replace")):
+                raise RuntimeError(f"redis-server did not start: see {log}")
+            self.port = free_port()
+
+    def _start(self, log: Path) -> bool:
+        """Start and wait for a PING (True); False if the server exited."""
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.base),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         import redis
 
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while True:
             try:
                 redis.Redis(host="127.0.0.1", port=self.port).ping()
-                return
+                return True
             except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server did not start: see {self.base / 'redis.log'}") from None
+                if self.proc.poll() is not None:
+                    return False
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not answer: see {log}") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

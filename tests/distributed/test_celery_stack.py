@@ -56,13 +56,15 @@ def stack(moto_server: str) -> Iterator[Stack]:
     # The triggerer-kill tests hold their generations running (Scenario.hold_run) until the kill
     # is over; the others' last long enough to be mid-run when their process is killed.
     with FluxEmulator(queue_seconds=2, run_seconds=25, token=TOKEN) as emu:
-        af = CeleryAirflow(
-            base / "airflow_home", pg=pg, redis_url=redis.url, flux_base_url=emu.base_url, s3_url=moto_server
-        )
-        af.home.mkdir(parents=True)
+        af: CeleryAirflow | None = None
         try:
+            # First: their ports are final once they run (a taken one is replaced at start).
             pg.start()
             redis.start()
+            af = CeleryAirflow(
+                base / "airflow_home", pg=pg, redis_url=redis.url, flux_base_url=emu.base_url, s3_url=moto_server
+            )
+            af.home.mkdir(parents=True)
             af.cli("db", "migrate")
             af.start()
             af.wait_until("a healthy Airflow", af.healthy, timeout=240)
@@ -79,10 +81,12 @@ def stack(moto_server: str) -> Iterator[Stack]:
             )
             yield Stack(base, emu, s3, af)
         except BaseException:
-            print(f"\n---------- Airflow output ({af.home}) ----------\n{af.tails(40)}")
+            if af is not None:
+                print(f"\n---------- Airflow output ({af.home}) ----------\n{af.tails(40)}")
             raise
         finally:
-            af.stop()
+            if af is not None:
+                af.stop()
             redis.stop()
             pg.stop()
 

@@ -29,7 +29,7 @@ import pytest
 import requests
 
 from airflow_flux.emulator import FluxEmulator, Scenario
-from tests.helpers import TOKEN, free_port, moto_aws_conn, moto_s3_client
+from tests.helpers import TOKEN, free_port, moto_aws_conn, moto_s3_client, port_taken
 from tests.plugins.cdp import find_chromium
 
 AIRFLOW = Path(sys.executable).with_name("airflow")
@@ -101,15 +101,45 @@ def _api_server_env(home: Path, port: int, passwords_file: Path) -> dict[str, st
     return env
 
 
-def _wait_healthy(api: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+def _start_api_server(home: Path, work: Path, passwords_file: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """``airflow api-server`` on a port that was free (it cannot bind port 0 and say which it got)."""
+    port = free_port()
+    with (work / "api-server.log").open("wb") as out:
+        proc = subprocess.Popen(
+            [str(AIRFLOW), "api-server", "--apps", "core", "--host", "127.0.0.1", "--port", str(port)],
+            env=_api_server_env(home, port, passwords_file),
+            cwd=work,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc, port
+
+
+def _wait_healthy(api: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> bool:
+    """Wait for the api-server's health; False if it exited because its port was taken meanwhile."""
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(requests.RequestException):
             if requests.get(f"{api}/api/v2/monitor/health", timeout=2).status_code == 200:
-                return
+                return True
+        if proc.poll() is not None and port_taken(log.read_text(errors="replace")):
+            return False
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"api-server did not start:\n{log.read_text(errors='replace')[-4000:]}")
         time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
 
 
 TEAMS = ("red", "blue")
@@ -187,8 +217,6 @@ def gallery_env(airflow_db, dags, moto_server, tmp_path_factory) -> Any:
     work = tmp_path_factory.mktemp("gallery")
     passwords_file = work / "passwords.json"
     passwords_file.write_text(json.dumps(PASSWORDS))
-    port = free_port()
-    api = f"http://127.0.0.1:{port}"
     bucket = f"gallery-{uuid.uuid4().hex[:10]}"
     s3 = moto_s3_client(moto_server)
     s3.create_bucket(Bucket=bucket)
@@ -198,21 +226,12 @@ def gallery_env(airflow_db, dags, moto_server, tmp_path_factory) -> Any:
         mp.setenv(
             "AIRFLOW_CONN_FLUX_DEFAULT", json.dumps({"conn_type": "flux", "host": emu.base_url, "password": TOKEN})
         )
-        env = GalleryEnv(api=api, home=home, bucket=bucket, s3=s3)
         _create_teams()
         _store_connection("aws_default", aws_conn)
         log = work / "api-server.log"
-        with log.open("wb") as out:
-            # Started first: it boots while the runs below are made.
-            proc = subprocess.Popen(
-                [str(AIRFLOW), "api-server", "--apps", "core", "--host", "127.0.0.1", "--port", str(port)],
-                env=_api_server_env(home, port, passwords_file),
-                cwd=work,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        # Started first: it boots while the runs below are made.
+        proc, port = _start_api_server(home, work, passwords_file)
+        env = GalleryEnv(api=f"http://127.0.0.1:{port}", home=home, bucket=bucket, s3=s3)
         try:
             emu.add_scenario(Scenario(nsfw=[False, False, True, False]), match="gallery foxes")
             emu.add_scenario(Scenario(nsfw=[False, True]), match="gallery owls")
@@ -229,11 +248,17 @@ def gallery_env(airflow_db, dags, moto_server, tmp_path_factory) -> Any:
             env.runs["edit"] = _run(dags, EDIT_DAG_ID, bucket=bucket, key=EDIT_INPUT)
             env.timings.append(f"runs made {time.monotonic() - started:.1f}s")
             _assign_bundle_to_team("red")
-            _wait_healthy(api, proc, log)
+            for _ in range(3):
+                if _wait_healthy(env.api, proc, log):
+                    break
+                proc, port = _start_api_server(home, work, passwords_file)  # its port was taken: another
+                env.api = f"http://127.0.0.1:{port}"
+            else:
+                raise RuntimeError("api-server: no free port in 3 tries")
             env.timings.append(f"api-server up {time.monotonic() - started:.1f}s")
             for user in USERS:
                 resp = requests.post(
-                    f"{api}/auth/token", json={"username": user, "password": PASSWORDS[user]}, timeout=10
+                    f"{env.api}/auth/token", json={"username": user, "password": PASSWORDS[user]}, timeout=10
                 )
                 assert resp.status_code == 201, resp.text
                 env.tokens[user] = resp.json()["access_token"]
@@ -242,14 +267,7 @@ def gallery_env(airflow_db, dags, moto_server, tmp_path_factory) -> Any:
             print(f"\n----- api-server log -----\n{log.read_text(errors='replace')[-6000:]}")
             raise
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
+            _stop(proc)
             _remove_teams()
             _delete_connection("aws_default")
             print(f"\ngallery env: {', '.join(env.timings)}; total {time.monotonic() - started:.1f}s")
