@@ -1,18 +1,29 @@
 """Publish reviewed images: copy the approved entries of a staging manifest to another prefix.
 
 Nothing is generated or downloaded again: each approved image is copied inside S3
-(``CopyObject``) and the copy's SHA-256 is checked against the staging manifest, so what is
-published is, byte for byte, what the reviewer was shown. The published manifest, listing
-the approved images only, is written last, merged into whatever the published prefix's manifest already lists
-(:func:`~airflow_flux.manifest.merge_manifest`): a reader that finds it finds every image it lists.
+(``CopyObject``). Before anything is copied, each approved staging object is checked: its S3
+whole-object SHA-256 must be the staging manifest's (the image the reviewer was shown), and
+the ETag it has then is the copy's precondition (``CopySourceIfMatch``), so S3 refuses to
+copy an object replaced since. Each copy's own SHA-256 is checked too: that covers stores that
+ignore the precondition (moto does) and staging objects S3 keeps no whole-object SHA-256 of
+(multipart uploads), which the first check cannot judge. The published manifest is merged in
+last (:func:`~airflow_flux.manifest.merge_manifest`): a reader that finds it finds every image
+it lists.
+
+A publish deletes only objects it created. Each destination key is looked at first; a failure
+deletes the copies made to keys that were free then (each such copy is itself conditional on
+the key still being free, ``If-None-Match``). With ``replace``, keys that held other bytes are
+overwritten last (``If-Match`` the object looked at, so a failure among the new keys leaves them
+untouched) and are reported, never deleted.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from airflow_flux.exceptions import FluxImageExistsError, FluxIntegrityError
 from airflow_flux.manifest import (
@@ -31,6 +42,8 @@ if TYPE_CHECKING:
 
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
+log = logging.getLogger(__name__)
+
 #: S3Hook.copy_object sends ``ACL=private`` unless told this: buckets with ACLs disabled
 #: (the default since 2023) refuse ACLs, and the bucket's own policy should decide anyway.
 _NO_ACL = "no-acl"
@@ -48,6 +61,16 @@ class PublishResult:
     #: Keys of rejected images an earlier answer had published, deleted after the manifest (none
     #: that another writer of the manifest lists).
     withdrawn: list[str]
+    #: Keys that held other bytes before this publish and now hold a published image (``replace``).
+    replaced: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Destination:
+    """A destination key as it was before the publish: ``free``, holding ``same`` image, or ``other`` bytes."""
+
+    state: Literal["free", "same", "other"]
+    etag: str | None = None
 
 
 def read_manifest(s3_hook: S3Hook, uri: str) -> Manifest:
@@ -96,10 +119,11 @@ def publish_images(
     :param dag_id: written into the manifest, as are ``run_id``, ``task_id``, ``map_index``.
     :param bucket: the destination bucket; by default the staging manifest's.
     :param manifest_name: name of the published manifest under ``prefix``.
-    :param replace: overwrite existing keys holding other bytes, and a manifest key holding
-        something that is not a manifest; when off (default), either fails the call before
-        anything is written. A key already holding this very image (an
-        earlier try) is kept either way.
+    :param replace: overwrite existing keys holding other bytes (reported in
+        :attr:`PublishResult.replaced`, never deleted, even by a failed publish), and a manifest
+        key holding something that is not a manifest; when off (default), either fails the call
+        before anything is written. A key already holding this very image (an earlier try) is
+        kept either way.
     """
     if not manifest_name or "/" in manifest_name:
         raise ValueError(f"manifest_name: a file name is needed (got {manifest_name!r})")
@@ -123,32 +147,32 @@ def publish_images(
 
     client = s3_hook.get_conn()
     manifest_key = f"{prefix}/{manifest_name}" if prefix else manifest_name
-    entries = _check_destinations(client, dest_bucket, plan, replace=replace)
+    destinations = _check_destinations(client, dest_bucket, plan, replace=replace)
     check_manifest_key(client, dest_bucket, manifest_key, replace=replace)
-    copied: list[str] = []
+    entries = [
+        _entry(image, dest_bucket, key, ImageStatus.REUSED, None) if dest.state == "same" else None
+        for (image, key), dest in zip(plan, destinations, strict=True)
+    ]
+    todo = [n for n, dest in enumerate(destinations) if dest.state != "same"]
+    # Every source is checked before the first copy: a replaced one publishes nothing.
+    source_etags = {n: _checked_source(client, staging.bucket, plan[n][0]) for n in todo}
+    # New keys first: a failure among them leaves every object that existed before untouched.
+    todo.sort(key=lambda n: destinations[n].state == "other")
+    created: list[str] = []
+    replaced: list[str] = []
     try:
-        for index, (image, key) in enumerate(plan):
-            if entries[index] is not None:
-                continue  # an earlier try published this very image
+        for n in todo:
+            image, key = plan[n]
             started = time.monotonic()
-            s3_hook.copy_object(
-                str(image.key),
-                key,
-                source_bucket_name=staging.bucket,
-                dest_bucket_name=dest_bucket,
-                acl_policy=_NO_ACL,
-                # S3 computes the copy's own SHA-256: the check below compares it with the
-                # digest of the image the reviewer saw (the staging object may have changed since).
-                ChecksumAlgorithm="SHA256",
-            )
-            copied.append(key)
+            _copy(s3_hook, staging.bucket, image, dest_bucket, key, source_etags[n], destinations[n])
+            (replaced if destinations[n].state == "other" else created).append(key)
             digest = whole_object_sha256(client.head_object(Bucket=dest_bucket, Key=key, ChecksumMode="ENABLED"))
             if digest != image.sha256:
                 raise FluxIntegrityError(
-                    f"s3://{staging.bucket}/{image.key} is not the image that was reviewed: SHA-256 "
+                    f"s3://{staging.bucket}/{image.key} is not the image that was reviewed: its copy's SHA-256 is "
                     f"{digest or 'unknown'}, the staging manifest says {image.sha256}"
                 )
-            entries[index] = _entry(image, dest_bucket, key, ImageStatus.COPIED, round(time.monotonic() - started, 3))
+            entries[n] = _entry(image, dest_bucket, key, ImageStatus.COPIED, round(time.monotonic() - started, 3))
         listed = [e for e in entries if e is not None]
         own = Manifest(
             created_at=datetime.now(timezone.utc).isoformat(),
@@ -164,14 +188,83 @@ def publish_images(
         published = own.images  # now naming this publish as their writer
         merged = merge_manifest(client, own, manifest_key, replace=replace)
     except BaseException:
-        # Leave the published prefix as it was: a retry (or a person) starts clean.
-        if copied:
-            client.delete_objects(Bucket=dest_bucket, Delete={"Objects": [{"Key": k} for k in copied], "Quiet": True})
+        # Leave the published prefix as it was, as far as that is ours to do: the copies to keys
+        # that were free are deleted (a retry, or a person, starts clean); objects that existed
+        # before are not, even if this publish overwrote them.
+        if created:
+            client.delete_objects(Bucket=dest_bucket, Delete={"Objects": [{"Key": k} for k in created], "Quiet": True})
+        if replaced:
+            log.warning(
+                "Publish failed after overwriting %d object(s) that existed before it; left as they are: %s",
+                len(replaced),
+                ", ".join(f"s3://{dest_bucket}/{k}" for k in replaced),
+            )
         raise
     withdrawn = _withdraw(client, dest_bucket, staging.prefix.strip("/"), prefix, rejected, merged)
     return PublishResult(
-        manifest_uri=f"s3://{dest_bucket}/{manifest_key}", published=published, rejected=rejected, withdrawn=withdrawn
+        manifest_uri=f"s3://{dest_bucket}/{manifest_key}",
+        published=published,
+        rejected=rejected,
+        withdrawn=withdrawn,
+        replaced=replaced,
     )
+
+
+def _checked_source(client: Any, bucket: str, image: ManifestImage) -> str:
+    """The ETag of the staged object, once its SHA-256 is known to be the reviewed image's
+    (when S3 has none, a multipart upload, the copy's own is checked instead)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        head = client.head_object(Bucket=bucket, Key=str(image.key), ChecksumMode="ENABLED")
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            raise FluxIntegrityError(
+                f"s3://{bucket}/{image.key} is gone since the review. Nothing was published."
+            ) from None
+        raise
+    digest = whole_object_sha256(head)
+    if digest is not None and digest != image.sha256:
+        raise FluxIntegrityError(
+            f"s3://{bucket}/{image.key} is not the image that was reviewed: SHA-256 {digest}, the staging "
+            f"manifest says {image.sha256}. Nothing was published."
+        )
+    return str(head["ETag"])
+
+
+def _copy(
+    s3_hook: S3Hook,
+    source_bucket: str,
+    image: ManifestImage,
+    bucket: str,
+    key: str,
+    source_etag: str,
+    destination: _Destination,
+) -> None:
+    """One conditional copy: of the very object that was checked, onto the very key that was looked at."""
+    from botocore.exceptions import ClientError
+
+    # S3 refuses a source replaced since its check, a free key written since, or an overwritten key changed since.
+    target = {"IfMatch": destination.etag} if destination.state == "other" else {"IfNoneMatch": "*"}
+    try:
+        s3_hook.copy_object(
+            str(image.key),
+            key,
+            source_bucket_name=source_bucket,
+            dest_bucket_name=bucket,
+            acl_policy=_NO_ACL,
+            CopySourceIfMatch=source_etag,
+            # S3 computes the copy's own SHA-256, checked against the reviewed image's after the copy.
+            ChecksumAlgorithm="SHA256",
+            **target,
+        )
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "ConditionalRequestConflict"):
+            raise
+        raise FluxIntegrityError(
+            f"s3://{source_bucket}/{image.key} was replaced since its check, or s3://{bucket}/{key} was written "
+            "since it was looked at: S3 refused the copy"
+        ) from exc
 
 
 def _entry(image: ManifestImage, bucket: str, key: str, status: ImageStatus, seconds: float | None) -> ManifestImage:
@@ -192,46 +285,44 @@ def _withdraw(
     others = {i.key for i in merged.images if i.stored and i.writer != merged.writer}
     plan = [(image, _published_key(str(image.key), source_prefix, prefix)) for image in rejected]
     plan = [(image, key) for image, key in plan if key not in others]
-    stale = [key for (_, key), state in zip(plan, _states(client, bucket, plan), strict=True) if state == "same"]
+    stale = [
+        key for (_, key), dest in zip(plan, _destinations(client, bucket, plan), strict=True) if dest.state == "same"
+    ]
     if stale:
         client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in stale], "Quiet": True})
     return stale
 
 
-def _states(client: Any, bucket: str, plan: list[tuple[ManifestImage, str]]) -> list[str]:
-    """Per planned key: ``free``, ``same`` (it holds that very image) or ``other`` bytes."""
+def _destinations(client: Any, bucket: str, plan: list[tuple[ManifestImage, str]]) -> list[_Destination]:
+    """Each planned key as it is now, with its ETag."""
     from botocore.exceptions import ClientError
 
-    states = []
+    found = []
     for image, key in plan:
         try:
             head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
                 raise
-            states.append("free")
+            found.append(_Destination("free"))
             continue
         same = image.sha256 and whole_object_sha256(head) == image.sha256
-        states.append("same" if same else "other")
-    return states
+        found.append(_Destination("same" if same else "other", str(head["ETag"])))
+    return found
 
 
 def _check_destinations(
     client: Any, bucket: str, plan: list[tuple[ManifestImage, str]], *, replace: bool
-) -> list[ManifestImage | None]:
-    """Before writing anything: the entry of each key that already holds its image (else None);
-    refuses keys holding other bytes unless ``replace``."""
-    states = _states(client, bucket, plan)
-    clashes = [key for (_, key), state in zip(plan, states, strict=True) if state == "other"]
+) -> list[_Destination]:
+    """Before writing anything: each key as it is; refuses keys holding other bytes unless ``replace``."""
+    destinations = _destinations(client, bucket, plan)
+    clashes = [key for (_, key), dest in zip(plan, destinations, strict=True) if dest.state == "other"]
     if clashes and not replace:
         raise FluxImageExistsError(
             f"Refusing to overwrite existing object(s) in s3://{bucket}: {', '.join(clashes)} "
             "(replace=True overwrites). Nothing was written."
         )
-    return [
-        _entry(image, bucket, key, ImageStatus.REUSED, None) if state == "same" else None
-        for (image, key), state in zip(plan, states, strict=True)
-    ]
+    return destinations
 
 
 def _cost(images: list[ManifestImage]) -> float | None:

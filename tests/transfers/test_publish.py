@@ -125,12 +125,104 @@ def test_a_retry_reuses_and_a_new_answer_withdraws_what_it_rejects(s3, hook):
     assert [i.request_id for i in read_manifest(hook, anew.manifest_uri).images] == ["req1"]
 
 
-def test_a_staging_object_changed_after_the_review_publishes_nothing(s3, hook):
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _sent(hook, operation: str) -> list[dict[str, str]]:
+    """The headers of every ``operation`` request the hook's client sends from now on."""
+    sent: list[dict[str, str]] = []
+    hook.get_conn().meta.events.register(
+        f"before-send.s3.{operation}",
+        lambda request, **_: sent.append({k.lower(): _text(v) for k, v in request.headers.items()}),
+    )
+    return sent
+
+
+def _body(s3, key: str) -> bytes:
+    return s3.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+
+
+def test_a_staging_object_replaced_after_the_review_publishes_nothing_and_deletes_nothing(s3, hook):
     uri = _stage(s3)
+    there_before = f"{PUBLISHED}/req1_0.jpg"
+    s3.put_object(Bucket=s3.bucket, Key=there_before, Body=b"there before", ChecksumAlgorithm="SHA256")
     s3.put_object(Bucket=s3.bucket, Key=f"{STAGING}/req2_0.jpg", Body=_jpeg(9), ChecksumAlgorithm="SHA256")
-    with pytest.raises(FluxIntegrityError, match="not the image that was reviewed"):
-        publish_images(hook, uri, [1, 2], prefix=PUBLISHED, **RUN)
-    assert _keys(s3, PUBLISHED) == []  # image 1's copy was rolled back, no manifest
+    copies = _sent(hook, "CopyObject")
+    with pytest.raises(FluxIntegrityError, match=r"req2_0\.jpg is not the image that was reviewed.*Nothing was"):
+        publish_images(hook, uri, [1, 2], prefix=PUBLISHED, replace=True, **RUN)
+    # Checked before the first copy: nothing copied, the object that was there is as it was.
+    assert copies == []
+    assert _keys(s3, PUBLISHED) == [there_before]
+    assert _body(s3, there_before) == b"there before"
+
+
+def test_each_copy_is_of_the_checked_object_and_verified_after(s3, hook):
+    """moto ignores CopySourceIfMatch, so a source replaced between its check and its copy is
+    copied there: the copy's own SHA-256 catches it, and only the publish's own copies go."""
+    uri = _stage(s3)
+    there_before = f"{PUBLISHED}/req3_0.jpg"
+    s3.put_object(Bucket=s3.bucket, Key=there_before, Body=b"there before", ChecksumAlgorithm="SHA256")
+    checked = {n: s3.head_object(Bucket=s3.bucket, Key=f"{STAGING}/req{n}_0.jpg")["ETag"] for n in (1, 2, 3)}
+    copies = _sent(hook, "CopyObject")
+
+    def replace_image_2(params, **_):
+        if params["Key"].endswith("req2_0.jpg"):  # after every check, before this copy
+            s3.put_object(Bucket=s3.bucket, Key=f"{STAGING}/req2_0.jpg", Body=_jpeg(9), ChecksumAlgorithm="SHA256")
+
+    hook.get_conn().meta.events.register("before-parameter-build.s3.CopyObject", replace_image_2)
+    with pytest.raises(FluxIntegrityError, match=r"req2_0\.jpg is not the image that was reviewed: its copy's"):
+        publish_images(hook, uri, [1, 2, 3], prefix=PUBLISHED, replace=True, **RUN)
+
+    # The precondition S3 itself enforces: the very object checked (its ETag), onto a key still free.
+    assert [(c["x-amz-copy-source-if-match"], c.get("if-none-match")) for c in copies] == [
+        (checked[1], "*"),
+        (checked[2], "*"),
+    ]
+    # The new keys' copies are deleted; the overwrite comes last and was never reached.
+    assert _keys(s3, PUBLISHED) == [there_before]
+    assert _body(s3, there_before) == b"there before"
+
+
+@pytest.mark.parametrize("failing", ["copy", "manifest"])
+def test_a_failure_mid_publish_with_replace_deletes_only_what_it_created(s3, hook, caplog, failing):
+    from botocore.exceptions import ClientError
+
+    uri = _stage(s3)
+    there_before = f"{PUBLISHED}/req1_0.jpg"
+    s3.put_object(Bucket=s3.bucket, Key=there_before, Body=b"there before", ChecksumAlgorithm="SHA256")
+    etag_before = s3.head_object(Bucket=s3.bucket, Key=there_before)["ETag"]
+    copies = _sent(hook, "CopyObject")
+    calls = {"n": 0}
+
+    def fail(**_):
+        calls["n"] += 1
+        if failing == "manifest" or calls["n"] == 2:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"}}, failing)
+
+    # The second copy (of a new key), or the manifest's write (after every copy, the overwrite last).
+    event = "before-call.s3.CopyObject" if failing == "copy" else "before-call.s3.PutObject"
+    hook.get_conn().meta.events.register(event, fail)
+    with pytest.raises(ClientError, match="injected"):
+        publish_images(hook, uri, [1, 2, 3], prefix=PUBLISHED, replace=True, **RUN)
+
+    # The object that was there before is never deleted: untouched if the failure came first...
+    assert _keys(s3, PUBLISHED) == [there_before]
+    if failing == "copy":
+        assert _body(s3, there_before) == b"there before"
+        return
+    # ... and, overwritten (If-Match the object looked at) before a later failure, reported.
+    assert copies[-1]["if-match"] == etag_before and "if-none-match" not in copies[-1]
+    assert _body(s3, there_before) == _jpeg(1)
+    assert f"left as they are: s3://{s3.bucket}/{there_before}" in caplog.text
+
+
+def test_a_replaced_object_is_reported(s3, hook):
+    uri = _stage(s3)
+    s3.put_object(Bucket=s3.bucket, Key=f"{PUBLISHED}/req2_0.jpg", Body=b"there before", ChecksumAlgorithm="SHA256")
+    result = publish_images(hook, uri, [1, 2], prefix=PUBLISHED, replace=True, **RUN)
+    assert result.replaced == [f"{PUBLISHED}/req2_0.jpg"]
+    assert _body(s3, f"{PUBLISHED}/req2_0.jpg") == _jpeg(2)
 
 
 def test_images_of_every_task_that_copied_into_the_staging_prefix_are_numbered(s3, hook):
