@@ -37,12 +37,16 @@ async def test_concurrent_hooks_share_one_lookup(make_flux_conn, lookups):
 
 
 async def test_settings_are_read_again_after_the_ttl(make_flux_conn, lookups, monkeypatch):
-    monkeypatch.setattr(shared_module, "SETTINGS_TTL", 0.05)
+    # The loop's clock, moved by the test: no real wait decides whether the TTL is over.
+    loop = asyncio.get_running_loop()
+    real_time, skew = loop.time, [0.0]
+    monkeypatch.setattr(loop, "time", lambda: real_time() + skew[0])
     conn_id = make_flux_conn("http://127.0.0.1:1")
     await FluxHook(flux_conn_id=conn_id).aget_settings()
     make_flux_conn("http://127.0.0.1:3", conn_id=conn_id)  # edited connection
+    skew[0] = shared_module.SETTINGS_TTL - 1
     assert (await FluxHook(flux_conn_id=conn_id).aget_settings()).base_url == "http://127.0.0.1:1"
-    await asyncio.sleep(0.06)
+    skew[0] = shared_module.SETTINGS_TTL + 1
     assert (await FluxHook(flux_conn_id=conn_id).aget_settings()).base_url == "http://127.0.0.1:3"
     assert lookups == [conn_id, conn_id]
 
