@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 from sqlalchemy import func, select
 
+from airflow_flux.identity import s3_object_args, split_s3_input
 from airflow_flux.manifest import STORED_STATUSES, entry_writer, split_s3_uri
 from airflow_flux.xcom_keys import MANIFEST_XCOM_KEY
 
@@ -436,10 +437,16 @@ class GalleryStore:
         :param uri: the input's ``s3://`` URI.
         :param size: the longest side, pixels.
         """
-        bucket, key = _bucket_and_key(uri)
+        try:
+            bucket, key, version_id, etag = split_s3_input(uri)
+        except ValueError as exc:
+            raise GalleryError(str(exc)) from None
+        # The version that was edited (a pinned URI): by VersionId, or the key only while it
+        # still has the ETag that was edited (a replaced input is not shown as the input).
+        target = s3_object_args(bucket, key, version_id, etag)
         client = self.hook(image.ref.conn_id).get_conn()
         try:
-            head = client.head_object(Bucket=bucket, Key=key)
+            head = client.head_object(**target)
         except Exception as exc:
             raise GalleryError(f"{type(exc).__name__}: {exc}") from None
         # Keyed by the object's ETag: an input overwritten under the same key gets a new thumbnail.
@@ -450,7 +457,7 @@ class GalleryStore:
         if int(head.get("ContentLength") or 0) > MAX_THUMBNAIL_SOURCE_BYTES:
             raise GalleryError("too large for a thumbnail")
         try:
-            data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            data = client.get_object(**target)["Body"].read()
         except Exception as exc:
             raise GalleryError(f"{type(exc).__name__}: {exc}") from None
         result = make_thumbnail(data, size)

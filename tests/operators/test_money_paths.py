@@ -187,7 +187,7 @@ def test_a_pinned_input_that_was_replaced_is_refused_before_any_call(emulator, f
     pinned = pin_s3_uri(s3.bucket, "in/p.png", etag=put["ETag"])
     assert split_s3_input(pinned) == (s3.bucket, "in/p.png", None, put["ETag"].strip('"'))
     s3.put_object(Bucket=s3.bucket, Key="in/p.png", Body=_png((3, 2, 1)), ContentType="image/png")
-    with pytest.raises(FluxValidationError, match="image_url: .* was replaced"):
+    with pytest.raises(FluxValidationError, match=r"image_url: .* was replaced"):
         _edit(flux_conn, pinned).execute(_context(_Store()))
     assert emulator.calls(kind="submit") == []
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 
+import pytest
+from PIL import Image
+
+from airflow_flux.identity import pin_s3_uri
 from airflow_flux.manifest import Manifest, ManifestImage, merge_manifest
-from airflow_flux.plugins.store import GalleryStore, ManifestRef
+from airflow_flux.plugins.store import GalleryError, GalleryImage, GalleryStore, ManifestRef
 
 
 def _ref(s3, key: str, task_id: str, run_id: str = "run1") -> ManifestRef:
@@ -71,3 +76,21 @@ def test_a_shared_manifest_is_read_once_and_each_image_shown_under_its_writer(s3
     assert _shown(store, "run1", refs) == [("to_s3_a", "shared/1.jpg"), ("to_s3_b", "shared/3.jpg")]
     run2 = [_ref(s3, "shared/manifest.json", "to_s3_a", run_id="run2")]
     assert _shown(store, "run2", run2) == [("to_s3_a", "shared/2.jpg")]
+
+
+def test_an_edits_input_is_shown_as_the_version_that_was_edited(s3):
+    def png(colour: tuple[int, int, int]) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (40, 30), colour).save(out, format="PNG")
+        return out.getvalue()
+
+    put = s3.put_object(Bucket=s3.bucket, Key="in/x.png", Body=png((200, 10, 10)))
+    pinned = pin_s3_uri(s3.bucket, "in/x.png", etag=put["ETag"])
+    image = GalleryImage(ref=_ref(s3, "edits/manifest.json", "to_s3"), bucket=s3.bucket, entry={"inputs": [pinned]})
+    store = GalleryStore()
+    data, _ = store.input_thumbnail(image, pinned)
+    assert Image.open(io.BytesIO(data)).convert("RGB").getpixel((5, 5))[0] > 150
+    # The input was replaced after the edit: the gallery does not show the new object as its input.
+    s3.put_object(Bucket=s3.bucket, Key="in/x.png", Body=png((10, 10, 200)))
+    with pytest.raises(GalleryError, match="412|PreconditionFailed"):
+        store.input_thumbnail(image, pinned)
