@@ -92,5 +92,5 @@ def test_an_edits_input_is_shown_as_the_version_that_was_edited(s3):
     assert Image.open(io.BytesIO(data)).convert("RGB").getpixel((5, 5))[0] > 150
     # The input was replaced after the edit: the gallery does not show the new object as its input.
     s3.put_object(Bucket=s3.bucket, Key="in/x.png", Body=png((10, 10, 200)))
-    with pytest.raises(GalleryError, match="412|PreconditionFailed"):
+    with pytest.raises(GalleryError, match=r"412|PreconditionFailed"):
         store.input_thumbnail(image, pinned)
