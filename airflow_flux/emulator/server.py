@@ -57,7 +57,12 @@ class FluxEmulator:
     :attr:`jobs` (request id -> live :class:`Job`: ``priority``, ``request_timeout``,
     ``store_io``, ``object_lifecycle_preference``, and for edits ``input_fetches``, a list
     of :class:`InputFetch`, filled once the job has left the queue and loaded its inputs) and
-    :meth:`max_running` (the most jobs of one account that ran at once).
+    :meth:`max_running` (the most jobs of one account that ran at once), :meth:`reported` (the
+    statuses told to clients) and :meth:`held` (the jobs a gate holds).
+
+    What a test controls: :meth:`add_scenario` (timing and faults per prompt) and the gates of
+    ``Scenario.hold_queue`` / ``hold_run``: :meth:`release` lets the jobs a gate holds move on,
+    :meth:`hold` closes it again for later submits.
     """
 
     def __init__(
