@@ -249,3 +249,47 @@ with DAG("flux_test_shared_prefix", schedule=None, start_date=START, params=S3_P
             s3_key_prefix="{{ params.prefix }}",
             **retry,
         )
+
+
+def replace_input_on_first_try(context, result=None):
+    """``post_execute``: after try 1 paid, the input object is overwritten, then the worker is lost."""
+    if context["ti"].try_number == 1:
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        bucket, params = context["params"]["bucket"], context["params"]
+        S3Hook(aws_conn_id="aws_default").get_conn().copy_object(
+            Bucket=bucket, Key=params["key"], CopySource={"Bucket": bucket, "Key": params["other"]}
+        )
+        raise RuntimeError("worker lost right after submit")
+
+
+with DAG("flux_test_edit_replaced_input", schedule=None, start_date=START, params=EDIT_PARAMS, catchup=False):
+    # The input is replaced between the submit's two tries: try 2 must pay for an edit of the new bytes.
+    submit = FluxSubmitOperator(
+        task_id="submit",
+        endpoint=KONTEXT_EDIT,
+        prompt="the same fox in spring",
+        image_url="s3://{{ params.bucket }}/{{ params.key }}",
+        retries=1,
+        retry_delay=timedelta(seconds=0),
+        post_execute=replace_input_on_first_try,
+    )
+    wait = FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=60)
+    FluxToS3Operator(task_id="to_s3", source=wait.output, s3_bucket="{{ params.bucket }}", s3_key_prefix="replaced")
+
+with DAG(
+    "flux_test_batch_refused",
+    schedule=None,
+    start_date=START,
+    params=BATCH_PARAMS,
+    catchup=False,
+    render_template_as_native_obj=True,
+):
+    # A submit refused for good stops the batch; the retry pays only for what was never paid for.
+    FluxBatchGenerateOperator(
+        task_id="batch",
+        requests="{{ params.requests }}",
+        poll_interval=0.2,
+        retries=1,
+        retry_delay=timedelta(seconds=0),
+    )

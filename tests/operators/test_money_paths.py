@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from collections import Counter
 from types import SimpleNamespace
 from typing import Any
@@ -25,6 +26,7 @@ from airflow_flux.identity import pin_s3_uri, split_s3_input
 from airflow_flux.models import KONTEXT_EDIT
 from airflow_flux.operators import FluxBatchGenerateOperator, FluxGenerateOperator
 from airflow_flux.operators.batch import STATE_KEY, SUBMIT_CONCURRENCY
+from tests.helpers import task_states, xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -249,3 +251,43 @@ def test_a_refused_status_check_fails_the_retry_without_paying(emulator, flux_co
         _generate(flux_conn, "a stuck fox").execute(_context(store, 2))
     assert len(emulator.jobs) == 1
     assert store.get("flux_request")["handle"]["request_id"] in emulator.jobs
+
+
+# -- the same paths on Airflow's own retries and task state (dag.test) --------------------------
+
+
+def test_a_refused_batch_retried_by_airflow_pays_no_prompt_twice(dags, flux_default, capfd):
+    flux_default.add_scenario(Scenario(submit_errors=[400, 400]), match="refused")
+    prompts = [f"batch fox {i}" for i in range(40)]
+    prompts[20] = "a refused fox"
+    dr = dags.get_dag("flux_test_batch_refused").test(run_conf={"requests": prompts})
+    out = capfd.readouterr().out
+    assert dr.state == "failed", task_states(dr)
+    paid = _paid(flux_default)
+    assert set(paid.values()) == {1} and "a refused fox" not in paid, paid
+    assert out.count("requests[20]: the submit failed") >= 2  # both tries, with the API's reason
+    # Try 2 kept every request try 1 paid for, and submitted only the others.
+    match = re.search(r"(\d+) request\(s\) kept from earlier tries \(0 completed or final, (\d+) awaited again\)", out)
+    assert match and match[1] == match[2], out[-3000:]
+    # Try 1 paid for every item before the refused one (all started before it) and at most
+    # the pool's other slots beside it; try 2 started with the refused one, so only those beside it.
+    kept = int(match[1])
+    assert 20 <= kept <= 20 + SUBMIT_CONCURRENCY - 1
+    assert sum(paid.values()) - kept <= SUBMIT_CONCURRENCY - 1
+
+
+def test_an_input_replaced_between_airflow_tries_is_paid_for_again(dags, flux_default, s3):
+    s3.put_object(Bucket=s3.bucket, Key="in/v.png", Body=_png((200, 30, 30)), ContentType="image/png")
+    s3.put_object(Bucket=s3.bucket, Key="in/new.png", Body=_png((30, 30, 200)), ContentType="image/png")
+    dr = dags.get_dag("flux_test_edit_replaced_input").test(
+        run_conf={"bucket": s3.bucket, "key": "in/v.png", "other": "in/new.png"}
+    )
+    assert dr.state == "success", task_states(dr)
+    assert len(flux_default.jobs) == 2, "the retry reused a request made from the old bytes"
+    handle = xcom(dr, "submit")
+    now = s3.head_object(Bucket=s3.bucket, Key="in/v.png")["ETag"]
+    assert handle["inputs"] == [pin_s3_uri(s3.bucket, "in/v.png", etag=now)]
+    (fetch,) = flux_default.jobs[handle["request_id"]].input_fetches
+    assert fetch.sha256 == hashlib.sha256(_png((30, 30, 200))).hexdigest()
+    manifest = json.loads(s3.get_object(Bucket=s3.bucket, Key="replaced/manifest.json")["Body"].read())
+    assert [i["inputs"] for i in manifest["images"]] == [handle["inputs"]]
