@@ -96,3 +96,12 @@ class FluxIntegrityError(FluxError):
 
 class FluxImageExistsError(FluxError, FileExistsError):
     """A destination key of a copy to S3 exists and ``replace`` is off; nothing was written."""
+
+
+class FluxImageHostRefusedError(FluxError):
+    """An image URL (or a redirect) names a host the connection does not allow downloads from,
+    or one that resolves to a private address; refused before anything is sent there."""
+
+
+class FluxImageTooLargeError(FluxIntegrityError):
+    """An image is larger than the connection's ``max_image_mib``; nothing of it is stored."""

@@ -110,6 +110,18 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "Extra hosts (comma separated) that may receive the token.",
                         "schema": {"type": ["string", "null"]},
                     },
+                    "allowed_image_hosts": {
+                        "label": "Allowed image hosts",
+                        "description": "Hosts (comma separated: host, host:port or *.domain) the copy to S3 "
+                        "may download images from, besides this connection's host and fal's media CDN "
+                        "(fal.media). Listed hosts may be private or loopback addresses.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "max_image_mib": {
+                        "label": "Largest image (MiB)",
+                        "description": "An image larger than this fails its copy and nothing of it is stored.",
+                        "schema": {"type": ["number", "null"], "default": 256, "exclusiveMinimum": 0},
+                    },
                     "timeout": {
                         "label": "Timeout (s)",
                         "description": "Timeout of one HTTP call, in seconds.",

@@ -1,7 +1,9 @@
-"""Downloading generated images: public CDN URLs (never sent the token) or inline ``data:`` URIs.
+"""Downloading generated images: URLs on allowed hosts (never sent the token) or inline ``data:`` URIs.
 
-:class:`ImageStream` is what the copy to S3 reads: forward only, counted, hashed and checked
-against ``Content-Length``, so a half-read image can never pass for a whole one.
+Which hosts are allowed, and which addresses, is :mod:`~airflow_flux.hooks.egress`'s to say;
+:func:`open_image` checks the URL and every redirect against it before following.
+:class:`ImageStream` is what the copy to S3 reads: forward only, counted, capped, hashed and
+checked against ``Content-Length``, so a half-read image can never pass for a whole one.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import binascii
 import hashlib
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
-from airflow_flux.exceptions import FluxIntegrityError, FluxTransportError
+from airflow_flux.exceptions import FluxImageTooLargeError, FluxIntegrityError, FluxTransportError
 from airflow_flux.hooks.responses import MAX_DETAIL_CHARS, api_error, parse_json, transport_error
 
 if TYPE_CHECKING:
@@ -21,46 +23,64 @@ if TYPE_CHECKING:
 
     import requests
 
+    from airflow_flux.hooks.egress import ImageHostPolicy
     from airflow_flux.hooks.retry import RetryPolicy
 
 
-def cdn_session() -> requests.Session:
-    """A session of its own with no auth header: image URLs are public CDN links on hosts
-    that must never see the API token."""
-    import requests
-    from requests.adapters import HTTPAdapter
-
-    session = requests.Session()
-    session.mount("https://", HTTPAdapter(max_retries=0, pool_maxsize=16))
-    session.mount("http://", HTTPAdapter(max_retries=0, pool_maxsize=16))
-    return session
+#: Redirects one image download may follow (each to an allowed host only).
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @contextmanager
 def open_image(
-    session: requests.Session, url: str, *, retry_policy: RetryPolicy, timeout: float = 60.0
+    session: requests.Session,
+    url: str,
+    *,
+    policy: ImageHostPolicy,
+    retry_policy: RetryPolicy,
+    timeout: float = 60.0,
 ) -> Iterator[ImageStream]:
-    """Open a generated image for streaming: a CDN URL (no token sent) or a ``data:`` URI.
+    """Open a generated image for streaming: a URL on a host ``policy`` allows (no token sent) or a ``data:`` URI.
 
-    Opening follows the retry policy; the returned stream verifies the byte count
-    against ``Content-Length`` and hashes what it reads (SHA-256).
+    The host of the URL and of every redirect is checked before it is contacted; ``session``
+    (:func:`~airflow_flux.hooks.egress.image_session`) checks each address it connects to.
+    Opening follows the retry policy; the stream verifies the byte count against
+    ``Content-Length``, stops past ``policy.max_bytes`` and hashes what it reads (SHA-256).
+
+    :raises FluxImageHostRefusedError: a host not allowed (nothing was sent to it).
+    :raises FluxImageTooLargeError: an image over ``policy.max_bytes``.
     """
     if url.startswith("data:"):
-        yield ImageStream.from_data_uri(url)
+        stream = ImageStream.from_data_uri(url)
+        _check_size(stream.content_length, policy, url)
+        yield stream
         return
     if urlsplit(url).scheme not in ("http", "https"):
         raise FluxIntegrityError(f"Image URL has an unsupported scheme: {url[:100]!r}")
+    policy.check_url(url)
     import requests
 
     what = "Image download"
 
     def attempt() -> requests.Response:
-        try:
-            resp = session.get(url, stream=True, timeout=(min(timeout, 30.0), timeout))
-        except requests.RequestException as exc:
-            raise transport_error(what, exc, None, True) from exc
+        target = url
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                resp = session.get(target, stream=True, timeout=(min(timeout, 30.0), timeout), allow_redirects=False)
+            except requests.RequestException as exc:
+                raise transport_error(what, exc, None, True) from exc
+            location = resp.headers.get("Location")
+            if resp.status_code not in _REDIRECTS or not location:
+                break
+            resp.close()
+            # Checked before it is followed: an allowed host must not be a way to reach another.
+            target = urljoin(target, location)
+            policy.check_url(target)
+        else:
+            raise FluxIntegrityError(f"Image download: more than {MAX_REDIRECTS} redirects from {url[:200]}")
         if resp.status_code >= 300:
-            raw = resp.content[:MAX_DETAIL_CHARS]
+            raw = resp.raw.read(MAX_DETAIL_CHARS, decode_content=True) or b""
             resp.close()
             raise api_error(resp.status_code, resp.headers, parse_json(raw), raw, what=what, request_id=None)
         return resp
@@ -68,14 +88,31 @@ def open_image(
     resp = retry_policy.call(attempt)
     try:
         length = resp.headers.get("Content-Length")
+        content_length = int(length) if length and length.isdigit() else None
+        _check_size(content_length, policy, url)
         yield ImageStream(
             resp.raw,
             url=url,
-            content_length=int(length) if length and length.isdigit() else None,
+            content_length=content_length,
             content_type=resp.headers.get("Content-Type"),
+            max_bytes=policy.max_bytes,
+            conn_id=policy.conn_id,
         )
     finally:
         resp.close()
+
+
+def _check_size(size: int | None, policy: ImageHostPolicy, url: str) -> None:
+    if size is not None and size > policy.max_bytes:
+        raise FluxImageTooLargeError(_too_large(f"is {size} bytes", policy.max_bytes, policy.conn_id, url))
+
+
+def _too_large(what: str, max_bytes: int, conn_id: str | None, url: str) -> str:
+    return (
+        f"Image {url[:200] if not url.startswith('data:') else '(data: URI)'} {what}, over the "
+        f"{max_bytes / 1048576:g} MiB cap of connection {conn_id!r}; nothing of it was stored. "
+        "Raise the connection's extra 'max_image_mib' to copy it."
+    )
 
 
 class ImageStream:
@@ -87,9 +124,21 @@ class ImageStream:
     mistaken for a whole one. It has no ``seek``, so uploads stream it in parts.
     """
 
-    def __init__(self, raw: Any, *, url: str, content_length: int | None, content_type: str | None) -> None:
+    def __init__(
+        self,
+        raw: Any,
+        *,
+        url: str,
+        content_length: int | None,
+        content_type: str | None,
+        max_bytes: int | None = None,
+        conn_id: str | None = None,
+    ) -> None:
         self._raw = raw
         self.url = url
+        self.max_bytes = max_bytes
+        self._conn_id = conn_id
+        self._raw_read = 0
         self.content_length = content_length
         self.content_type = (content_type or "").split(";")[0].strip().lower() or None
         self.bytes_read = 0
@@ -127,12 +176,22 @@ class ImageStream:
         import urllib3.exceptions
         from requests.exceptions import RequestException
 
+        if self.max_bytes is not None:
+            # One byte past the cap is enough to know: an answer without Content-Length
+            # would otherwise stream without bound.
+            n = min(n, self.max_bytes + 1 - self._raw_read)
         try:
-            return self._raw.read(n) or b""
+            data = self._raw.read(n) or b""
         except (OSError, urllib3.exceptions.HTTPError, RequestException) as exc:
             raise FluxTransportError(
                 f"Image download broke after {self.bytes_read + len(self._head)} bytes: {type(exc).__name__}: {exc}"
             ) from exc
+        self._raw_read += len(data)
+        if self.max_bytes is not None and self._raw_read > self.max_bytes:
+            raise FluxImageTooLargeError(
+                _too_large(f"is larger than {self.max_bytes} bytes", self.max_bytes, self._conn_id, self.url)
+            )
+        return data
 
     def read(self, n: int = -1) -> bytes:
         if self._eof:

@@ -17,6 +17,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowNotFoundException
 from pydantic import ValidationError
 
 from airflow_flux.exceptions import (
@@ -36,7 +37,8 @@ from airflow_flux.hooks.calls import (
     status_call,
     submit_call,
 )
-from airflow_flux.hooks.download import cdn_session, open_image
+from airflow_flux.hooks.download import open_image
+from airflow_flux.hooks.egress import ImageHostPolicy, image_session
 from airflow_flux.hooks.polling import next_poll_interval
 from airflow_flux.hooks.responses import api_error, check_response, parse_json, transport_error
 from airflow_flux.hooks.retry import DEFAULT_RETRY_POLICY, RetryPolicy
@@ -71,7 +73,8 @@ class FluxHook(BaseHook):
     The connection's ``host`` is the base URL (default ``https://queue.fal.run``),
     ``password`` the API token; ``extra`` may set ``auth_scheme`` (``Key`` | ``Bearer`` |
     ``auto``), ``endpoint``, ``rebase_urls`` (``true`` | ``false`` | ``auto``, or the connection
-    form's ``on`` | ``off``), ``trusted_hosts`` and ``timeout``; ``auto`` or absent: from the host.
+    form's ``on`` | ``off``), ``trusted_hosts``, ``timeout``, and for image downloads
+    ``allowed_image_hosts`` and ``max_image_mib``; ``auto`` or absent: from the host.
 
     :param flux_conn_id: the ``flux`` connection to use.
     :param retry_policy: overrides the default :class:`RetryPolicy`.
@@ -340,19 +343,26 @@ class FluxHook(BaseHook):
             return False, str(exc)
         return True, f"Token accepted by {self.settings.base_url}."
 
-    # -- image download (CDN: public, never sent the token) ----------------------------------
+    # -- image download (allowed hosts only, never sent the token) ------------------------
+
+    @cached_property
+    def image_policy(self) -> ImageHostPolicy:
+        """Where this connection's images may come from (:mod:`~airflow_flux.hooks.egress`);
+        without the connection, fal's media CDN only."""
+        try:
+            policy = self.settings.image_policy
+        except AirflowNotFoundException:
+            policy = None
+        return (policy or ImageHostPolicy(conn_id=None)).model_copy(update={"conn_id": self.flux_conn_id})
 
     @cached_property
     def _cdn_session(self) -> requests.Session:
-        return cdn_session()
+        return image_session(self.image_policy)
 
     def open_image(self, url: str, *, timeout: float = 60.0) -> AbstractContextManager[ImageStream]:
-        """Open a generated image for streaming: a CDN URL (no token sent) or a ``data:`` URI.
-
-        Opening follows the retry policy; the returned stream verifies the byte count
-        against ``Content-Length`` and hashes what it reads (SHA-256).
-        """
-        return open_image(self._cdn_session, url, retry_policy=self.retry_policy, timeout=timeout)
+        """An image URL on an allowed host (no token sent) or a ``data:`` URI, streamed (:func:`open_image`)."""
+        policy, retry = self.image_policy, self.retry_policy
+        return open_image(self._cdn_session, url, policy=policy, retry_policy=retry, timeout=timeout)
 
     # -- async API (triggerer) ----------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from airflow_flux.exceptions import FluxConfigError, FluxUntrustedURLError
+from airflow_flux.hooks.egress import DEFAULT_MAX_IMAGE_MIB, HostPattern, ImageHostPolicy
 from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE
 
 if TYPE_CHECKING:
@@ -67,6 +68,9 @@ class FluxConnectionSettings:
     media_expires_in: int | None = None
     #: What one image costs on this connection (an aggregator's price); None: the published price.
     price_per_image: float | None = None
+    #: Where images may be downloaded from and how large they may be (``allowed_image_hosts``,
+    #: ``max_image_mib``); None: fal's media CDN only, the default size cap.
+    image_policy: ImageHostPolicy | None = None
 
     @classmethod
     def from_connection(cls, conn: Connection) -> FluxConnectionSettings:
@@ -121,6 +125,7 @@ class FluxConnectionSettings:
             return parsed
 
         return cls(
+            image_policy=cls._image_policy(conn.conn_id, hosts, opt("allowed_image_hosts", []), opt("max_image_mib")),
             base_url=base_url,
             token=conn.password or "",
             auth_scheme=normalized,
@@ -131,6 +136,27 @@ class FluxConnectionSettings:
             store_io=_as_bool(opt("store_io", True)),
             media_expires_in=number("media_expires_in", int),
             price_per_image=number("price_per_image", float),
+        )
+
+    @staticmethod
+    def _image_policy(conn_id: str | None, own: set[str], listed: Any, max_mib: Any) -> ImageHostPolicy:
+        """The image download policy: the API's hosts, ``allowed_image_hosts``, ``max_image_mib``."""
+        if isinstance(listed, str):
+            listed = [h for h in listed.replace(",", " ").split() if h]
+        try:
+            mib = float(DEFAULT_MAX_IMAGE_MIB if max_mib is None else max_mib)
+        except (TypeError, ValueError):
+            mib = -1
+        if not mib > 0:
+            raise FluxConfigError(
+                f"Connection {conn_id!r}: extra max_image_mib must be a positive number, got {max_mib!r}"
+            )
+        # No conn_id: settings compare by what they do; the hook names its connection.
+        return ImageHostPolicy(
+            conn_id=None,
+            own_hosts=tuple(HostPattern.parse(h, conn_id=conn_id) for h in sorted(own)),
+            listed_hosts=tuple(HostPattern.parse(str(h), conn_id=conn_id) for h in listed),
+            max_bytes=int(mib * 1024 * 1024),
         )
 
     @staticmethod

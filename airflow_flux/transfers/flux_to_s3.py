@@ -157,10 +157,30 @@ class FluxToS3Operator(BaseOperator):
 
     @cached_property
     def flux_hook(self) -> FluxHook:
-        """The hook of image downloads (public CDN URLs: no connection is read for them)."""
+        """The hook of the downloads of results handed in whole: its connection says which
+        image hosts are allowed (``allowed_image_hosts``)."""
         from airflow_flux.hooks.flux import FluxHook
 
         return FluxHook(flux_conn_id=self.flux_conn_id or DEFAULT_CONN_ID)
+
+    @cached_property
+    def _fetched_with(self) -> dict[int, str]:
+        """The connection each result fetched from a handle came from, by ``id`` of the result."""
+        return {}
+
+    def _image_hook(self, job: ImageJob) -> FluxHook:
+        """The hook that downloads ``job``'s image: the connection its result was fetched with,
+        else the task's. A result handed in whole (conf, XCom) never names its own connection:
+        it would choose which hosts it may reach."""
+        conn_id = self._fetched_with.get(id(job.result))
+        return self._api_hook(conn_id) if conn_id else self.flux_hook
+
+    def _check_image_hosts(self, jobs: list[ImageJob]) -> None:
+        """Refuse an image on a host its connection does not allow, before anything is contacted
+        or written (redirects and addresses are checked again as the download goes)."""
+        for job in jobs:
+            if not job.url.startswith("data:"):
+                self._image_hook(job).image_policy.check_url(job.url)
 
     @cached_property
     def _api_hooks(self) -> dict[str, FluxHook]:
@@ -222,6 +242,7 @@ class FluxToS3Operator(BaseOperator):
             results.append(
                 result.model_copy(update={"endpoint": endpoint, "inputs": handle.get("inputs"), "cost_usd": cost})
             )
+            self._fetched_with[id(results[-1])] = conn_id
         return results, failed
 
     def _plan(self, results: list[FluxResult]) -> list[ImageJob]:
@@ -276,11 +297,13 @@ class FluxToS3Operator(BaseOperator):
         """Stream one image into S3; retried as a whole on transient download failures."""
         started = time.monotonic()
 
+        hook = self._image_hook(job)
+
         def attempt() -> None:
-            with self.flux_hook.open_image(job.url) as stream:
+            with hook.open_image(job.url) as stream:
                 self._upload(job, stream)
 
-        self.flux_hook.retry_policy.call(attempt)
+        hook.retry_policy.call(attempt)
         job.status, job.seconds = ImageStatus.COPIED, round(time.monotonic() - started, 3)
 
     def _upload(self, job: ImageJob, stream: ImageStream) -> None:
@@ -343,6 +366,7 @@ class FluxToS3Operator(BaseOperator):
             if self.nsfw_policy == "skip":
                 job.status, job.reason = ImageStatus.SKIPPED, "nsfw"
         todo = [j for j in jobs if j.status is ImageStatus.PENDING]
+        self._check_image_hosts(todo)
         self._check_destinations(todo)
         if self.manifest_name:
             check_manifest_key(self.s3_hook.get_conn(), self.s3_bucket, self._manifest_key, replace=self.replace)
