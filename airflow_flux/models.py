@@ -427,6 +427,9 @@ class FluxResult(BaseModel):
     inputs: list[str] | None = None
     #: What the request cost: price per image (published, or the connection's) x images.
     cost_usd: float | None = None
+    #: The connection the request was made with (an id, never a secret): the copy downloads
+    #: the images under its ``allowed_image_hosts``, as a handle's ``flux_conn_id``.
+    flux_conn_id: str | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -125,7 +125,14 @@ class FluxConnectionSettings:
             return parsed
 
         return cls(
-            image_policy=cls._image_policy(conn.conn_id, hosts, opt("allowed_image_hosts", []), opt("max_image_mib")),
+            # Only a flux connection lends its hosts to image downloads: a result or handle may
+            # name its connection, and another type's host (an internal API's) must not be reachable.
+            image_policy=cls._image_policy(
+                conn.conn_id,
+                hosts if conn.conn_type == "flux" else set(),
+                opt("allowed_image_hosts", []) if conn.conn_type == "flux" else [],
+                opt("max_image_mib"),
+            ),
             base_url=base_url,
             token=conn.password or "",
             auth_scheme=normalized,

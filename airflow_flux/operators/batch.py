@@ -396,7 +396,9 @@ class FluxBatchGenerateOperator(BaseOperator):
             outcome = outcomes.get(index) or {"status": "pending"}
             if outcome.get("status") == "pending":
                 outcome = {**outcome, "error": outcome.get("error") or "not finished within wait_timeout"}
+            # flux_conn_id: the copy to S3 downloads the images under this connection's allowed hosts.
             common = {"index": index, "prompt": payload.get("prompt"), "endpoint": endpoint}
+            common["flux_conn_id"] = self.flux_conn_id
             common["inputs"] = inputs[index] if inputs and index in inputs else describe_inputs(payload)
             if outcome.get("status") == "completed":
                 result = dict(outcome.get("result") or {})

@@ -167,6 +167,8 @@ class FluxWaitMixin(_Operator):
             "inputs": handle.get("inputs"),
             "cost_usd": cost,
             "waited_seconds": waited,
+            # The copy to S3 downloads the images under this connection's allowed hosts.
+            "flux_conn_id": self.flux_conn_id or DEFAULT_CONN_ID,
         }
         self.log.info(
             "FLUX request %s completed: %d image(s), seed %s, cost %s",

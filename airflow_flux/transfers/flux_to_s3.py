@@ -157,23 +157,17 @@ class FluxToS3Operator(BaseOperator):
 
     @cached_property
     def flux_hook(self) -> FluxHook:
-        """The hook of the downloads of results handed in whole: its connection says which
-        image hosts are allowed (``allowed_image_hosts``)."""
+        """The hook of the task's connection (``flux_conn_id``, else ``flux_default``): downloads
+        of results that name no connection of their own follow its ``allowed_image_hosts``."""
         from airflow_flux.hooks.flux import FluxHook
 
         return FluxHook(flux_conn_id=self.flux_conn_id or DEFAULT_CONN_ID)
 
-    @cached_property
-    def _fetched_with(self) -> dict[int, str]:
-        """The connection each result fetched from a handle came from, by ``id`` of the result."""
-        return {}
-
     def _image_hook(self, job: ImageJob) -> FluxHook:
-        """The hook that downloads ``job``'s image: the connection its result was fetched with,
-        else the task's. A result handed in whole (conf, XCom) never names its own connection:
-        it would choose which hosts it may reach."""
-        conn_id = self._fetched_with.get(id(job.result))
-        return self._api_hook(conn_id) if conn_id else self.flux_hook
+        """The hook that downloads ``job``'s image, whose connection's allow-list applies: the
+        one the result was made with (recorded in it, as in a handle), unless the task names one."""
+        conn_id, _ = conn_id_for({"flux_conn_id": job.result.flux_conn_id}, self.flux_conn_id)
+        return self.flux_hook if conn_id == (self.flux_conn_id or DEFAULT_CONN_ID) else self._api_hook(conn_id)
 
     def _check_image_hosts(self, jobs: list[ImageJob]) -> None:
         """Refuse an image on a host its connection does not allow, before anything is contacted
@@ -240,9 +234,15 @@ class FluxToS3Operator(BaseOperator):
             endpoint = handle.get("endpoint")
             cost = cost_usd(endpoint, len(result.images), price_per_image=hook.settings.price_per_image)
             results.append(
-                result.model_copy(update={"endpoint": endpoint, "inputs": handle.get("inputs"), "cost_usd": cost})
+                result.model_copy(
+                    update={
+                        "endpoint": endpoint,
+                        "inputs": handle.get("inputs"),
+                        "cost_usd": cost,
+                        "flux_conn_id": conn_id,
+                    }
+                )
             )
-            self._fetched_with[id(results[-1])] = conn_id
         return results, failed
 
     def _plan(self, results: list[FluxResult]) -> list[ImageJob]:

@@ -102,3 +102,43 @@ def test_the_emulators_own_images_are_still_copied(dags, flux_default, s3):
     )
     assert dr.state == "success", task_states(dr)
     assert len(flux_default.calls(kind="cdn")) == 1
+
+
+def test_a_result_is_downloaded_under_the_connection_it_names(dags, emulator, make_flux_conn, monkeypatch, s3, capfd):
+    # As a handle does, a result names the connection it was made with; only a flux
+    # connection lends its hosts (another type's host, an internal API's, stays unreachable).
+    with Origin() as listed, Origin() as internal:
+        conn = make_flux_conn(emulator.base_url, allowed_image_hosts=listed.netloc)
+        other_type = "internal_api"
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_INTERNAL_API",
+            json.dumps(
+                {"conn_type": "http", "host": internal.base_url, "extra": {"allowed_image_hosts": internal.netloc}}
+            ),
+        )
+        body = jpeg(1000)
+        source = {**_source(listed.serve("/a.jpg", Answer(body=body))), "flux_conn_id": conn}
+        dr = dags.get_dag("flux_test_copy_from_conf").test(run_conf={"source": source, "bucket": s3.bucket})
+        assert dr.state == "success", task_states(dr)
+        assert listed.requests == [("GET", "/a.jpg")]
+
+        source = {**_source(internal.serve("/secret", Answer(body=body))), "flux_conn_id": other_type}
+        dr = dags.get_dag("flux_test_copy_from_conf").test(run_conf={"source": source, "bucket": s3.bucket})
+        assert dr.state == "failed", task_states(dr)
+        assert internal.requests == []
+        assert f"Refusing to download an image from '{internal.netloc}'" in capfd.readouterr().out
+
+
+def test_a_generated_result_names_its_connection_and_is_copied_under_it(dags, emulator, make_flux_conn, s3):
+    # flux_default is not the API here: the copy follows the connection the result records.
+    with Origin() as elsewhere:
+        conn = make_flux_conn(emulator.base_url)
+        make_flux_conn(elsewhere.base_url, conn_id="flux_default")
+        dr = dags.get_dag("flux_test_generate_on_a_connection_then_copy").test(
+            run_conf={"conn": conn, "bucket": s3.bucket}
+        )
+        assert dr.state == "success", task_states(dr)
+        assert xcom(dr, "generate")["flux_conn_id"] == conn
+        assert len(xcom(dr, "to_s3")) == 1
+        assert len(emulator.calls(kind="cdn")) == 1
+        assert elsewhere.requests == []
