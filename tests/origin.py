@@ -8,6 +8,7 @@ or a redirect.
 from __future__ import annotations
 
 import contextlib
+import ssl
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,9 +33,9 @@ class Answer:
 
 
 class Origin:
-    """``with Origin() as origin``: listens on 127.0.0.1, port chosen by the OS."""
+    """``with Origin() as origin``: listens on 127.0.0.1, port chosen by the OS; over TLS with ``tls``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
         self.answers: dict[str, Answer] = {}
         self.requests: list[tuple[str, str]] = []
         self.bytes_sent = 0
@@ -78,9 +79,11 @@ class Origin:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
         self.netloc = f"127.0.0.1:{self.port}"
-        self.base_url = f"http://{self.netloc}"
+        self.base_url = f"{'https' if tls else 'http'}://{self.netloc}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def _sent(self, n: int) -> None:
@@ -99,3 +102,37 @@ class Origin:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def self_signed_tls(tmp_path: Any, hostname: str = "localhost") -> tuple[ssl.SSLContext, str]:
+    """A server TLS context with a self-signed certificate for ``hostname``, and the certificate's path."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    return context, str(cert_path)

@@ -62,7 +62,9 @@ def _total_cost(jobs: list[ImageJob]) -> float | None:
 class FluxToS3Operator(BaseOperator):
     """Copy the images of FLUX results into S3, streaming, with metadata and a manifest.
 
-    Each image is streamed from its URL (CDN, no token sent; or a ``data:`` URI) into S3,
+    Each image is streamed from its URL (no token sent; only from the connection's own host,
+    fal's media CDN and its ``allowed_image_hosts``, redirects included; at most its
+    ``max_image_mib``) or its ``data:`` URI into S3,
     never held whole in memory: as one PUT while it downloads, its SHA-256 sent after the
     body for S3 to verify (a multipart upload when the size is unknown or above
     ``max_single_put``). Its type is checked against its first bytes, its size against
@@ -90,7 +92,8 @@ class FluxToS3Operator(BaseOperator):
         targets MinIO, moto or any S3-compatible store).
     :param flux_conn_id: the ``flux`` connection of handles in ``source``; by default each
         handle's own (the one it was submitted with), else ``flux_default``. One that differs
-        from a handle's wins, with a warning.
+        from a handle's wins, with a warning. Its ``allowed_image_hosts`` apply to the images
+        (by default those of the connection each result or handle names).
     :param replace: overwrite existing keys; when off (default), an existing key that is
         not this very image, or a manifest key holding something that is not a manifest, fails
         the task before anything is written.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 
 import pytest
+import requests
 
 from airflow_flux.exceptions import (
     FluxConfigError,
@@ -19,7 +20,7 @@ from airflow_flux.exceptions import (
 from airflow_flux.hooks import FluxHook
 from airflow_flux.hooks.egress import HostPattern, ImageHostPolicy, image_session, is_public_address
 from tests.helpers import FAST_RETRY
-from tests.origin import Answer, Origin, jpeg
+from tests.origin import Answer, Origin, jpeg, self_signed_tls
 
 
 def _hook(conn_id: str) -> FluxHook:
@@ -201,3 +202,22 @@ def test_without_the_connection_only_fals_cdn_is_allowed(flux_conn):
     hook.image_policy.check_url("https://v3.fal.media/files/a.png")
     with pytest.raises(FluxImageHostRefusedError, match="'flux_no_such_connection'"):
         hook.image_policy.check_url("http://127.0.0.1:1/x.jpg")
+
+
+def test_https_is_verified_against_the_name_while_connecting_to_the_checked_address(tmp_path):
+    # The socket goes to the address that was checked; TLS still verifies the certificate
+    # against the URL's name (SNI and hostname check), not against that address.
+    tls, ca = self_signed_tls(tmp_path, "localhost")
+    with Origin(tls=tls) as origin:
+        body = jpeg(1234)
+        url = origin.serve("/s.jpg", Answer(body=body)).replace("127.0.0.1", "localhost")
+        policy = ImageHostPolicy(conn_id="c", listed_hosts=(HostPattern(host="localhost", port=origin.port),))
+        session = image_session(policy)
+        session.verify = ca
+        assert session.get(url, timeout=5).content == body
+        # The certificate names localhost, not 127.0.0.1: refused by TLS, as it should be.
+        by_ip = policy.model_copy(update={"listed_hosts": (HostPattern(host="127.0.0.1", port=origin.port),)})
+        session = image_session(by_ip)
+        session.verify = ca
+        with pytest.raises(requests.exceptions.SSLError):
+            session.get(url.replace("localhost", "127.0.0.1"), timeout=5)
