@@ -17,6 +17,7 @@ from urllib.parse import urljoin, urlsplit
 
 from airflow_flux.exceptions import FluxImageTooLargeError, FluxIntegrityError, FluxTransportError
 from airflow_flux.hooks.responses import MAX_DETAIL_CHARS, api_error, parse_json, transport_error
+from airflow_flux.redact import redact_presigned
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -109,7 +110,7 @@ def _check_size(size: int | None, policy: ImageHostPolicy, url: str) -> None:
 
 def _too_large(what: str, max_bytes: int, conn_id: str | None, url: str) -> str:
     return (
-        f"Image {url[:200] if not url.startswith('data:') else '(data: URI)'} {what}, over the "
+        f"Image {'(data: URI)' if url.startswith('data:') else redact_presigned(url[:300])} {what}, over the "
         f"{max_bytes / 1048576:g} MiB cap of connection {conn_id!r}; nothing of it was stored. "
         "Raise the connection's extra 'max_image_mib' to copy it."
     )

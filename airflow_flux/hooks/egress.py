@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 from airflow_flux.exceptions import FluxConfigError, FluxImageHostRefusedError
+from airflow_flux.redact import redact_presigned
 
 if TYPE_CHECKING:
     import requests
@@ -134,7 +135,7 @@ class ImageHostPolicy(BaseModel):
         ):
             return
         shown = _display(_normalize(hostname), port, scheme)
-        where = f" ({url[:200]})" if url else ""
+        where = f" ({redact_presigned(url[:300])})" if url else ""
         raise FluxImageHostRefusedError(
             f"Refusing to download an image from {shown!r}{where}: it is not the API's host, fal's media "
             f"CDN (fal.media) nor a host connection {self.conn_id!r} lists. Nothing was contacted. "
