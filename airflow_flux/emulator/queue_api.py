@@ -215,6 +215,8 @@ class _QueueHandlers(_InputFetchHandlers):
                 self._active_streams[id(response)] = wakeup
                 now = time.time()
                 body = self._status_body(job, now, with_logs)
+                if scenario.stream_event_padding:
+                    body["padding"] = "x" * scenario.stream_event_padding
                 payload = json.dumps(body)
                 if payload != last_payload:
                     await response.write(f"data: {payload}\n\n".encode())

@@ -31,6 +31,10 @@ class Scenario:
     released, then moves on at once if that time is over. A gate is closed when first named
     and stays open once released, until ``hold`` closes it again for later submits. A test
     that must see a state uses one instead of racing the timers.
+
+    ``stream_event_padding`` adds that many bytes (a ``padding`` field) to every status
+    *stream* event, not to polls: one ``data:`` line longer than a client's line limit
+    (aiohttp's is 128 KiB), as a long log makes with ``logs=1``.
     """
 
     queue_seconds: float | None = None
@@ -53,8 +57,11 @@ class Scenario:
     cancel_response: str | None = None
     hold_queue: str | None = None
     hold_run: str | None = None
+    stream_event_padding: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.stream_event_padding, int) or self.stream_event_padding < 0:
+            raise ValueError(f"stream_event_padding must be a byte count, 0 or more: {self.stream_event_padding!r}")
         for gate in (self.hold_queue, self.hold_run):
             if gate is not None and (not isinstance(gate, str) or not gate):
                 raise ValueError(f"hold_queue and hold_run must be gate names (non-empty strings): {gate!r}")

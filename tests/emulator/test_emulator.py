@@ -283,6 +283,19 @@ def test_stream_yields_events_until_completed_then_closes(emu: FluxEmulator) -> 
     assert stream_call.request_id == sub["request_id"]
 
 
+def test_stream_event_padding_pads_stream_events_only(emu: FluxEmulator) -> None:
+    emu.add_scenario(Scenario(stream_event_padding=300_000))
+    sub = submit_ok(emu)
+    url = rebase(emu, sub["status_url"]) + "/stream?logs=0"
+    with requests.get(url, headers=AUTH, stream=True, timeout=10) as resp:
+        lines = [line for line in resp.iter_lines() if line.startswith(b"data: ")]
+    assert lines and all(len(line) > 300_000 for line in lines)
+    assert json.loads(lines[-1][len(b"data: ") :])["status"] == "COMPLETED"
+    assert "padding" not in status(emu, sub).json(), "polls are not padded"
+    with pytest.raises(ValueError, match="stream_event_padding"):
+        Scenario(stream_event_padding=-1)
+
+
 def test_stream_pings_and_cancel_wakes_it() -> None:
     with FluxEmulator(queue_seconds=0.02, run_seconds=0.05, ping_interval=0.1) as emu:
         emu.add_scenario(Scenario(never_complete=True))
