@@ -74,6 +74,10 @@ class FluxTransportError(FluxAPIError):
         super().__init__(message, status_code=0, request_id=request_id, retryable=True)
 
 
+class FluxStreamsBusyError(FluxError):
+    """Every status stream this event loop may hold is open: poll this time, try the stream later."""
+
+
 class FluxAuthError(FluxAPIError):
     """The API refused the token (401/403)."""
 

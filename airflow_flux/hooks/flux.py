@@ -24,6 +24,7 @@ from airflow_flux.exceptions import (
     FluxAPIError,
     FluxAuthError,
     FluxError,
+    FluxStreamsBusyError,
     FluxTimeoutError,
     FluxTransportError,
 )
@@ -40,16 +41,16 @@ from airflow_flux.hooks.calls import (
 from airflow_flux.hooks.download import open_image
 from airflow_flux.hooks.egress import ImageHostPolicy, image_session
 from airflow_flux.hooks.polling import next_poll_interval
-from airflow_flux.hooks.responses import api_error, check_response, parse_json, transport_error
-from airflow_flux.hooks.retry import DEFAULT_RETRY_POLICY, RetryPolicy
+from airflow_flux.hooks.responses import check_response, transport_error
+from airflow_flux.hooks.retry import DEFAULT_RETRY_POLICY, RetryPolicy, aresend_with_new_credentials
 from airflow_flux.hooks.settings import DEFAULT_BASE_URL, FluxConnectionSettings
 from airflow_flux.hooks.shared import SettingsCache, SharedSessions
-from airflow_flux.hooks.sse import SSEParser
+from airflow_flux.hooks.sse import SSEParser, line_limit, line_too_long, open_event_stream
 from airflow_flux.identity import DEFAULT_CONN_ID
 from airflow_flux.models import FluxStatus
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Mapping
+    from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
     from contextlib import AbstractContextManager
 
     import aiohttp
@@ -62,9 +63,6 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_BASE_URL", "FluxConnectionSettings", "FluxHook", "HandleLike"]
 
 T = TypeVar("T")
-
-#: fal pings an SSE stream every 15 s; a stream silent for much longer than that is dead.
-STREAM_READ_TIMEOUT = 60.0
 
 
 class FluxHook(BaseHook):
@@ -95,7 +93,6 @@ class FluxHook(BaseHook):
         super().__init__(**kwargs)
         self.flux_conn_id = flux_conn_id
         self.retry_policy = retry_policy or DEFAULT_RETRY_POLICY
-        self._asettings: FluxConnectionSettings | None = None
         self._asession: aiohttp.ClientSession | None = None
 
     # -- connection -----------------------------------------------------------------
@@ -114,11 +111,15 @@ class FluxHook(BaseHook):
         """Settings of the connection, read without blocking the event loop (triggerer).
 
         Shared for :data:`SETTINGS_TTL` seconds by every hook of the same connection on the
-        same event loop (see :class:`_SettingsCache`).
+        same event loop (:class:`SettingsCache`), then read again: not kept by the hook, so a
+        wait of hours sees a rotated token within the TTL without a lookup per call.
         """
-        if self._asettings is None:
-            self._asettings = await SettingsCache.get(self.flux_conn_id, self._aload_settings)
-        return self._asettings
+        return await SettingsCache.get(self.flux_conn_id, self._aload_settings)
+
+    async def _areread(self, stale: FluxConnectionSettings) -> FluxConnectionSettings | None:
+        """After a 401/403: the connection read again, or None if its credentials are unchanged."""
+        fresh = await SettingsCache.reload(self.flux_conn_id, stale, self._aload_settings)
+        return None if fresh.headers == stale.headers else fresh
 
     async def _aload_settings(self) -> FluxConnectionSettings:
         conn = await BaseHook.aget_connection(self.flux_conn_id)
@@ -204,9 +205,12 @@ class FluxHook(BaseHook):
         return call.parse(body)
 
     async def _asend(self, call: ApiCall[Any]) -> Any:
+        settings = await self.aget_settings()
+        return await aresend_with_new_credentials(lambda s: self._asend_with(s, call), settings, self._areread)
+
+    async def _asend_with(self, settings: FluxConnectionSettings, call: ApiCall[Any]) -> Any:
         import aiohttp
 
-        settings = await self.aget_settings()
         target = settings.resolve(call.url)
         session = await self._aget_session()
         timeout = aiohttp.ClientTimeout(total=settings.timeout)
@@ -414,52 +418,42 @@ class FluxHook(BaseHook):
         h = handle_from(handle, await self.aget_settings(), self.flux_conn_id)
         return await self._arun(cancel_call(h))
 
-    async def astream_status(self, handle: HandleLike, *, logs: bool = True) -> AsyncIterator[FluxStatus]:
+    async def astream_status(self, handle: HandleLike, *, logs: bool = True) -> AsyncGenerator[FluxStatus, None]:
         """Follow a request over Server-Sent Events (``{status_url}/stream``).
 
         Yields each status the API pushes and returns after ``COMPLETED``. Opening the
         stream follows the retry policy; a refusal (e.g. an aggregator that does not proxy
         SSE) raises :class:`FluxAPIError` and a stream that ends or stalls before
-        ``COMPLETED`` raises :class:`FluxTransportError`, so the caller can fall back to polling.
+        ``COMPLETED`` raises :class:`FluxTransportError`, so the caller can fall back to polling;
+        so does an event longer than aiohttp's line limit. When the loop's share of streams is
+        open (:func:`~airflow_flux.hooks.shared.stream_share`) it raises
+        :class:`FluxStreamsBusyError` before any call: poll instead.
         """
 
         import aiohttp
 
         settings = await self.aget_settings()
         h = handle_from(handle, settings, self.flux_conn_id)
-        target = settings.resolve(h.status_url.rstrip("/") + "/stream")
+        status_url = h.status_url.rstrip("/") + "/stream"
         # Only the id is needed from here on; the frame lives as long as the wait.
         request_id = h.request_id
         del h
         session = await self._aget_session()
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.timeout, sock_read=STREAM_READ_TIMEOUT)
         what = "Status stream"
 
-        async def open_stream() -> aiohttp.ClientResponse:
-            try:
-                resp = await session.get(
-                    target,
-                    params={"logs": "1" if logs else "0"},
-                    headers={**settings.headers, "Accept": "text/event-stream"},
-                    timeout=timeout,
-                    allow_redirects=False,
-                )
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                # Opening a stream only reads: always safe to try again.
-                raise transport_error(what, exc, request_id, True) from exc
-            if resp.status != 200 or not resp.content_type.startswith("text/event-stream"):
-                raw = await resp.read()
-                resp.release()
-                if 200 <= resp.status < 300:
-                    raise FluxAPIError(
-                        f"{what}: the API answered {resp.content_type or 'no content type'}, not an event stream",
-                        status_code=resp.status,
-                        request_id=request_id,
-                    )
-                raise api_error(resp.status, resp.headers, parse_json(raw), raw, what=what, request_id=request_id)
-            return resp
+        def open_stream(settings: FluxConnectionSettings) -> Awaitable[aiohttp.ClientResponse]:
+            return self.retry_policy.acall(
+                lambda: open_event_stream(session, settings, status_url, logs=logs, request_id=request_id, what=what)
+            )
 
-        resp: aiohttp.ClientResponse = await self.retry_policy.acall(open_stream)
+        if not SharedSessions.take_stream():
+            raise FluxStreamsBusyError(f"{what}: every stream this triggerer may hold is open ({request_id})")
+        try:
+            resp = await aresend_with_new_credentials(open_stream, settings, self._areread)
+        except BaseException:
+            SharedSessions.give_back_stream()
+            raise
+        del open_stream  # not held for the whole wait
         try:
             parser = SSEParser()
             try:
@@ -480,10 +474,15 @@ class FluxHook(BaseHook):
                     del status, event, raw_line
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 raise transport_error(what, exc, request_id, True) from exc
+            except line_too_long() as exc:
+                # A long log with logs=1 can do it; a poll reads whole bodies, without that limit.
+                msg = f"{what}: an event longer than aiohttp's line limit ({line_limit(resp)} bytes)"
+                raise FluxTransportError(msg, request_id=request_id) from exc
             raise FluxTransportError(f"{what}: the stream ended before the request completed", request_id=request_id)
         finally:
             # close(), not release(): an unfinished event stream must not go back to the pool.
             resp.close()
+            SharedSessions.give_back_stream()
 
 
 def _connect_failed(exc: requests.ConnectionError) -> bool:

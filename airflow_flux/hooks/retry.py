@@ -1,6 +1,6 @@
 """The one retry policy of every API call, sync and async, and the one answer to "pay again?".
 
-Two questions, answered here and nowhere else:
+Three questions, answered here and nowhere else:
 
 - **Repeat a call?** (:class:`RetryPolicy`, built on tenacity so the sync and async paths
   share the same stop/wait/predicate objects.) Following fal's documented behaviour:
@@ -13,6 +13,9 @@ Two questions, answered here and nowhere else:
   API does not know (404). A final refusal (422 validation or content policy, which fal
   may bill; any other 4xx) is never paid for again by a retry; a user's clear still
   starts fresh.
+- **Send a refused call again with other credentials?** (:func:`aresend_with_new_credentials`.)
+  Once, after a 401/403, only when the connection read again holds other credentials: a
+  token rotated while a wait ran.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import tenacity
 
-from airflow_flux.exceptions import FluxAPIError
+from airflow_flux.exceptions import FluxAPIError, FluxAuthError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 #: fal ``error_type`` values of failed requests worth paying for again: the infrastructure's
 #: failures, not the request's.
@@ -200,3 +204,22 @@ class RetryPolicy:
 
 #: The policy every hook uses unless given its own: one object per process, not per hook.
 DEFAULT_RETRY_POLICY = RetryPolicy()
+
+
+async def aresend_with_new_credentials(
+    send: Callable[[S], Awaitable[T]], settings: S, reread: Callable[[S], Awaitable[S | None]]
+) -> T:
+    """``send(settings)``; after a 401/403, once more with ``reread(settings)`` unless that is None.
+
+    :param send: the call (under its own :class:`RetryPolicy`) made with the given settings.
+    :param settings: the connection's settings as kept.
+    :param reread: the connection read again; None when its credentials did not change, so a
+        token that is simply wrong is not sent twice.
+    """
+    try:
+        return await send(settings)
+    except FluxAuthError:
+        fresh = await reread(settings)
+        if fresh is None:
+            raise
+    return await send(fresh)

@@ -1,4 +1,5 @@
-"""What every hook on one event loop shares: the connection's settings and one aiohttp session.
+"""What every hook on one event loop shares: the connection's settings, one aiohttp session
+and its bounded pool of connections.
 
 A triggerer runs thousands of waits in one loop; each would otherwise read its connection
 and open its own session and pool. The measured costs are in ``bench/RESULTS.md`` and
@@ -20,6 +21,33 @@ if TYPE_CHECKING:
 
 #: How long the triggerer reuses a connection's settings before reading it again.
 SETTINGS_TTL = 60.0
+
+#: Default of ``[flux] max_connections`` (see :func:`max_connections`).
+DEFAULT_MAX_CONNECTIONS = 100
+
+
+def max_connections() -> int:
+    """``[flux] max_connections``: HTTP connections to the API one event loop (a triggerer) holds at once.
+
+    An Airflow option, not a connection extra: the pool belongs to the triggerer's loop and
+    is shared by every ``flux`` connection and trigger on it, so a per-connection value would
+    depend on which wait came first. Read when the loop's session is made.
+    """
+    from airflow.sdk.configuration import conf
+
+    from airflow_flux.exceptions import FluxConfigError
+
+    value = conf.getint("flux", "max_connections", fallback=DEFAULT_MAX_CONNECTIONS)
+    if value < 1:
+        raise FluxConfigError(f"[flux] max_connections must be 1 or more, got {value}")
+    return value
+
+
+def stream_share(connections: int) -> int:
+    """Status streams allowed among ``connections``: three quarters, so polls, result fetches
+    and cancels always have a quarter (at least one) and never queue behind streams that
+    stay open for minutes."""
+    return connections - max(1, connections // 4)
 
 
 class SettingsCache:
@@ -57,6 +85,26 @@ class SettingsCache:
         # shield: one waiter being cancelled must not cancel the lookup the others share.
         return await asyncio.shield(entry[1])
 
+    @classmethod
+    async def reload(
+        cls,
+        conn_id: str,
+        stale: FluxConnectionSettings,
+        load: Callable[[], Coroutine[Any, Any, FluxConnectionSettings]],
+    ) -> FluxConnectionSettings:
+        """The connection read again before the TTL, after the API refused ``stale``'s token.
+
+        Only while ``stale`` is still the one kept: waits refused together share one lookup,
+        and a wait refused after another already re-read it gets that reading.
+        """
+        entries = cls._entries.setdefault(asyncio.get_running_loop(), {})
+        task = entries.get(conn_id, (0.0, None))[1]
+        if task is not None and task.done() and not task.cancelled() and task.exception() is None:  # noqa: SIM102
+            # Not yet read again by another wait: drop it, so the next get() reads it.
+            if task.result() is stale:
+                del entries[conn_id]
+        return await cls.get(conn_id, load)
+
 
 async def _closed_at_loop_shutdown(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
     """Closes ``session`` when this generator is closed: by :meth:`SharedSessions.release`, or by
@@ -75,10 +123,11 @@ async def _closed_at_loop_shutdown(session: aiohttp.ClientSession) -> AsyncGener
 class SharedSessions:
     """One aiohttp session per event loop, shared by every hook on it.
 
-    A session and connection pool per wait cost a third more memory per wait than one shared,
-    unbounded pool (``bench/RESULTS.md``). The session is reference-counted, so it closes
-    with its last user, and at the latest when its loop shuts down: tests and short-lived
-    loops leave nothing open.
+    A session and connection pool per wait cost a third more memory per wait than one shared
+    pool (``bench/RESULTS.md``). The pool holds at most :func:`max_connections` connections:
+    a triggerer is shared with other providers, and one socket per wait has no bound. The
+    session is reference-counted, so it closes with its last user, and at the latest when its
+    loop shuts down: tests and short-lived loops leave nothing open.
     """
 
     # Keyed by the loop itself, weakly: an entry dies with its loop, never reused by another.
@@ -87,6 +136,8 @@ class SharedSessions:
             asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, int, AsyncGenerator[None, None]]
         ]
     ] = weakref.WeakKeyDictionary()
+    #: Per loop: status streams open, and how many may be.
+    _streams: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[int]]] = weakref.WeakKeyDictionary()
 
     @classmethod
     async def acquire(cls) -> aiohttp.ClientSession:
@@ -95,8 +146,10 @@ class SharedSessions:
         key = asyncio.get_running_loop()
         entry = cls._sessions.get(key)
         if entry is None or entry[0].closed:
-            # No per-host cap: every wait holds one open status stream to the same host.
-            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=0))
+            limit = max_connections()
+            # All waits call one host: the loop's bound is the host's bound.
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0))
+            cls._streams.setdefault(key, [0, 0])[1] = stream_share(limit)
             closer = _closed_at_loop_shutdown(session)
             await closer.__anext__()  # started, so the loop finalises it at shutdown
             entry = (session, 0, closer)
@@ -116,6 +169,21 @@ class SharedSessions:
             await closer.aclose()
         else:
             cls._sessions[key] = (session, users - 1, closer)
+
+    @classmethod
+    def take_stream(cls) -> bool:
+        """Count a status stream as open, if the loop's share allows one more (see :func:`stream_share`)."""
+        count = cls._streams.get(asyncio.get_running_loop())
+        if count is None or count[0] >= count[1]:
+            return False
+        count[0] += 1
+        return True
+
+    @classmethod
+    def give_back_stream(cls) -> None:
+        count = cls._streams.get(asyncio.get_running_loop())
+        if count is not None and count[0] > 0:
+            count[0] -= 1
 
 
 #: Result fetches in flight at once per event loop (see :func:`result_slots`).

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_flux.events import BatchOutcome, FluxBatchEvent
-from airflow_flux.exceptions import FluxAPIError, FluxError
+from airflow_flux.exceptions import FluxAPIError, FluxError, FluxStreamsBusyError, FluxTransportError
 from airflow_flux.hooks.flux import FluxHook
 from airflow_flux.hooks.polling import next_poll_interval
 from airflow_flux.hooks.retry import worth_resubmitting
@@ -191,6 +191,7 @@ class _BatchWait:
         self.failures: dict[int, int] = dict.fromkeys(self.handles, 0)
         self.states: dict[int, str] = {}
         self.streams: dict[int, asyncio.Task[None]] = {}
+        self.poll_only: set[int] = set()  # requests whose stream broke: polled from then on
         self.slots = asyncio.Semaphore(trigger.max_connections)
         self.streams_ok = trigger.max_streams > 0
         self.started = time.monotonic()
@@ -245,7 +246,12 @@ class _BatchWait:
         if status.is_completed:
             await self._completed(index, status)
             return
-        if status.status == "IN_PROGRESS" and self.streams_ok and len(self.streams) < self.t.max_streams:
+        if (
+            status.status == "IN_PROGRESS"
+            and self.streams_ok
+            and index not in self.poll_only
+            and len(self.streams) < self.t.max_streams
+        ):
             self.streams[index] = asyncio.ensure_future(self._follow(index))
             return
         self._schedule(index, status.queue_position if status.status == "IN_QUEUE" else None)
@@ -263,19 +269,46 @@ class _BatchWait:
 
     async def _follow(self, index: int) -> None:
         """Follow a running request's stream until it completes; on any failure, poll it again."""
+        busy = False
         try:
-            async for status in self.hook.astream_status(self.handles[index], logs=False):
-                self.states[index] = status.status
-                if status.is_completed:
-                    await self._completed(index, status)
-                    return
+            # aclosing: the stream (a connection of the triggerer's bounded pool) is given
+            # back when this ends, not when the generator is collected.
+            final = None
+            async with contextlib.aclosing(self.hook.astream_status(self.handles[index], logs=False)) as statuses:
+                async for status in statuses:
+                    self.states[index] = status.status
+                    if status.is_completed:
+                        final = status
+                        break
+            if final is not None:  # the stream closed first: the result fetch needs no second connection
+                await self._completed(index, final)
+        except FluxStreamsBusyError:
+            busy = True  # the triggerer's share of streams is taken: poll on the usual schedule
+        except FluxTransportError as exc:
+            # Dropped, or an event over aiohttp's line limit: said, and this request is polled
+            # from now on (a stream that broke once tends to break again).
+            self.t.log.warning(
+                "The status stream of %s broke (%s); polling it instead.", self.handles[index]["request_id"], exc
+            )
+            self.poll_only.add(index)
         except FluxAPIError as exc:
             if exc.status_code in (400, 404, 405, 406, 415, 501):
                 self.streams_ok = False  # this server has no SSE: poll everything from now on
+            else:
+                self.t.log.warning(
+                    "The status stream of %s failed (%s); polling it instead.", self.handles[index]["request_id"], exc
+                )
+        except FluxError as exc:
+            self.t.log.warning(
+                "The status stream of %s failed (%s); polling it instead.", self.handles[index]["request_id"], exc
+            )
         finally:
             self.streams.pop(index, None)
             if index not in self.outcomes:
-                self.due[index] = time.monotonic()
+                if busy:
+                    self._schedule(index, None)
+                else:
+                    self.due[index] = time.monotonic()
             self.wake.set()
 
     async def _completed(self, index: int, status: FluxStatus) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -14,7 +15,7 @@ import aiohttp  # noqa: F401
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_flux.events import FluxWaitEvent, WaitStatus
-from airflow_flux.exceptions import FluxAPIError, FluxError, FluxTransportError
+from airflow_flux.exceptions import FluxAPIError, FluxError, FluxStreamsBusyError, FluxTransportError
 from airflow_flux.hooks.flux import FluxHook
 from airflow_flux.hooks.polling import next_poll_interval
 from airflow_flux.hooks.shared import result_slots
@@ -196,10 +197,16 @@ class FluxStatusTrigger(BaseTrigger):
                     f"FLUX request {rid} did not complete within the timeout "
                     f"(waited {time.time() - self.started_at:.0f}s, last status {progress.status or 'unknown'}).",
                 )
+            streaming = stream
             try:
-                if stream:
-                    final = await _within(self._follow_stream(hook, progress), remaining)
-                else:
+                if streaming:
+                    try:
+                        final = await _within(self._follow_stream(hook, progress), remaining)
+                    except FluxStreamsBusyError:
+                        # The triggerer's share of streams is taken: poll this time, and try the
+                        # stream again at the next check (it stays the cheaper way to wait).
+                        streaming = False
+                if not streaming:
                     status = await _within(hook.aget_status(self.handle, logs=self.api_logs), remaining)
                     progress.update(status)
                     final = status if status.is_completed else None
@@ -216,13 +223,14 @@ class FluxStatusTrigger(BaseTrigger):
             except asyncio.TimeoutError:
                 continue  # the deadline check above turns this into a timeout event
             except FluxAPIError as exc:
-                if stream and exc.status_code in _STREAM_UNSUPPORTED:
+                if streaming and exc.status_code in _STREAM_UNSUPPORTED:
                     self.log.info("The status stream is not available here (%s); polling instead.", exc)
                     stream = False
                     continue
-                if stream and isinstance(exc, FluxTransportError):
-                    # A dropped stream: check once by polling, then keep polling (proxies
-                    # that cut streams tend to do it again).
+                if streaming and isinstance(exc, FluxTransportError):
+                    # A dropped stream, or an event over aiohttp's line limit: check once by
+                    # polling, then keep polling (proxies that cut streams tend to do it again,
+                    # and a long log stays long).
                     self.log.warning("The status stream of %s broke (%s); polling instead.", rid, exc)
                     stream = False
                     continue
@@ -258,11 +266,14 @@ class FluxStatusTrigger(BaseTrigger):
             await asyncio.sleep(delay if remaining is None else max(0.0, min(delay, remaining)))
 
     async def _follow_stream(self, hook: FluxHook, progress: _Progress) -> FluxStatus | None:
-        async for status in hook.astream_status(self.handle, logs=self.api_logs):
-            progress.update(status)
-            if status.is_completed:
-                return status
-            del status  # not kept alive while waiting for the next event (see the hook)
+        # aclosing: the stream (and its share of the triggerer's connections) is given back
+        # as soon as the wait leaves it, not when the generator is collected.
+        async with contextlib.aclosing(hook.astream_status(self.handle, logs=self.api_logs)) as statuses:
+            async for status in statuses:
+                progress.update(status)
+                if status.is_completed:
+                    return status
+                del status  # not kept alive while waiting for the next event (see the hook)
         return None
 
     def _failed_event(self, final: FluxStatus) -> TriggerEvent:

@@ -69,3 +69,24 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_lookup(make_flux_co
     first.cancel()
     assert (await second).base_url == "http://127.0.0.1:5"
     assert lookups == [conn_id]
+
+
+async def test_a_long_lived_hook_sends_a_rotated_token_after_the_ttl(emulator, make_flux_conn, lookups, monkeypatch):
+    # A trigger's hook lives as long as its wait: it must not keep the token it started with.
+    loop = asyncio.get_running_loop()
+    real_time, skew = loop.time, [0.0]
+    monkeypatch.setattr(loop, "time", lambda: real_time() + skew[0])
+    conn_id = make_flux_conn(emulator.base_url, token="token-before-rotation")
+    async with FluxHook(flux_conn_id=conn_id) as hook:
+        handle = await hook.asubmit({"prompt": "a patient fox"})
+        for _ in range(3):
+            await hook.aget_status(handle)
+        make_flux_conn(emulator.base_url, token="token-after-rotation", conn_id=conn_id)
+        skew[0] = shared_module.SETTINGS_TTL - 1
+        await hook.aget_status(handle)
+        skew[0] = shared_module.SETTINGS_TTL + 1
+        await hook.aget_status(handle)
+        await hook.aget_status(handle)
+    sent = [r.authorization for r in emulator.calls(kind="status")]
+    assert sent == ["Bearer token-before-rotation"] * 4 + ["Bearer token-after-rotation"] * 2
+    assert lookups == [conn_id, conn_id], "one lookup per TTL, not one per call"
