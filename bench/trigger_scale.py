@@ -464,6 +464,11 @@ def prepare(args: argparse.Namespace, emu: common.Emulator, contender: str, n: i
     common.http_conn(HTTP_CONN, emu.base_url, env)
     if contender.endswith("_quiet"):
         env["AIRFLOW__LOGGING__NAMESPACE_LEVELS"] = "airflow_flux=WARNING"
+    # The provider's pool is bounded ([flux] max_connections, default 100: 75 streams); by
+    # default the bench measures a triggerer configured for N streamed waits, as it also
+    # raises the open-file limit. --max-connections 100 measures the default bound.
+    connections = args.max_connections or n + n // 3 + 2
+    env["AIRFLOW__FLUX__MAX_CONNECTIONS"] = str(connections)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(common.REPO), env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", contender]
     cmd += ["--warmup", str(paths["warmup_file"]), "--handles", str(paths["handles_file"])]
@@ -693,6 +698,12 @@ def main() -> None:
         metavar="N",
         help="at these N, all contenders run at the same time, each in its own process (default 1000; "
         "none given: always one at a time)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="[flux] max_connections of the workers (default: enough for every wait to stream)",
     )
     parser.add_argument("--gen-seconds", type=float, default=60.0, help="generation time (queue + run)")
     parser.add_argument("--queue-seconds", type=float, default=1.0, help="part of it spent IN_QUEUE")
