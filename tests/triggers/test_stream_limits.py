@@ -20,7 +20,7 @@ from airflow_flux.triggers import FluxStatusTrigger
 from airflow_flux.triggers.batch import FluxBatchTrigger, pack_handles
 from tests.helpers import FAST_RETRY, releasing
 
-#: Over aiohttp's line limit: twice its read buffer (256 KiB in aiohttp 3.14, 64 KiB in older ones).
+#: Over aiohttp's line limit: twice its read buffer (256 KiB in aiohttp 3.14).
 OVERSIZE = 2 * getattr(aiohttp.helpers, "DEFAULT_CHUNK_SIZE", 2**16) + 4096
 
 
