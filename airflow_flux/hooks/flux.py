@@ -476,7 +476,7 @@ class FluxHook(BaseHook):
                 raise transport_error(what, exc, request_id, True) from exc
             except line_too_long() as exc:
                 # A long log with logs=1 can do it; a poll reads whole bodies, without that limit.
-                msg = f"{what}: an event longer than aiohttp's line limit ({line_limit(resp)} bytes)"
+                msg = f"{what}: an event longer than aiohttp's line limit{line_limit(resp)}"
                 raise FluxTransportError(msg, request_id=request_id) from exc
             raise FluxTransportError(f"{what}: the stream ended before the request completed", request_id=request_id)
         finally:
