@@ -302,6 +302,12 @@ class _BatchWait:
             self.t.log.warning(
                 "The status stream of %s failed (%s); polling it instead.", self.handles[index]["request_id"], exc
             )
+        except Exception:
+            # Anything else would die with this task, unseen ("exception never retrieved").
+            self.t.log.exception(
+                "The status stream of %s failed; polling it instead.", self.handles[index]["request_id"]
+            )
+            self.poll_only.add(index)
         finally:
             self.streams.pop(index, None)
             if index not in self.outcomes:
