@@ -17,7 +17,7 @@ Endpoints (``{app}`` = owner/app, the first two segments of the model path):
 * ``/_emulator/{health,requests,jobs,scenarios,reset}`` admin, no auth (``jobs`` gives each
   job's ``submitted_at``, ``started_at``, ``completed_at``, ``held_at`` (the closed gate that
   holds it) and, while queued, ``queue_position``); ``POST /_emulator/gates/{name}/hold`` and
-  ``.../release`` close and open a gate of ``Scenario.hold_queue``/``hold_run``
+  ``.../release`` close and open a gate of ``Scenario.hold_queue``/``hold_run``/``hold_submit``
 
 Decisions where fal's behaviour is unknown or simplified:
 

@@ -106,7 +106,7 @@ class _CoreState:
         self.scenarios: dict[str, Scenario] = {}
         self.default_scenario = Scenario()
         self.submit_error_counts: dict[str | None, int] = {}
-        #: The gates of ``Scenario.hold_queue``/``hold_run`` by name (the current one of each).
+        #: The gates of ``Scenario.hold_queue``/``hold_run``/``hold_submit`` by name (the current one of each).
         self.gates: dict[str, Gate] = {}
         self.cache = images.ImageCache()
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -117,6 +117,8 @@ class _CoreState:
         self._background_tasks: set[asyncio.Task[None]] = set()
         self.closing = False
         self._closing_event: asyncio.Event | None = None
+        #: The server's loop while it runs (set by :meth:`on_started`).
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle (called by the runner, see server.FluxEmulator)
 
@@ -124,10 +126,14 @@ class _CoreState:
         """Called on the loop once listening (again after a restart)."""
         self.closing = False
         self._closing_event = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
         # Events are bound to the loop that first waited on them: after a restart, fresh ones.
         with self.lock:
             for job in self.jobs.values():
                 job.wakeup = asyncio.Event()
+            for gate in self.gates.values():
+                if gate.closed:
+                    gate.opened = asyncio.Event()
         # Pillow work runs here, off the event loop.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="flux-emulator-render")
 
@@ -172,6 +178,10 @@ class _CoreState:
 
     def reset(self) -> None:
         with self.lock:
+            for gate in self.gates.values():
+                # A submit answer still held would wait forever on a forgotten gate.
+                if gate.closed and self.loop is not None and not self.loop.is_closed():
+                    self.loop.call_soon_threadsafe(gate.opened.set)
             self.requests.clear()
             self.jobs.clear()
             self.accounts.clear()
@@ -181,7 +191,7 @@ class _CoreState:
             self.gates.clear()
         self.cache.clear()
 
-    # ---- gates (``Scenario.hold_queue`` / ``hold_run``)
+    # ---- gates (``Scenario.hold_queue`` / ``hold_run`` / ``hold_submit``)
 
     def gate(self, name: str | None) -> Gate | None:
         """The current gate called ``name``, closed if new (hold ``lock``)."""
@@ -202,7 +212,8 @@ class _CoreState:
     def release_gate(self, name: str) -> int:
         """Open ``name`` now: the jobs it holds move on (at once if their time is over).
 
-        Runs on the server's loop (it wakes streams). Returns how many jobs it held.
+        Runs on the server's loop (it wakes streams and held submit answers). Returns how
+        many jobs (or submit answers) it held.
         """
         now = time.time()
         with self.lock:
@@ -213,15 +224,17 @@ class _CoreState:
                 for job in self.jobs.values()
                 if (job.queue_gate is gate or job.run_gate is gate) and job.state_at(now) != COMPLETED
             ]
+            answers = sum(1 for job in self.jobs.values() if job.submit_gate is gate and gate.closed)
             if gate.closed:
                 gate.released_at = now
+                gate.opened.set()  # the submit answers it holds are sent now
             for job in held:
                 if not job.limited:
                     self.apply_deadline(job)
         for job in held:
             self._reschedule(job, now)
             job.notify()
-        return len(held)
+        return len(held) + answers
 
     @staticmethod
     def apply_deadline(job: Job) -> None:

@@ -22,6 +22,8 @@ the job's state and ``queue_position`` follow from those times in the same way.
 A test can hold a job in a state until it says so (``Scenario.hold_queue``/``hold_run``): the
 job's :class:`Gate` has no release time while closed, so the job's start (or end) is not
 known, as above; once released, it follows from the release time like any other time.
+``Scenario.hold_submit`` holds the submit's answer instead: the job is accepted (paid) and
+its clock runs, but the client hears of it only once the gate is released.
 """
 
 from __future__ import annotations
@@ -51,10 +53,13 @@ def _iso(ts: float) -> str:
 
 @dataclass(eq=False)
 class Gate:
-    """A named hold (``Scenario.hold_queue``/``hold_run``): closed while ``released_at`` is None."""
+    """A named hold (``Scenario.hold_queue``/``hold_run``/``hold_submit``): closed while
+    ``released_at`` is None. ``opened`` is set on release (on the server's loop): the submit
+    answers it holds wait for it."""
 
     name: str
     released_at: float | None = None
+    opened: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def closed(self) -> bool:
@@ -113,9 +118,11 @@ class Job:
     #: one. The list is shared by the account's waiting jobs.
     ahead_leaves: list[float] = field(default_factory=list, repr=False)
     ahead_count: int = 0
-    #: The gates of ``Scenario.hold_queue`` / ``hold_run`` as they were at submit (None: none).
+    #: The gates of ``Scenario.hold_queue`` / ``hold_run`` / ``hold_submit`` as they were at
+    #: submit (None: none).
     queue_gate: Gate | None = None
     run_gate: Gate | None = None
+    submit_gate: Gate | None = None
     # Woken on cancel or shutdown so sleeping SSE streams react at once; replaced and set by
     # :meth:`notify` when the job's times change.
     wakeup: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -203,6 +210,8 @@ class Job:
 
     def held_at(self, now: float) -> str | None:
         """The closed gate that holds the job in its present state at ``now`` (None: none)."""
+        if self.submit_gate is not None and self.submit_gate.closed:
+            return self.submit_gate.name  # accepted (paid), its answer not sent yet
         state = self.state_at(now)
         gate = {IN_QUEUE: self.queue_gate, IN_PROGRESS: self.run_gate}.get(state)
         return gate.name if gate is not None and gate.closed else None

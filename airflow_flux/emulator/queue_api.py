@@ -105,6 +105,7 @@ class _QueueHandlers(_InputFetchHandlers):
         with self.lock:
             job.queue_gate = self.gate(scenario.hold_queue)
             job.run_gate = self.gate(scenario.hold_run)
+            job.submit_gate = self.gate(scenario.hold_submit)
             if self.concurrency is None:
                 # If it would not leave the queue in time, it ends at the deadline, never runs
                 # (under a limit the account's schedule decides this).
@@ -114,6 +115,9 @@ class _QueueHandlers(_InputFetchHandlers):
         if job.input_refs:
             self._schedule_input_fetch(job)
         _record().request_id = request_id
+        if job.submit_gate is not None and job.submit_gate.closed:
+            # Accepted and paid for; the client hears of it when the test releases the gate.
+            await job.submit_gate.opened.wait()
         return _json(
             {
                 "status": IN_QUEUE,

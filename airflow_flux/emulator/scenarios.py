@@ -30,7 +30,9 @@ class Scenario:
     stays ``IN_QUEUE`` (``IN_PROGRESS``) past its queue (run) time until the gate is
     released, then moves on at once if that time is over. A gate is closed when first named
     and stays open once released, until ``hold`` closes it again for later submits. A test
-    that must see a state uses one instead of racing the timers.
+    that must see a state uses one instead of racing the timers. ``hold_submit`` names a gate
+    that holds the submit's *answer*: the job is accepted (paid) when the submit arrives, and
+    the client is told so when the gate is released (a slow answer, under the test's control).
 
     ``stream_event_padding`` adds that many bytes (a ``padding`` field) to every status
     *stream* event, not to polls: one ``data:`` line longer than a client's line limit
@@ -57,14 +59,17 @@ class Scenario:
     cancel_response: str | None = None
     hold_queue: str | None = None
     hold_run: str | None = None
+    hold_submit: str | None = None
     stream_event_padding: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.stream_event_padding, int) or self.stream_event_padding < 0:
             raise ValueError(f"stream_event_padding must be a byte count, 0 or more: {self.stream_event_padding!r}")
-        for gate in (self.hold_queue, self.hold_run):
+        for gate in (self.hold_queue, self.hold_run, self.hold_submit):
             if gate is not None and (not isinstance(gate, str) or not gate):
-                raise ValueError(f"hold_queue and hold_run must be gate names (non-empty strings): {gate!r}")
+                raise ValueError(
+                    f"hold_queue, hold_run and hold_submit must be gate names (non-empty strings): {gate!r}"
+                )
         if self.stream not in ("ok", "refuse", "drop"):
             raise ValueError(f"stream must be 'ok', 'refuse' or 'drop', not {self.stream!r}")
         for item in self.status_errors:

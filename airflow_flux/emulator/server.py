@@ -61,7 +61,8 @@ class FluxEmulator:
     statuses told to clients) and :meth:`held` (the jobs a gate holds).
 
     What a test controls: :meth:`add_scenario` (timing and faults per prompt) and the gates of
-    ``Scenario.hold_queue`` / ``hold_run``: :meth:`release` lets the jobs a gate holds move on,
+    ``Scenario.hold_queue`` / ``hold_run`` / ``hold_submit``: :meth:`release` lets the jobs (or
+    submit answers) a gate holds move on,
     :meth:`hold` closes it again for later submits.
     """
 
@@ -249,14 +250,15 @@ class FluxEmulator:
         self._core.reset()
 
     def hold(self, gate: str) -> None:
-        """Close ``gate`` (``Scenario.hold_queue``/``hold_run``) for the jobs submitted from now
+        """Close ``gate`` (``Scenario.hold_queue``/``hold_run``/``hold_submit``) for the jobs submitted from now
         on. A gate is closed when a scenario first names it; this closes it again after a
         :meth:`release`."""
         self._core.hold_gate(gate)
 
     def release(self, gate: str) -> int:
         """Open ``gate``: the jobs it holds leave the queue (or complete) now, or when their own
-        queue (run) time is over. Returns how many jobs it held. Later submits pass it until
+        queue (run) time is over, and the submit answers it holds are sent. Returns how many
+        jobs (or answers) it held. Later submits pass it until
         :meth:`hold` closes it again."""
         loop = self._loop
         if loop is None or not loop.is_running():

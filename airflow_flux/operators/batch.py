@@ -307,7 +307,9 @@ class FluxBatchGenerateOperator(BaseOperator):
                 for future in done:
                     index = running.pop(future)
                     if (exc := future.exception()) is not None:
-                        failure = failure or (index, exc)
+                        if failure is None:
+                            failure = (index, exc)
+                            self._stop_submitting(index, in_flight=len(running))
                         continue
                     handles[index] = future.result()
                     reuses[index].record(handles[index])  # the task state is written from this thread only
@@ -322,6 +324,15 @@ class FluxBatchGenerateOperator(BaseOperator):
                 f"recorded (a retry does not pay for them again); {len(indices) - len(handles) - 1} not submitted"
             ) from exc
         return handles
+
+    def _stop_submitting(self, index: int, *, in_flight: int) -> None:
+        """Called once, when the first failed submit is seen: from then on no submit starts."""
+        self.log.warning(
+            "FLUX batch: requests[%d]: the submit failed; no new submit starts, the %d in flight are awaited "
+            "and recorded",
+            index,
+            in_flight,
+        )
 
     def _resolver(self, options: RequestOptions) -> InputResolver:
         return InputResolver.for_task(

@@ -1,9 +1,11 @@
 """Gates: a job held IN_QUEUE or IN_PROGRESS until the test releases it (``Scenario.hold_queue``
-/ ``hold_run``), so a test sees each state however slow the machine, instead of racing timers."""
+/ ``hold_run``), or its submit answered only then (``hold_submit``), so a test sees each state
+however slow the machine, instead of racing timers."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -146,3 +148,37 @@ def test_gate_names_are_checked() -> None:
         Scenario(hold_queue="")
     with pytest.raises(ValueError, match="gate names"):
         Scenario.from_dict({"hold_run": 3})
+    with pytest.raises(ValueError, match="gate names"):
+        Scenario(hold_submit="")
+
+
+def test_a_held_submit_is_paid_and_answered_when_released(emu: FluxEmulator) -> None:
+    emu.add_scenario(Scenario(hold_submit="answers"), match="slow")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        held = pool.submit(submit, emu, prompt="a slow fox")
+        # The job is accepted (paid) as the submit arrives; its answer waits for the gate.
+        deadline = time.monotonic() + 10
+        while not emu.held("answers"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        [request_id] = emu.held("answers")
+        assert not held.done() and emu.jobs[request_id].input["prompt"] == "a slow fox"
+        # Other submits are answered meanwhile.
+        assert submit(emu, prompt="a quick fox").status_code == 200
+        assert emu.release("answers") == 1
+        answer = held.result(timeout=10)
+    assert answer.status_code == 200 and answer.json()["request_id"] == request_id
+    assert emu.held() == []
+    wait_completed(emu, answer.json())
+    # Released: later submits pass, until hold closes the gate again.
+    assert submit(emu, prompt="another slow fox").status_code == 200
+    emu.hold("answers")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        again = pool.submit(submit, emu, prompt="a last slow fox")
+        deadline = time.monotonic() + 10
+        while not emu.held("answers"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        # A reset lets a held answer go rather than leave its client waiting forever.
+        emu.reset()
+        assert again.result(timeout=10).status_code == 200
