@@ -11,10 +11,11 @@ bucket is never made public.
 (No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations at runtime.)
 """
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
-from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 from airflow.api_fastapi.common.db.common import SessionDep
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 from airflow.configuration import conf
@@ -33,6 +34,7 @@ from airflow_flux.plugins.store import (
     GalleryImage,
     GalleryStore,
     RunGallery,
+    ThumbnailTooLarge,
     content_disposition,
 )
 
@@ -74,6 +76,19 @@ def _image_headers(etag: str) -> dict[str, str]:
     return {"ETag": etag, "Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
 
 
+def _may_read_images(auth_manager: Any, user: Any, dag_id: str, session: Any) -> bool:
+    """What ``_READ_RUN_IMAGES`` requires, for one DAG of the index (which lists DAGs by read only)."""
+    from airflow.models.dag import DagModel
+
+    # As requires_access_dag builds them (the DAG's team, where Airflow has teams).
+    team_name = getattr(DagModel, "get_team_name", lambda *a, **kw: None)(dag_id, session=session)
+    details = DagDetails(id=dag_id, team_name=team_name)
+    return all(
+        auth_manager.is_authorized_dag(method="GET", access_entity=entity, details=details, user=user)
+        for entity in (DagAccessEntity.RUN, DagAccessEntity.XCOM)
+    )
+
+
 # -- pages -----------------------------------------------------------------------------------------
 
 router = APIRouter()
@@ -85,11 +100,14 @@ def index(request: Request, user: GetUserDep, session: SessionDep, embed: _EMBED
     from airflow.api_fastapi.app import get_auth_manager
 
     store = _store(request)
-    readable = get_auth_manager().get_authorized_dag_ids(user=user, method="GET", session=session)
+    auth_manager = get_auth_manager()
+    readable = auth_manager.get_authorized_dag_ids(user=user, method="GET", session=session)
     dags = store.dags_with_images(session, readable)
     # The DB in this thread (a session is not shared across threads); manifests from S3 in parallel.
     latest: dict[str, list[tuple[str, Any]]] = {}
     for dag_id, _ in dags:
+        if not _may_read_images(auth_manager, user, dag_id, session):
+            continue  # listed, but its images and prompts need what the run pages need
         runs = store.runs_with_images(session, dag_id, offset=0, limit=3)
         refs = store.manifest_refs(session, dag_id, [r.run_id for r in runs])
         latest[dag_id] = [(r.run_id, refs[r.run_id]) for r in runs]
@@ -106,7 +124,8 @@ def index(request: Request, user: GetUserDep, session: SessionDep, embed: _EMBED
             "dag_id": dag_id,
             "runs": runs,
             "url": page_url(request, dag_path(dag_id)),
-            "thumbs": [pages.thumb(request, dag_id, i) for i in images[dag_id]],
+            "thumbs": [pages.thumb(request, dag_id, i) for i in images.get(dag_id, [])],
+            "hidden": dag_id not in images,
         }
         for dag_id, runs in dags
     ]
@@ -318,10 +337,13 @@ def image(
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     try:
+        # The manifest's size only spares a read when it already says too large; S3's own
+        # length decides (store.thumbnail), and too large means the image itself is sent.
         source_size = found.entry.get("size")
         if thumb and not (isinstance(source_size, int) and source_size > MAX_THUMBNAIL_SOURCE_BYTES):
-            data, content_type = store.thumbnail(found)
-            return Response(data, media_type=content_type, headers=headers)
+            with contextlib.suppress(ThumbnailTooLarge):
+                data, content_type = store.thumbnail(found)
+                return Response(data, media_type=content_type, headers=headers)
         if request.app.state.delivery == "presigned":
             url = store.presigned_url(found, download=download)
             return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
@@ -354,14 +376,19 @@ def input_image(
 ) -> Response:
     """The ``n``-th input (from 0) of the edit that made this image, as a thumbnail.
 
-    The input is named by the manifest, never by the URL: only what the run's task recorded is read.
+    The input is named by the manifest, never by the URL, and read only when a task of the run
+    named that object in its rendered fields.
     """
     found, _ = _find(request, session, dag_id, run_id, sha256)
     inputs = found.inputs
     if n >= len(inputs) or not inputs[n].startswith("s3://"):
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No such s3:// input for this image")
+    store = _store(request)
+    if not store.names_input(session, dag_id, run_id, inputs[n]):
+        # The manifest names it, the run's own record does not: never read on a manifest's word.
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No task of this run named this input")
     try:
-        data, content_type = _store(request).input_thumbnail(found, inputs[n])
+        data, content_type = store.input_thumbnail(found, inputs[n])
     except GalleryError as exc:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"Input could not be read from S3: {exc}") from None
     headers = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}

@@ -3,8 +3,19 @@
 A ``FluxToS3Operator`` task pushes its manifest's ``s3://`` URI as the XCom ``flux_manifest``
 (:data:`~airflow_flux.xcom_keys.MANIFEST_XCOM_KEY`). The gallery runs in the
 api-server, which has the metadata DB: it looks those XComs up for a run, reads the
-manifests with ``S3Hook`` (the connection the task itself used, from its rendered fields),
-and serves only images listed there, so a gallery URL can never name another S3 object.
+manifests with ``S3Hook`` and serves only images listed there, so a gallery URL can never
+name another S3 object.
+
+Nothing a manifest or an XCom says is taken on trust (an XCom can be edited through the
+REST API, a manifest by whoever may write to its bucket): the task's own record is its
+rendered fields (``RenderedTaskInstanceFields``, written by the task's worker, not editable
+through the API). A manifest is read only when the XCom names the very manifest those fields
+say the task wrote (``s3_bucket``, ``s3_key_prefix``, ``manifest_name``), with the connection
+they name (``aws_conn_id``); only its entries written by this run's tasks that share it are
+shown, and only keys under the task's prefix in the task's bucket (the manifest's own
+``bucket`` is never followed). An edit's ``s3://`` input is shown only when a task of the
+run named that object in its rendered fields. A run whose rendered fields are no longer
+kept (``[core] max_num_rendered_ti_fields_per_task``) shows why, not its images.
 
 A prefix's manifest may be shared by several tasks, of this run or of others
 (:mod:`airflow_flux.manifest`): a run shows the entries its own tasks wrote, each under the
@@ -51,9 +62,49 @@ class GalleryError(Exception):
     """A manifest or image that cannot be read; the message is safe to show to the user."""
 
 
+class ThumbnailTooLarge(GalleryError):
+    """The object is larger than :data:`MAX_THUMBNAIL_SOURCE_BYTES`: no thumbnail is made of it."""
+
+
+def _read_at_most(chunks: Iterator[bytes], limit: int) -> bytes:
+    """The chunks joined, failing once past ``limit`` bytes (whatever the length said)."""
+    out = bytearray()
+    try:
+        for chunk in chunks:
+            out += chunk
+            if len(out) > limit:
+                raise ThumbnailTooLarge("too large for a thumbnail")
+    finally:
+        _close(chunks)
+    return bytes(out)
+
+
+def _close(chunks: Iterator[bytes]) -> None:
+    """Close a stream of chunks (a generator over an S3 body: closing it closes the body)."""
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value (rendered fields), depth first."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
+
+
 @dataclass(frozen=True)
 class ManifestRef:
-    """One copy task's manifest: which task wrote it, where it is, and the connection to read it."""
+    """One copy task's manifest: which task wrote it, where it is, and the connection to read it.
+
+    ``bucket`` and ``prefix`` are where the task's rendered fields say it wrote; ``refused``
+    says why the manifest is not read (None: it is the one the task wrote).
+    """
 
     dag_id: str
     run_id: str
@@ -61,6 +112,9 @@ class ManifestRef:
     map_index: int
     uri: str
     conn_id: str
+    bucket: str = ""
+    prefix: str = ""
+    refused: str | None = None
 
     @property
     def task_label(self) -> str:
@@ -201,8 +255,8 @@ class GalleryStore:
             .where(XComModel.dag_id == dag_id, XComModel.run_id.in_(run_ids), XComModel.key == MANIFEST_XCOM_KEY)
             .order_by(XComModel.task_id, XComModel.map_index)
         ).all()
-        # The connection the task used: its rendered aws_conn_id (kept for the latest runs of
-        # each task, [core] max_num_rendered_ti_fields_per_task), else the configured default.
+        # The task's own record of where it wrote and with which connection: its rendered
+        # fields (kept for the latest runs of each task, [core] max_num_rendered_ti_fields_per_task).
         rendered = {
             (r.run_id, r.task_id, r.map_index): r.rendered_fields
             for r in session.execute(
@@ -216,19 +270,62 @@ class GalleryStore:
             uri = XComModel.deserialize_value(row)
             if not isinstance(uri, str) or not uri.startswith("s3://"):
                 continue
-            fields = rendered.get((row.run_id, row.task_id, row.map_index)) or {}
-            conn_id = fields.get("aws_conn_id") if isinstance(fields, dict) else None
-            refs[row.run_id].append(
-                ManifestRef(
-                    dag_id=dag_id,
-                    run_id=row.run_id,
-                    task_id=row.task_id,
-                    map_index=row.map_index,
-                    uri=uri,
-                    conn_id=conn_id if isinstance(conn_id, str) and conn_id else self.default_conn_id,
-                )
+            ref = ManifestRef(
+                dag_id=dag_id,
+                run_id=row.run_id,
+                task_id=row.task_id,
+                map_index=row.map_index,
+                uri=uri,
+                conn_id=self.default_conn_id,
             )
+            refs[row.run_id].append(self._checked(ref, rendered.get((row.run_id, row.task_id, row.map_index))))
         return refs
+
+    def _checked(self, ref: ManifestRef, fields: Any) -> ManifestRef:
+        """``ref`` with the bucket, prefix and connection of the task's record, or refused."""
+        if not isinstance(fields, dict):
+            return replace(ref, refused="the task's rendered fields are not on record, so its manifest is not read")
+        bucket, prefix, name = (fields.get(k) for k in ("s3_bucket", "s3_key_prefix", "manifest_name"))
+        if not (isinstance(bucket, str) and bucket and isinstance(prefix, str) and isinstance(name, str) and name):
+            return replace(ref, refused="the task's rendered fields name no manifest, so none is read")
+        prefix = prefix.strip("/")
+        expected = f"s3://{bucket}/{prefix}/{name}" if prefix else f"s3://{bucket}/{name}"
+        if ref.uri != expected:
+            return replace(ref, refused=f"the XCom does not name the manifest this task wrote ({expected})")
+        conn_id = fields.get("aws_conn_id")
+        return replace(
+            ref, bucket=bucket, prefix=prefix, conn_id=conn_id if isinstance(conn_id, str) and conn_id else ref.conn_id
+        )
+
+    @staticmethod
+    def names_input(session: Session, dag_id: str, run_id: str, uri: str) -> bool:
+        """Whether a task of the run named the ``s3://`` object ``uri`` in its rendered fields.
+
+        The manifest's ``inputs`` say which objects an edit read; the run's own record says
+        which ones it was given. Only those are shown, so a manifest cannot name any object.
+
+        :param session: a metadata DB session.
+        :param dag_id: the DAG.
+        :param run_id: the run.
+        :param uri: an input as the manifest lists it (pinned or not).
+        """
+        from airflow.models.renderedtifields import RenderedTaskInstanceFields as RTIF
+
+        try:
+            wanted = split_s3_input(uri)[:2]
+        except ValueError:
+            return False
+        for (fields,) in session.execute(
+            select(RTIF.rendered_fields).where(RTIF.dag_id == dag_id, RTIF.run_id == run_id)
+        ):
+            for value in _strings(fields):
+                if value.startswith("s3://"):
+                    try:
+                        if split_s3_input(value)[:2] == wanted:
+                            return True
+                    except ValueError:
+                        continue
+        return False
 
     @staticmethod
     def _has_manifest(dag_id: str) -> Any:
@@ -334,32 +431,52 @@ class GalleryStore:
         return manifest
 
     def run_gallery(self, run_id: str, refs: list[ManifestRef]) -> RunGallery:
-        """Every image the run's manifests list; unreadable manifests are reported, not fatal.
+        """Every image the run's manifests list; unreadable or refused manifests are reported, not fatal.
 
         :param run_id: the run.
         :param refs: its manifests (:meth:`manifest_refs`).
         """
         gallery = RunGallery(run_id=run_id, refs=refs)
-        seen: set[str] = set()
+        sharing: dict[str, list[ManifestRef]] = {}  # copy tasks sharing one prefix share one manifest
         for ref in refs:
-            if ref.uri in seen:  # copy tasks sharing one prefix share one manifest
-                continue
-            seen.add(ref.uri)
+            if ref.refused is not None:
+                gallery.errors.append((ref, ref.refused))
+            else:
+                sharing.setdefault(ref.uri, []).append(ref)
+        for owners in sharing.values():
+            ref = owners[0]
             try:
                 manifest = self.manifest(ref)
             except GalleryError as exc:
                 gallery.errors.append((ref, str(exc)))
                 continue
-            bucket = str(manifest.get("bucket") or _bucket_and_key(ref.uri)[0])
+            named = manifest.get("bucket")
+            if named is not None and named != ref.bucket:
+                gallery.errors.append((ref, f"it names bucket {named!r}, not the task's ({ref.bucket!r})"))
+                continue
+            writers = {(o.dag_id, o.run_id, o.task_id, o.map_index): o for o in owners}
+            outside = 0
             for entry in manifest["images"]:
                 if not isinstance(entry, dict):
                     continue
                 writer = entry_writer(entry, manifest)
-                if writer is None:  # no writer on record: the task that found it is the best guess
-                    gallery.images.append(GalleryImage(ref=ref, bucket=bucket, entry=entry))
-                elif writer[:2] == (ref.dag_id, ref.run_id):  # a prefix shared across runs: this run's only
-                    owner = replace(ref, task_id=writer[2], map_index=writer[3])
-                    gallery.images.append(GalleryImage(ref=owner, bucket=bucket, entry=entry))
+                # No writer on record (an old manifest): the one task that names it, if only one does.
+                owner = writers.get(writer) if writer is not None else (ref if len(owners) == 1 else None)
+                if owner is None:  # another run's, another task's, or a writer no XCom of the run names
+                    continue
+                image = GalleryImage(ref=owner, bucket=ref.bucket, entry=entry)
+                if image.key and ref.prefix and not image.key.startswith(f"{ref.prefix}/"):
+                    outside += 1
+                    continue
+                gallery.images.append(image)
+            if outside:
+                gallery.errors.append(
+                    (
+                        ref,
+                        f"{outside} entr{'y' if outside == 1 else 'ies'} outside the task's prefix "
+                        f"({ref.prefix}/) not shown",
+                    )
+                )
         return gallery
 
     def latest_images(self, runs: Sequence[tuple[str, list[ManifestRef]]], limit: int) -> list[GalleryImage]:
@@ -422,8 +539,12 @@ class GalleryStore:
         cached = self._thumbs.get(cache_key)
         if cached is not None:
             return cached
-        chunks, _ = self.open_image(image)
-        result = make_thumbnail(b"".join(chunks), size)
+        chunks, head = self.open_image(image)
+        # S3's own length, not the manifest's (None for a reused image, and a manifest can lie).
+        if int(head.get("ContentLength") or 0) > MAX_THUMBNAIL_SOURCE_BYTES:
+            _close(chunks)
+            raise ThumbnailTooLarge(f"{head.get('ContentLength')} bytes: too large for a thumbnail")
+        result = make_thumbnail(_read_at_most(chunks, MAX_THUMBNAIL_SOURCE_BYTES), size)
         self._thumbs.put(cache_key, result, size=len(result[0]))
         return result
 
@@ -455,11 +576,17 @@ class GalleryStore:
         if cached is not None:
             return cached
         if int(head.get("ContentLength") or 0) > MAX_THUMBNAIL_SOURCE_BYTES:
-            raise GalleryError("too large for a thumbnail")
+            raise ThumbnailTooLarge("too large for a thumbnail")
         try:
-            data = client.get_object(**target)["Body"].read()
+            body = client.get_object(**target)["Body"]
+            try:
+                data = body.read(MAX_THUMBNAIL_SOURCE_BYTES + 1)
+            finally:
+                body.close()
         except Exception as exc:
             raise GalleryError(f"{type(exc).__name__}: {exc}") from None
+        if len(data) > MAX_THUMBNAIL_SOURCE_BYTES:  # replaced by a larger object since the HEAD
+            raise ThumbnailTooLarge("too large for a thumbnail")
         result = make_thumbnail(data, size)
         self._thumbs.put(cache_key, result, size=len(result[0]))
         return result

@@ -1,4 +1,5 @@
-"""The gallery's manifest reader on a moto S3 server: version-1 manifests, shared ones, one run's entries only."""
+"""The gallery's manifest reader on a moto S3 server: version-1 manifests, shared ones, one run's
+entries only, and what it refuses to take on a manifest's or an XCom's word (issue #22)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,27 @@ from PIL import Image
 
 from airflow_flux.identity import pin_s3_uri
 from airflow_flux.manifest import Manifest, ManifestImage, merge_manifest
-from airflow_flux.plugins.store import GalleryError, GalleryImage, GalleryStore, ManifestRef
+from airflow_flux.plugins.store import GalleryError, GalleryImage, GalleryStore, ManifestRef, ThumbnailTooLarge
 
 
 def _ref(s3, key: str, task_id: str, run_id: str = "run1") -> ManifestRef:
+    """A reference as :meth:`GalleryStore.manifest_refs` makes it for a task whose record matches."""
     return ManifestRef(
-        dag_id="dag", run_id=run_id, task_id=task_id, map_index=-1, uri=f"s3://{s3.bucket}/{key}", conn_id="aws_default"
+        dag_id="dag",
+        run_id=run_id,
+        task_id=task_id,
+        map_index=-1,
+        uri=f"s3://{s3.bucket}/{key}",
+        conn_id="aws_default",
+        bucket=s3.bucket,
+        prefix=key.rpartition("/")[0],
     )
+
+
+def _png(colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, format="PNG")
+    return out.getvalue()
 
 
 def _shown(store: GalleryStore, run_id: str, refs: list[ManifestRef]) -> list[tuple[str, str]]:
@@ -79,11 +94,7 @@ def test_a_shared_manifest_is_read_once_and_each_image_shown_under_its_writer(s3
 
 
 def test_an_edits_input_is_shown_as_the_version_that_was_edited(s3):
-    def png(colour: tuple[int, int, int]) -> bytes:
-        out = io.BytesIO()
-        Image.new("RGB", (40, 30), colour).save(out, format="PNG")
-        return out.getvalue()
-
+    png = _png
     put = s3.put_object(Bucket=s3.bucket, Key="in/x.png", Body=png((200, 10, 10)))
     pinned = pin_s3_uri(s3.bucket, "in/x.png", etag=put["ETag"])
     image = GalleryImage(ref=_ref(s3, "edits/manifest.json", "to_s3"), bucket=s3.bucket, entry={"inputs": [pinned]})
@@ -94,3 +105,112 @@ def test_an_edits_input_is_shown_as_the_version_that_was_edited(s3):
     s3.put_object(Bucket=s3.bucket, Key="in/x.png", Body=png((10, 10, 200)))
     with pytest.raises(GalleryError, match=r"412|PreconditionFailed"):
         store.input_thumbnail(image, pinned)
+
+
+# -- what is not taken on trust -----------------------------------------------------------------
+
+
+def test_a_manifest_is_read_only_where_the_tasks_record_says_it_wrote():
+    store = GalleryStore(default_conn_id="gallery_default")
+    ref = ManifestRef(dag_id="d", run_id="r", task_id="t", map_index=-1, uri="s3://b/p/manifest.json", conn_id="x")
+    record = {"s3_bucket": "b", "s3_key_prefix": "/p/", "manifest_name": "manifest.json", "aws_conn_id": "task_aws"}
+    checked = store._checked(ref, record)
+    assert (checked.refused, checked.bucket, checked.prefix, checked.conn_id) == (None, "b", "p", "task_aws")
+    # The XCom names another manifest (another DAG's, another prefix's, another bucket's).
+    for uri in ("s3://b/other/manifest.json", "s3://other/p/manifest.json", "s3://b/p/x.json"):
+        refused = store._checked(ManifestRef(**{**ref.__dict__, "uri": uri}), record).refused
+        assert refused == "the XCom does not name the manifest this task wrote (s3://b/p/manifest.json)", uri
+    # No record (rendered fields no longer kept), or not a copy task's.
+    assert "not on record" in str(store._checked(ref, None).refused)
+    assert "name no manifest" in str(store._checked(ref, {"python_callable": "f"}).refused)
+    # No connection in the record: the gallery's default, never one a manifest names.
+    assert store._checked(ref, {**record, "aws_conn_id": None}).conn_id == "x"
+
+
+def test_a_manifest_that_names_another_bucket_or_keys_outside_the_prefix_is_not_followed(s3):
+    part = Manifest(
+        created_at="2026-12-01T00:00:00+00:00",
+        dag_id="dag",
+        run_id="run1",
+        task_id="to_s3",
+        map_index=-1,
+        bucket=s3.bucket,
+        prefix="mine",
+        images=[
+            ManifestImage(status="copied", key="mine/a.jpg", index=0, sha256="a" * 64),
+            ManifestImage(status="copied", key="secret/b.jpg", index=1, sha256="b" * 64),
+            ManifestImage(status="copied", key="mine-not/c.jpg", index=2, sha256="c" * 64),
+        ],
+    )
+    merge_manifest(s3, part, "mine/manifest.json")
+    store = GalleryStore()
+    gallery = store.run_gallery("run1", [_ref(s3, "mine/manifest.json", "to_s3")])
+    assert [i.key for i in gallery.images] == ["mine/a.jpg"]
+    assert [m for _, m in gallery.errors] == ["2 entries outside the task's prefix (mine/) not shown"]
+    assert gallery.find("b" * 64) is None
+    # A manifest rewritten to send readers to another bucket is not read at all.
+    forged = json.loads(s3.get_object(Bucket=s3.bucket, Key="mine/manifest.json")["Body"].read())
+    s3.put_object(Bucket=s3.bucket, Key="other/manifest.json", Body=json.dumps({**forged, "bucket": "elsewhere"}))
+    gallery = GalleryStore().run_gallery("run1", [_ref(s3, "other/manifest.json", "to_s3")])
+    assert gallery.images == []
+    assert [m for _, m in gallery.errors] == [f"it names bucket 'elsewhere', not the task's ({s3.bucket!r})"]
+
+
+def test_only_entries_of_the_tasks_that_share_the_manifest_are_shown(s3):
+    for task_id, key in [("to_s3", "shared/1.jpg"), ("not_named", "shared/2.jpg")]:
+        image = ManifestImage(status="copied", key=key, index=0, sha256=key[-5] * 64)
+        own = Manifest(
+            created_at="2026-12-01T00:00:00+00:00",
+            dag_id="dag",
+            run_id="run1",
+            task_id=task_id,
+            map_index=-1,
+            bucket=s3.bucket,
+            prefix="shared",
+            images=[image],
+        )
+        merge_manifest(s3, own, "shared/manifest.json")
+    # Only to_s3's XCom names the manifest: an entry claiming another task of the run is not shown.
+    assert _shown(GalleryStore(), "run1", [_ref(s3, "shared/manifest.json", "to_s3")]) == [("to_s3", "shared/1.jpg")]
+    # A refused reference is reported, and its manifest not read.
+    refused = ManifestRef(**{**_ref(s3, "shared/manifest.json", "to_s3").__dict__, "refused": "no"})
+    gallery = GalleryStore().run_gallery("run1", [refused])
+    assert (gallery.images, gallery.errors) == ([], [(refused, "no")])
+
+
+def test_a_thumbnail_is_guarded_by_s3s_own_length_not_the_manifests(s3, monkeypatch):
+    import airflow_flux.plugins.store as store_module
+
+    big = _png((200, 10, 10), size=(300, 300))
+    s3.put_object(Bucket=s3.bucket, Key="mine/big.png", Body=big)
+    monkeypatch.setattr(store_module, "MAX_THUMBNAIL_SOURCE_BYTES", len(big) - 1)
+    # A reused image has no size in its manifest (and a manifest can say anything).
+    for size in (None, 10):
+        entry = {"key": "mine/big.png", "sha256": f"{size}".ljust(64, "0"), "status": "copied", "size": size}
+        image = GalleryImage(ref=_ref(s3, "mine/manifest.json", "to_s3"), bucket=s3.bucket, entry=entry)
+        with pytest.raises(ThumbnailTooLarge):
+            GalleryStore().thumbnail(image)
+    monkeypatch.setattr(store_module, "MAX_THUMBNAIL_SOURCE_BYTES", len(big))
+    data, _ = GalleryStore().thumbnail(image)
+    assert Image.open(io.BytesIO(data)).size == (300, 300)
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_an_input_is_read_only_when_a_task_of_the_run_named_it(dags, flux_default, s3):
+    from airflow.utils.session import create_session
+
+    s3.put_object(Bucket=s3.bucket, Key="in/x.png", Body=_png((200, 10, 10)), ContentType="image/png")
+    s3.put_object(Bucket=s3.bucket, Key="in/secret.png", Body=_png((10, 10, 200)), ContentType="image/png")
+    dr = dags.get_dag("flux_test_edit_from_s3").test(run_conf={"bucket": s3.bucket, "key": "in/x.png"})
+    assert dr.state == "success"
+    manifest = json.loads(s3.get_object(Bucket=s3.bucket, Key="edits/manifest.json")["Body"].read())
+    [entry] = [e for e in manifest["images"] if e.get("run_id") == dr.run_id]
+    [pinned] = entry["inputs"]  # s3://bucket/in/x.png?etag=... : the version edited
+    assert pinned.startswith(f"s3://{s3.bucket}/in/x.png?")
+    with create_session() as session:
+        named = GalleryStore.names_input
+        assert named(session, "flux_test_edit_from_s3", dr.run_id, pinned)
+        # What a rewritten manifest could name instead: never named by this run's tasks.
+        for uri in (f"s3://{s3.bucket}/in/secret.png", f"s3://{s3.bucket}/in/x.png.bak", "s3://other/in/x.png"):
+            assert not named(session, "flux_test_edit_from_s3", dr.run_id, uri), uri
+        assert not named(session, "flux_test_edit_from_s3", "another run", pinned)
