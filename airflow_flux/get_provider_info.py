@@ -50,6 +50,59 @@ def get_provider_info() -> dict[str, Any]:
             "airflow_flux.links.flux.FluxGalleryLink",
             "airflow_flux.links.flux.FluxCopiedImagesLink",
         ],
+        # Airflow options this provider reads: listed by `airflow config list` and in the UI's
+        # configuration page, with their defaults (the code falls back to the same values).
+        "config": {
+            "flux": {
+                "description": "FLUX (fal) in the triggerer.",
+                "options": {
+                    "max_connections": {
+                        "description": "HTTP connections to the API that one triggerer's event loop holds at "
+                        "once, shared by every flux connection and wait on it; status streams take at most "
+                        "three quarters of them, the other waits poll.",
+                        "version_added": "0.1.0",
+                        "type": "integer",
+                        "example": "400",
+                        "default": "100",
+                    },
+                },
+            },
+            "flux_gallery": {
+                "description": "The Flux gallery plugin in the api-server.",
+                "options": {
+                    "image_delivery": {
+                        "description": "How full images reach the browser: 'stream' (through the api-server) "
+                        "or 'presigned' (a redirect to a short-lived presigned S3 URL).",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "presigned",
+                        "default": "stream",
+                    },
+                    "presigned_expiry": {
+                        "description": "Lifetime of a presigned image URL, seconds.",
+                        "version_added": "0.1.0",
+                        "type": "integer",
+                        "example": "60",
+                        "default": "300",
+                    },
+                    "aws_conn_id": {
+                        "description": "The connection that reads a copy task's manifest and images when "
+                        "its rendered aws_conn_id is empty.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "gallery_s3",
+                        "default": "aws_default",
+                    },
+                    "page_size": {
+                        "description": "Images per page of a run.",
+                        "version_added": "0.1.0",
+                        "type": "integer",
+                        "example": "48",
+                        "default": "24",
+                    },
+                },
+            },
+        },
         "connection-types": [
             {
                 "hook-class-name": "airflow_flux.hooks.flux.FluxHook",

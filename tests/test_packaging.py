@@ -212,3 +212,29 @@ def test_the_ui_providers_page_reads_the_description_as_written():
     description = _provider_mapper(ProvidersManager().providers["airflow-flux"]).description
     assert _visible(description) == VISIBLE_DESCRIPTION
     assert "\\" not in description
+
+
+def test_the_airflow_options_read_are_declared_with_the_codes_defaults():
+    import json
+    import subprocess
+    import sys
+    from importlib.resources import files
+
+    import jsonschema
+
+    from airflow_flux.hooks.shared import DEFAULT_MAX_CONNECTIONS
+
+    info = get_provider_info()
+    schema = json.loads(files("airflow").joinpath("provider_info.schema.json").read_text())
+    jsonschema.validate({**info}, schema)
+    config = info["config"]
+    assert config["flux"]["options"]["max_connections"]["default"] == str(DEFAULT_MAX_CONNECTIONS)
+    # Airflow itself knows the options and their defaults (a fresh process: conf is global).
+    code = (
+        "from airflow.configuration import conf\n"
+        "print(conf.get('flux', 'max_connections'), conf.get('flux_gallery', 'image_delivery'),"
+        " conf.get('flux_gallery', 'presigned_expiry'), conf.get('flux_gallery', 'aws_conn_id'),"
+        " conf.get('flux_gallery', 'page_size'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == [str(DEFAULT_MAX_CONNECTIONS), "stream", "300", "aws_default", "24"]
