@@ -279,6 +279,7 @@ class FluxToS3Operator(BaseOperator):
             meta = self._existing(job)
             if meta is None:
                 continue
+            job.existed = True
             ours = (
                 meta.get("flux-request-id") == job.metadata["flux-request-id"]
                 and meta.get("flux-index") == job.metadata["flux-index"]
@@ -347,10 +348,16 @@ class FluxToS3Operator(BaseOperator):
         self.log.debug("s3://%s/%s uploaded (%s)", self.s3_bucket, job.key, mode)
 
     def _rollback(self, jobs: list[ImageJob]) -> None:
-        written = [j.key for j in jobs if j.status is ImageStatus.COPIED]
+        # Only objects this try created: one it overwrote (replace=True) existed before, and
+        # deleting it would lose what was there as well (it now holds this try's image, which
+        # the retry writes again).
+        written = [j.key for j in jobs if j.status is ImageStatus.COPIED and not j.existed]
+        kept = sum(j.status is ImageStatus.COPIED and j.existed for j in jobs)
+        if kept:
+            self.log.warning("Keeping %d object(s) this try overwrote (replace=True): they existed before", kept)
         if not written:
             return
-        self.log.warning("Deleting %d object(s) this try wrote, so a retry starts clean", len(written))
+        self.log.warning("Deleting %d object(s) this try created, so a retry starts clean", len(written))
         self.s3_hook.get_conn().delete_objects(
             Bucket=self.s3_bucket, Delete={"Objects": [{"Key": k} for k in written], "Quiet": True}
         )

@@ -64,6 +64,8 @@ class ImageJob:
     sha256: str | None = None
     seconds: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    #: An object was at ``key`` before this try (overwritten only with ``replace``).
+    existed: bool = False
 
     @property
     def request_id(self) -> str:

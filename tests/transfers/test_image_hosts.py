@@ -142,3 +142,38 @@ def test_a_generated_result_names_its_connection_and_is_copied_under_it(dags, em
         assert len(xcom(dr, "to_s3")) == 1
         assert len(emulator.calls(kind="cdn")) == 1
         assert elsewhere.requests == []
+
+
+def test_a_failed_copy_with_replace_deletes_only_the_objects_it_created(emulator, monkeypatch, s3):
+    """``replace=True``, three images: the first overwrites an object that was there, the second
+    creates one, the third fails. The rollback deletes the created one only: the overwritten key
+    keeps an image (this try's) instead of vanishing with what it held before."""
+    from types import SimpleNamespace
+
+    from airflow_flux.exceptions import FluxError
+    from airflow_flux.transfers import FluxToS3Operator
+
+    with Origin() as listed:
+        _connection(monkeypatch, emulator, allowed_image_hosts=listed.netloc)
+        new = [jpeg(3000), jpeg(4000)]
+        urls = [listed.serve(f"/{i}.jpg", Answer(body=body)) for i, body in enumerate(new)]
+        urls.append(listed.serve("/gone.jpg", Answer(status=404)))
+        s3.put_object(Bucket=s3.bucket, Key="mixed/0.jpg", Body=b"what was there before")
+        source = {
+            "request_id": "req-mixed",
+            "seed": 1,
+            "images": [{"url": u, "content_type": "image/jpeg"} for u in urls],
+        }
+        op = FluxToS3Operator(
+            task_id="to_s3",
+            source=source,
+            s3_bucket=s3.bucket,
+            s3_key_prefix="mixed",
+            image_key_template="{index}.{ext}",
+            replace=True,
+        )
+        with pytest.raises(FluxError, match=r"Copy of 1 image\(s\) failed"):
+            op.execute({"ti": SimpleNamespace(dag_id="d", run_id="r", task_id="to_s3", map_index=-1)})
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3.bucket).get("Contents", [])}
+    assert keys == {"mixed/0.jpg"}, keys
+    assert s3.get_object(Bucket=s3.bucket, Key="mixed/0.jpg")["Body"].read() == new[0]
