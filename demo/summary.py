@@ -205,15 +205,26 @@ def prompts_of(task_instances: list[dict[str, Any]]) -> list[str] | None:
 
 
 def find_manifest(s3: Any, bucket: str, dag_id: str, run_id: str) -> tuple[str, dict[str, Any]] | None:
-    """The manifest FluxToS3Operator wrote for this run (found by its dag_id and run_id)."""
+    """The manifest FluxToS3Operator wrote for this run, with only this run's entries.
+
+    A manifest may be shared by several tasks and runs (each entry names its writer), so it
+    is found, and read, by its entries' writers, not by who wrote it last.
+    """
+    from airflow_flux.manifest import entry_writer
+
     paginator = s3.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket):
         for obj in page.get("Contents", []):
             if not obj["Key"].endswith("manifest.json"):
                 continue
             manifest = json.loads(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
-            if manifest.get("dag_id") == dag_id and manifest.get("run_id") == run_id:
-                return obj["Key"], manifest
+            ours = [
+                e
+                for e in manifest.get("images") or []
+                if isinstance(e, dict) and (entry_writer(e, manifest) or ("", ""))[:2] == (dag_id, run_id)
+            ]
+            if ours:
+                return obj["Key"], {**manifest, "images": ours}
     return None
 
 

@@ -489,3 +489,27 @@ def test_make_demo_ui_prints_both_urls_tests_connections_and_stops_on_ctrl_c_wit
         for pgid in pids:
             for pid in group_members([pgid]):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_summary_reads_only_its_runs_entries_of_a_shared_manifest(s3):
+    from airflow_flux.manifest import Manifest, ManifestImage, merge_manifest
+    from demo.summary import find_manifest
+
+    for run_id in ("run1", "run2", "run3"):
+        image = ManifestImage(status="copied", key=f"shared/{run_id}.jpg", index=0, sha256=run_id[-1] * 64)
+        own = Manifest(
+            created_at="2026-12-01T00:00:00+00:00",
+            dag_id="demo",
+            run_id=run_id,
+            task_id="to_s3",
+            map_index=-1,
+            bucket=s3.bucket,
+            prefix="shared",
+            images=[image],
+        )
+        merge_manifest(s3, own, "shared/manifest.json")
+    # run3 wrote last; run2's images are still found, and only them.
+    key, manifest = find_manifest(s3, s3.bucket, "demo", "run2")
+    assert key == "shared/manifest.json"
+    assert [e["key"] for e in manifest["images"]] == ["shared/run2.jpg"]
+    assert find_manifest(s3, s3.bucket, "demo", "run4") is None
