@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airflow_flux.plugins import pages
 from airflow_flux.plugins.pages import Embed, dag_path, page_url
+from airflow_flux.plugins.records import RunRecords
 from airflow_flux.plugins.store import (
     IMAGE_TYPES,
     MAX_THUMBNAIL_SOURCE_BYTES,
@@ -60,10 +61,14 @@ def _store(request: Request) -> GalleryStore:
     return request.app.state.store
 
 
+def _records(request: Request) -> RunRecords:
+    return request.app.state.records
+
+
 def _find(request: Request, session: Any, dag_id: str, run_id: str, sha256: str) -> tuple[GalleryImage, RunGallery]:
     """The stored image of the run's manifests with this digest (404 otherwise), and its run's gallery."""
     store = _store(request)
-    refs = store.manifest_refs(session, dag_id, [run_id]).get(run_id, [])
+    refs = _records(request).manifest_refs(session, dag_id, [run_id]).get(run_id, [])
     gallery = store.run_gallery(run_id, refs)
     found = gallery.find(sha256)
     if found is None:
@@ -102,14 +107,14 @@ def index(request: Request, user: GetUserDep, session: SessionDep, embed: _EMBED
     store = _store(request)
     auth_manager = get_auth_manager()
     readable = auth_manager.get_authorized_dag_ids(user=user, method="GET", session=session)
-    dags = store.dags_with_images(session, readable)
+    dags = _records(request).dags_with_images(session, readable)
     # The DB in this thread (a session is not shared across threads); manifests from S3 in parallel.
     latest: dict[str, list[tuple[str, Any]]] = {}
     for dag_id, _ in dags:
         if not _may_read_images(auth_manager, user, dag_id, session):
             continue  # listed, but its images and prompts need what the run pages need
-        runs = store.runs_with_images(session, dag_id, offset=0, limit=3)
-        refs = store.manifest_refs(session, dag_id, [r.run_id for r in runs])
+        runs = _records(request).runs_with_images(session, dag_id, offset=0, limit=3)
+        refs = _records(request).manifest_refs(session, dag_id, [r.run_id for r in runs])
         latest[dag_id] = [(r.run_id, refs[r.run_id]) for r in runs]
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(dags)))) as pool:
         images = dict(
@@ -146,10 +151,10 @@ def dag_page(
     if session.get(DagModel, dag_id) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"DAG {dag_id!r} not found")
     store = _store(request)
-    total = store.count_runs_with_images(session, dag_id)
+    total = _records(request).count_runs_with_images(session, dag_id)
     count, offset, page = pages.pages(total, page, RUNS_PER_PAGE)
-    runs = store.runs_with_images(session, dag_id, offset=offset, limit=RUNS_PER_PAGE)
-    refs = store.manifest_refs(session, dag_id, [r.run_id for r in runs])
+    runs = _records(request).runs_with_images(session, dag_id, offset=offset, limit=RUNS_PER_PAGE)
+    refs = _records(request).manifest_refs(session, dag_id, [r.run_id for r in runs])
     # Manifests of several runs are read at once: the page waits for the slowest, not the sum.
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(runs)))) as pool:
         galleries: list[RunGallery] = list(pool.map(lambda r: store.run_gallery(r.run_id, refs[r.run_id]), runs))
@@ -209,7 +214,7 @@ def run_page(
     if run is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"Run {run_id!r} of DAG {dag_id!r} not found")
     store = _store(request)
-    refs = store.manifest_refs(session, dag_id, [run_id])[run_id]
+    refs = _records(request).manifest_refs(session, dag_id, [run_id])[run_id]
     gallery = store.run_gallery(run_id, refs)
     size = per_page or int(request.app.state.page_size)
     page_query = {"per_page": per_page}
@@ -384,7 +389,7 @@ def input_image(
     if n >= len(inputs) or not inputs[n].startswith("s3://"):
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No such s3:// input for this image")
     store = _store(request)
-    if not store.names_input(session, dag_id, run_id, inputs[n]):
+    if not _records(request).names_input(session, dag_id, run_id, inputs[n]):
         # The manifest names it, the run's own record does not: never read on a manifest's word.
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No task of this run named this input")
     try:
@@ -451,8 +456,10 @@ def create_app(
     app.state.delivery = delivery
     app.state.page_size = page_size or conf.getint(SECTION, "page_size", fallback=24)
     app.state.store = GalleryStore(
-        default_conn_id=default_conn_id or conf.get(SECTION, "aws_conn_id", fallback="aws_default"),
         presigned_expiry=presigned_expiry or conf.getint(SECTION, "presigned_expiry", fallback=300),
+    )
+    app.state.records = RunRecords(
+        default_conn_id=default_conn_id or conf.get(SECTION, "aws_conn_id", fallback="aws_default")
     )
     app.include_router(router)
     app.add_exception_handler(StarletteHTTPException, _http_error)

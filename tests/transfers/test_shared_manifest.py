@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from airflow_flux.plugins.records import RunRecords
 from airflow_flux.plugins.store import GalleryStore
 from tests.helpers import task_states
 
@@ -37,7 +38,7 @@ def _gallery(run_id: str) -> list[tuple[str, str]]:
 
     store = GalleryStore()
     with create_session() as session:
-        refs = store.manifest_refs(session, DAG_ID, [run_id])[run_id]
+        refs = RunRecords().manifest_refs(session, DAG_ID, [run_id])[run_id]
     assert len(refs) == 2 and len({r.uri for r in refs}) == 1, "two tasks, one manifest"
     return [(i.ref.task_id, i.key) for i in store.run_gallery(run_id, refs).images]
 
