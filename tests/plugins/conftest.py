@@ -68,7 +68,7 @@ class GalleryEnv:
         return json.loads(self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
 
 
-def _png(width: int, height: int, colour: str) -> bytes:
+def png(width: int, height: int, colour: str) -> bytes:
     import io
 
     from PIL import Image
@@ -78,18 +78,26 @@ def _png(width: int, height: int, colour: str) -> bytes:
     return out.getvalue()
 
 
-def _api_server_env(home: Path, port: int, passwords_file: Path) -> dict[str, str]:
-    env = dict(os.environ)  # AIRFLOW_HOME, DAGS_FOLDER: the same as this process
+def simple_auth_env(passwords_file: Path) -> dict[str, str]:
+    """The simple auth manager in multi-team mode, with :data:`USERS` and their passwords."""
+    return {
+        "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in USERS.items()),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
+        "AIRFLOW__CORE__MULTI_TEAM": "True",
+    }
+
+
+def api_server_env(port: int, auth_env: dict[str, str]) -> dict[str, str]:
+    """This process's environment (AIRFLOW_HOME, DAGS_FOLDER) for an api-server on ``port``."""
+    env = dict(os.environ)
     # The api-server reads aws_default from the metadata DB, as for a connection made in the UI.
     env.pop("AIRFLOW_CONN_AWS_DEFAULT", None)
     env.update(
         {
+            **auth_env,
             "PYTHONUNBUFFERED": "1",
-            "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in USERS.items()),
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
-            "AIRFLOW__CORE__MULTI_TEAM": "True",
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(port),
             "AIRFLOW__API__WORKERS": "1",
@@ -101,13 +109,13 @@ def _api_server_env(home: Path, port: int, passwords_file: Path) -> dict[str, st
     return env
 
 
-def _start_api_server(home: Path, work: Path, passwords_file: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_api_server(work: Path, auth_env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
     """``airflow api-server`` on a port that was free (it cannot bind port 0 and say which it got)."""
     port = free_port()
     with (work / "api-server.log").open("wb") as out:
         proc = subprocess.Popen(
             [str(AIRFLOW), "api-server", "--apps", "core", "--host", "127.0.0.1", "--port", str(port)],
-            env=_api_server_env(home, port, passwords_file),
+            env=api_server_env(port, auth_env),
             cwd=work,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -117,7 +125,7 @@ def _start_api_server(home: Path, work: Path, passwords_file: Path) -> tuple[sub
     return proc, port
 
 
-def _wait_healthy(api: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> bool:
+def wait_healthy(api: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> bool:
     """Wait for the api-server's health; False if it exited because its port was taken meanwhile."""
     deadline = time.monotonic() + timeout
     while True:
@@ -131,7 +139,7 @@ def _wait_healthy(api: str, proc: subprocess.Popen[bytes], log: Path, timeout: f
         time.sleep(0.2)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -166,7 +174,7 @@ def _assign_bundle_to_team(team: str) -> None:
         session.execute(association.insert().values(dag_bundle_name=BUNDLE, team_name=team))
 
 
-def _store_connection(conn_id: str, conn: dict[str, Any]) -> None:
+def store_connection(conn_id: str, conn: dict[str, Any]) -> None:
     from airflow.models.connection import Connection
     from airflow.utils.session import create_session
 
@@ -175,7 +183,7 @@ def _store_connection(conn_id: str, conn: dict[str, Any]) -> None:
         session.add(Connection(conn_id=conn_id, **{k: json.dumps(v) if k == "extra" else v for k, v in conn.items()}))
 
 
-def _delete_connection(conn_id: str) -> None:
+def delete_connection(conn_id: str) -> None:
     from airflow.models.connection import Connection
     from airflow.utils.session import create_session
 
@@ -194,7 +202,7 @@ def _remove_teams() -> None:
         session.query(Team).filter(Team.name.in_(TEAMS)).delete(synchronize_session=False)
 
 
-def _run(dags: Any, dag_id: str = DAG_ID, **conf: Any) -> str:
+def run_dag(dags: Any, dag_id: str = DAG_ID, **conf: Any) -> str:
     params = {
         "num_images": 1,
         "sync_mode": False,
@@ -227,31 +235,31 @@ def gallery_env(airflow_db, dags, moto_server, tmp_path_factory) -> Any:
             "AIRFLOW_CONN_FLUX_DEFAULT", json.dumps({"conn_type": "flux", "host": emu.base_url, "password": TOKEN})
         )
         _create_teams()
-        _store_connection("aws_default", aws_conn)
+        store_connection("aws_default", aws_conn)
         log = work / "api-server.log"
         # Started first: it boots while the runs below are made.
-        proc, port = _start_api_server(home, work, passwords_file)
+        proc, port = start_api_server(work, simple_auth_env(passwords_file))
         env = GalleryEnv(api=f"http://127.0.0.1:{port}", home=home, bucket=bucket, s3=s3)
         try:
             emu.add_scenario(Scenario(nsfw=[False, False, True, False]), match="gallery foxes")
             emu.add_scenario(Scenario(nsfw=[False, True]), match="gallery owls")
             # Four images, one flagged NSFW and kept (shown blurred, with a badge).
-            env.runs["foxes"] = _run(dags, prompt="gallery foxes", num_images=4, bucket=bucket, nsfw="keep")
+            env.runs["foxes"] = run_dag(dags, prompt="gallery foxes", num_images=4, bucket=bucket, nsfw="keep")
             # Two images, one flagged NSFW and skipped (listed, not stored).
-            env.runs["owls"] = _run(dags, prompt="gallery owls", num_images=2, bucket=bucket, nsfw="skip")
+            env.runs["owls"] = run_dag(dags, prompt="gallery owls", num_images=2, bucket=bucket, nsfw="skip")
             # Two 16:9 images: their frames must follow the image, not a square.
-            env.runs["wide"] = _run(
+            env.runs["wide"] = run_dag(
                 dags, prompt="gallery wide cranes", num_images=2, bucket=bucket, aspect_ratio="16:9"
             )
             # An edit of a 3:2 image in S3: the image page shows its input.
-            s3.put_object(Bucket=bucket, Key=EDIT_INPUT, Body=_png(768, 512, "#d2452d"), ContentType="image/png")
-            env.runs["edit"] = _run(dags, EDIT_DAG_ID, bucket=bucket, key=EDIT_INPUT)
+            s3.put_object(Bucket=bucket, Key=EDIT_INPUT, Body=png(768, 512, "#d2452d"), ContentType="image/png")
+            env.runs["edit"] = run_dag(dags, EDIT_DAG_ID, bucket=bucket, key=EDIT_INPUT)
             env.timings.append(f"runs made {time.monotonic() - started:.1f}s")
             _assign_bundle_to_team("red")
             for _ in range(3):
-                if _wait_healthy(env.api, proc, log):
+                if wait_healthy(env.api, proc, log):
                     break
-                proc, port = _start_api_server(home, work, passwords_file)  # its port was taken: another
+                proc, port = start_api_server(work, simple_auth_env(passwords_file))  # its port was taken: another
                 env.api = f"http://127.0.0.1:{port}"
             else:
                 raise RuntimeError("api-server: no free port in 3 tries")
@@ -267,9 +275,9 @@ def gallery_env(airflow_db, dags, moto_server, tmp_path_factory) -> Any:
             print(f"\n----- api-server log -----\n{log.read_text(errors='replace')[-6000:]}")
             raise
         finally:
-            _stop(proc)
+            stop(proc)
             _remove_teams()
-            _delete_connection("aws_default")
+            delete_connection("aws_default")
             print(f"\ngallery env: {', '.join(env.timings)}; total {time.monotonic() - started:.1f}s")
 
 
