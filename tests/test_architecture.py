@@ -9,7 +9,7 @@ and any layer below:
     links                                    extra links (operators list them)
     triggers                                 the triggerer's side
     hooks                                    the only HTTP client of the API
-    leaf modules                             models, exceptions, redact, identity, events, manifest, xcom_keys
+    leaf modules                             models, exceptions, redact, compat, identity, events, manifest, xcom_keys, state
 
 ``emulator`` stands apart: it imports nothing of the client it checks, and nothing imports it.
 """
@@ -26,10 +26,12 @@ MAX_LINES = 500
 
 LAYERS: dict[str, int] = {
     "exceptions": 0,
+    "compat": 0,
     "redact": 0,
     "models": 1,
     "xcom_keys": 1,
     "manifest": 1,
+    "state": 1,
     "identity": 2,
     "events": 2,
     "hooks": 3,

@@ -33,6 +33,7 @@ from airflow_flux.models import RequestOptions, build_payload, cost_usd
 from airflow_flux.operators.flux import REQUEST_FIELDS
 from airflow_flux.operators.inputs import InputResolver, check_inputs, describe_inputs, has_s3_inputs
 from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, default_deferrable
+from airflow_flux.state import task_state, with_state_cleanup
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -122,6 +123,8 @@ class FluxBatchGenerateOperator(BaseOperator):
     ) -> None:
         shared = {name: kwargs.pop(name) for name in REQUEST_FIELDS if name in kwargs}
         super().__init__(**kwargs)
+        # Before Airflow 3.3 the records are Variables, deleted once the task succeeded.
+        self.on_success_callback = with_state_cleanup(self.on_success_callback)
         self.requests = requests
         for name in REQUEST_FIELDS:
             setattr(self, name, shared.get(name))
@@ -187,12 +190,13 @@ class FluxBatchGenerateOperator(BaseOperator):
     def execute(self, context: Context) -> list[dict[str, Any]]:
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
         payloads = self._payloads(endpoint)  # before any call
+        self._requests = len(payloads)
         options = RequestOptions.build(start_timeout=self.start_timeout, priority=self.priority)
         resolver = self._resolver(options) if any(has_s3_inputs(p) for p in payloads) else None
         if resolver is not None:
             payloads = self._pin_all(resolver, payloads)  # every s3:// input checked, before any payment
         reuses = [self._reuse(context, endpoint, index, payload) for index, payload in enumerate(payloads)]
-        store = context.get("task_state_store")
+        store = task_state(context)
         # One read on a first try: the per-request records are only read when an earlier try
         # (or run) of this task has submitted anything.
         marker = _read(store, MARKER_KEY)
@@ -234,6 +238,11 @@ class FluxBatchGenerateOperator(BaseOperator):
             )
         event = asyncio.run(_first_event(trigger))  # no triggerer: the same wait, in the worker
         return self.execute_complete(context, event)
+
+    def state_keys(self) -> list[str]:
+        """The task state keys this task writes (see :mod:`airflow_flux.state`)."""
+        count = getattr(self, "_requests", 0)
+        return [MARKER_KEY, OUTCOMES_KEY, *(STATE_KEY.format(index=i) for i in range(count))]
 
     def _reuse(self, context: Context, endpoint: str, index: int, payload: dict[str, Any]) -> RequestReuse:
         from airflow_flux.identity import RequestIdentity
@@ -358,7 +367,8 @@ class FluxBatchGenerateOperator(BaseOperator):
         batch = FluxBatchEvent.from_payload(event)
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
         payloads = self._payloads(endpoint)
-        store = context.get("task_state_store")
+        self._requests = len(payloads)
+        store = task_state(context)
         # What earlier tries kept (completed, or refused for good), then this wait's outcomes.
         known = _read(store, OUTCOMES_KEY) or {}
         for outcome in batch.outcomes:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 
 from airflow_flux.exceptions import FluxRequestFailedError, FluxValidationError
-from airflow_flux.identity import DEFAULT_CONN_ID
+from airflow_flux.identity import DEFAULT_CONN_ID, STATE_KEY
 from airflow_flux.links import FluxGalleryLink, FluxRequestLink
 from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE, RequestOptions, build_payload
 from airflow_flux.operators.inputs import (
@@ -20,6 +20,7 @@ from airflow_flux.operators.inputs import (
     has_s3_inputs,
 )
 from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, FluxWaitMixin
+from airflow_flux.state import with_state_cleanup
 from airflow_flux.xcom_keys import LINK_XCOM_KEY
 
 if TYPE_CHECKING:
@@ -153,6 +154,8 @@ class FluxSubmitOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # Before Airflow 3.3 the request's record is a Variable, deleted once the task succeeded.
+        self.on_success_callback = with_state_cleanup(self.on_success_callback)
         self.prompt = prompt
         self.seed = seed
         self.guidance_scale = guidance_scale
@@ -265,6 +268,10 @@ class FluxSubmitOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         return self.submit(context)
+
+    def state_keys(self) -> list[str]:
+        """The task state keys this task writes (see :mod:`airflow_flux.state`)."""
+        return [STATE_KEY]
 
 
 class FluxGenerateOperator(FluxWaitMixin, FluxSubmitOperator):

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_flux.exceptions import FluxAPIError, FluxRequestFailedError
 from airflow_flux.hooks.retry import worth_resubmitting
 from airflow_flux.identity import STATE_KEY, RequestIdentity, StoredRequest
+from airflow_flux.state import task_state
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -96,7 +97,7 @@ class RequestReuse:
         enabled: bool = True,
         key: str = STATE_KEY,
     ) -> None:
-        self.store = context.get("task_state_store")
+        self.store = task_state(context)
         self.ti = context.get("ti")
         self.hook = hook
         self.identity = identity
@@ -145,7 +146,7 @@ class RequestReuse:
         clear since. The request's own state is not looked at here (see :meth:`reusable`).
         """
         if self.store is None:
-            self.log.warning("task_state_store not available in context, crash recovery is disabled for this run")
+            self.log.warning("No task state store in this context, crash recovery is disabled for this run")
             return Decision.FRESH_SUBMIT, None
         raw = self.store.get(self.key)
         if not raw or not self.enabled:
@@ -280,7 +281,7 @@ def record_outcome(
     :param key: the ``task_state_store`` key of the record.
     :returns: whether it was kept (a record of this very request exists).
     """
-    store = context.get("task_state_store")
+    store = task_state(context)
     if store is None:
         return False
     stored = StoredRequest.load(store.get(key))

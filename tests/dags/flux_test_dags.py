@@ -14,6 +14,7 @@ from airflow.sdk import DAG, Param
 from airflow_flux.models import KONTEXT_EDIT, KONTEXT_MAX_MULTI
 from airflow_flux.operators import FluxBatchGenerateOperator, FluxGenerateOperator, FluxSubmitOperator
 from airflow_flux.sensors import FluxStatusSensor
+from airflow_flux.state import forget_on_success
 from airflow_flux.transfers import FluxToS3Operator
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
@@ -62,6 +63,26 @@ with DAG("flux_test_timeout", schedule=None, start_date=START, params=PARAMS, ca
 
 with DAG("flux_test_retry", schedule=None, start_date=START, params=PARAMS, catchup=False):
     submit = FlakySubmitOperator(
+        task_id="submit", prompt="{{ params.prompt }}", retries=1, retry_delay=timedelta(seconds=0)
+    )
+    FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=60)
+
+
+class VariableStateSubmitOperator(FlakySubmitOperator):
+    """As on Airflow before 3.3, on any release: no ``task_state_store`` in the context, so the
+    record is a Variable (airflow_flux.state), deleted once Airflow has the task's success."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.on_success_callback = [forget_on_success]  # what with_state_cleanup adds before 3.3
+
+    def execute(self, context):
+        context.pop("task_state_store", None)
+        return super().execute(context)
+
+
+with DAG("flux_test_retry_variable_state", schedule=None, start_date=START, params=PARAMS, catchup=False):
+    submit = VariableStateSubmitOperator(
         task_id="submit", prompt="{{ params.prompt }}", retries=1, retry_delay=timedelta(seconds=0)
     )
     FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=60)
