@@ -34,8 +34,8 @@ from airflow_flux.plugins.store import (
     GalleryError,
     GalleryImage,
     GalleryStore,
+    NoThumbnail,
     RunGallery,
-    ThumbnailTooLarge,
     content_disposition,
 )
 
@@ -346,7 +346,7 @@ def image(
         # length decides (store.thumbnail), and too large means the image itself is sent.
         source_size = found.entry.get("size")
         if thumb and not (isinstance(source_size, int) and source_size > MAX_THUMBNAIL_SOURCE_BYTES):
-            with contextlib.suppress(ThumbnailTooLarge):
+            with contextlib.suppress(NoThumbnail):
                 data, content_type = store.thumbnail(found)
                 return Response(data, media_type=content_type, headers=headers)
         if request.app.state.delivery == "presigned":

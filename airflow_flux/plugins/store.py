@@ -15,6 +15,7 @@ task that wrote it, and a manifest shared by several of its tasks is read once.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -50,8 +51,14 @@ class GalleryError(Exception):
     """A manifest or image that cannot be read; the message is safe to show to the user."""
 
 
-class ThumbnailTooLarge(GalleryError):
-    """The object is larger than :data:`MAX_THUMBNAIL_SOURCE_BYTES`: no thumbnail is made of it."""
+class NoThumbnail(GalleryError):
+    """No thumbnail is made: the object is larger than :data:`MAX_THUMBNAIL_SOURCE_BYTES`, or
+    Pillow is not installed (it is the ``thumbnails`` extra); the image itself is sent instead."""
+
+
+def _need_pillow() -> None:
+    if importlib.util.find_spec("PIL") is None:
+        raise NoThumbnail("Pillow is not installed in the api-server (pip install 'airflow-flux[thumbnails]')")
 
 
 def _read_at_most(chunks: Iterator[bytes], limit: int) -> bytes:
@@ -61,7 +68,7 @@ def _read_at_most(chunks: Iterator[bytes], limit: int) -> bytes:
         for chunk in chunks:
             out += chunk
             if len(out) > limit:
-                raise ThumbnailTooLarge("too large for a thumbnail")
+                raise NoThumbnail("too large for a thumbnail")
     finally:
         _close(chunks)
     return bytes(out)
@@ -336,11 +343,12 @@ class GalleryStore:
         cached = self._thumbs.get(cache_key)
         if cached is not None:
             return cached
+        _need_pillow()
         chunks, head = self.open_image(image)
         # S3's own length, not the manifest's (None for a reused image, and a manifest can lie).
         if int(head.get("ContentLength") or 0) > MAX_THUMBNAIL_SOURCE_BYTES:
             _close(chunks)
-            raise ThumbnailTooLarge(f"{head.get('ContentLength')} bytes: too large for a thumbnail")
+            raise NoThumbnail(f"{head.get('ContentLength')} bytes: too large for a thumbnail")
         result = make_thumbnail(_read_at_most(chunks, MAX_THUMBNAIL_SOURCE_BYTES), size)
         self._thumbs.put(cache_key, result, size=len(result[0]))
         return result
@@ -373,7 +381,8 @@ class GalleryStore:
         if cached is not None:
             return cached
         if int(head.get("ContentLength") or 0) > MAX_THUMBNAIL_SOURCE_BYTES:
-            raise ThumbnailTooLarge("too large for a thumbnail")
+            raise NoThumbnail("too large for a thumbnail")
+        _need_pillow()
         try:
             body = client.get_object(**target)["Body"]
             try:
@@ -383,7 +392,7 @@ class GalleryStore:
         except Exception as exc:
             raise GalleryError(f"{type(exc).__name__}: {exc}") from None
         if len(data) > MAX_THUMBNAIL_SOURCE_BYTES:  # replaced by a larger object since the HEAD
-            raise ThumbnailTooLarge("too large for a thumbnail")
+            raise NoThumbnail("too large for a thumbnail")
         result = make_thumbnail(data, size)
         self._thumbs.put(cache_key, result, size=len(result[0]))
         return result

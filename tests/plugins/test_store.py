@@ -12,7 +12,7 @@ from PIL import Image
 from airflow_flux.identity import pin_s3_uri
 from airflow_flux.manifest import Manifest, ManifestImage, merge_manifest
 from airflow_flux.plugins.records import ManifestRef
-from airflow_flux.plugins.store import GalleryError, GalleryImage, GalleryStore, ThumbnailTooLarge
+from airflow_flux.plugins.store import GalleryError, GalleryImage, GalleryStore, NoThumbnail
 
 
 def _ref(s3, key: str, task_id: str, run_id: str = "run1") -> ManifestRef:
@@ -172,8 +172,22 @@ def test_a_thumbnail_is_guarded_by_s3s_own_length_not_the_manifests(s3, monkeypa
     for size in (None, 10):
         entry = {"key": "mine/big.png", "sha256": f"{size}".ljust(64, "0"), "status": "copied", "size": size}
         image = GalleryImage(ref=_ref(s3, "mine/manifest.json", "to_s3"), bucket=s3.bucket, entry=entry)
-        with pytest.raises(ThumbnailTooLarge):
+        with pytest.raises(NoThumbnail):
             GalleryStore().thumbnail(image)
     monkeypatch.setattr(store_module, "MAX_THUMBNAIL_SOURCE_BYTES", len(big))
     data, _ = GalleryStore().thumbnail(image)
     assert Image.open(io.BytesIO(data)).size == (300, 300)
+
+
+def test_without_pillow_there_is_no_thumbnail_and_the_image_itself_is_sent(s3, monkeypatch):
+    import importlib.util
+
+    s3.put_object(Bucket=s3.bucket, Key="mine/small.png", Body=_png((10, 200, 10)))
+    entry = {"key": "mine/small.png", "sha256": "b" * 64, "status": "copied"}
+    image = GalleryImage(ref=_ref(s3, "mine/manifest.json", "to_s3"), bucket=s3.bucket, entry=entry)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "PIL" else real(name, *a))
+    with pytest.raises(NoThumbnail, match=r"airflow-flux\[thumbnails\]"):
+        GalleryStore().thumbnail(image)
+    monkeypatch.undo()
+    assert Image.open(io.BytesIO(GalleryStore().thumbnail(image)[0])).size == (40, 30)
