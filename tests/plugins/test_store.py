@@ -179,15 +179,15 @@ def test_a_thumbnail_is_guarded_by_s3s_own_length_not_the_manifests(s3, monkeypa
     assert Image.open(io.BytesIO(data)).size == (300, 300)
 
 
-def test_without_pillow_there_is_no_thumbnail_and_the_image_itself_is_sent(s3, monkeypatch):
+def test_without_pillow_there_is_no_thumbnail_and_the_image_itself_is_sent(s3):
     import importlib.util
 
     s3.put_object(Bucket=s3.bucket, Key="mine/small.png", Body=_png((10, 200, 10)))
     entry = {"key": "mine/small.png", "sha256": "b" * 64, "status": "copied"}
     image = GalleryImage(ref=_ref(s3, "mine/manifest.json", "to_s3"), bucket=s3.bucket, entry=entry)
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "PIL" else real(name, *a))
-    with pytest.raises(NoThumbnail, match=r"airflow-flux\[thumbnails\]"):
-        GalleryStore().thumbnail(image)
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "PIL" else real(name, *a))
+        with pytest.raises(NoThumbnail, match=r"airflow-flux\[thumbnails\]"):
+            GalleryStore().thumbnail(image)
     assert Image.open(io.BytesIO(GalleryStore().thumbnail(image)[0])).size == (40, 30)
