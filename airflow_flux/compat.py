@@ -15,3 +15,22 @@ AIRFLOW_VERSION = Version(Version(version("apache-airflow-core")).base_version)
 
 #: ``context["task_state_store"]``: per task instance state that survives retries (3.3).
 HAS_TASK_STATE_STORE = AIRFLOW_VERSION.release[:2] >= (3, 3)
+
+
+async def amask_secret(value: str) -> None:
+    """Mask ``value`` in every log, from the triggerer's event loop.
+
+    3.3 has ``airflow.sdk.log.amask_secret`` (it tells the supervisor without blocking the
+    loop). Before, the trigger runner's own masker is told: its trigger logs are written by
+    this process, and a blocking call to the supervisor from the loop is what 3.3 avoids.
+
+    :param value: the secret.
+    """
+    try:
+        from airflow.sdk.log import amask_secret as amask
+    except ImportError:
+        from airflow.sdk._shared.secrets_masker import mask_secret
+
+        mask_secret(value)
+    else:
+        await amask(value)

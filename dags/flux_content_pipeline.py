@@ -55,7 +55,7 @@ with DAG(
         # these task retries cover the rest. A retried submit reuses its request (no new charge).
         "retries": 2,
         "retry_delay": timedelta(minutes=1),
-        "retry_exponential_backoff": 2.0,
+        "retry_exponential_backoff": True,  # a bool: Airflow 3.1 takes no multiplier here
     },
     params={
         "prompts": Param(

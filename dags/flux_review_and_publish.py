@@ -133,7 +133,7 @@ with DAG(
     def review_request(manifest_uri: str, **context: Any) -> dict[str, Any]:
         """The review's choices (one per staged image) and its page (Markdown, with thumbnails)."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-        from airflow.sdk.exceptions import AirflowSkipException
+        from airflow.providers.common.compat.sdk import AirflowSkipException
 
         from airflow_flux.links import gallery_image_path, gallery_path
         from airflow_flux.transfers import read_manifest, review_images

@@ -25,7 +25,10 @@ def run(dag_id: str, conf: dict[str, Any]) -> dict[str, Any]:
     if not os.environ.get("AIRFLOW_HOME") or "airflow" in sys.modules:
         raise RuntimeError("demo.pipeline must start with AIRFLOW_HOME set and airflow not yet imported")
     started = time.monotonic()
-    from airflow.dag_processing.dagbag import DagBag
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow 3.1
+        from airflow.models.dagbag import DagBag  # type: ignore[no-redef]
     from airflow.utils import db
 
     print("demo: creating the metadata database", flush=True)

@@ -110,9 +110,9 @@ class FreshDags:
     """
 
     def get_dag(self, dag_id: str):
-        from airflow.dag_processing.dagbag import DagBag
+        from tests.helpers import dag_bag
 
-        bag = DagBag(dag_folder=str(_REPO / "tests" / "dags"))
+        bag = dag_bag(str(_REPO / "tests" / "dags"))
         assert not bag.import_errors, bag.import_errors
         dag = bag.get_dag(dag_id)
         assert dag is not None, f"no DAG {dag_id!r} in tests/dags"

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from airflow_flux.hooks.retry import RetryPolicy
 
@@ -213,3 +213,12 @@ def releasing(
         done.set()
         thread.join(timeout=30)
     assert not missed, f"gates released without their condition: {missed} (released in time: {released})"
+
+
+def dag_bag(folder: str) -> Any:
+    """Airflow's ``DagBag`` of ``folder`` (``airflow.dag_processing.dagbag`` from 3.2, ``airflow.models`` before)."""
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow 3.1
+        from airflow.models.dagbag import DagBag  # type: ignore[no-redef]
+    return DagBag(dag_folder=folder)

@@ -16,8 +16,8 @@ import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from airflow.providers.common.compat.sdk import AirflowNotFoundException
 from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowNotFoundException
 from pydantic import ValidationError
 
 from airflow_flux.exceptions import (
@@ -125,7 +125,7 @@ class FluxHook(BaseHook):
         conn = await BaseHook.aget_connection(self.flux_conn_id)
         settings = FluxConnectionSettings.from_connection(conn)
         if settings.token:
-            from airflow.sdk.log import amask_secret
+            from airflow_flux.compat import amask_secret
 
             await amask_secret(settings.token)
         return settings

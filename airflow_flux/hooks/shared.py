@@ -33,7 +33,7 @@ def max_connections() -> int:
     is shared by every ``flux`` connection and trigger on it, so a per-connection value would
     depend on which wait came first. Read when the loop's session is made.
     """
-    from airflow.sdk.configuration import conf
+    from airflow.providers.common.compat.sdk import conf
 
     from airflow_flux.exceptions import FluxConfigError
 

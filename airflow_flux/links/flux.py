@@ -23,7 +23,7 @@ URL_PREFIX = "/flux-gallery"
 
 def airflow_base_path() -> str:
     """The path Airflow is served under (``[api] base_url``), without a trailing slash."""
-    from airflow.sdk.configuration import conf
+    from airflow.providers.common.compat.sdk import conf
 
     base_url = conf.get("api", "base_url", fallback="") or ""
     return urlsplit(base_url).path.rstrip("/")

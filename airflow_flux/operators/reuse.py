@@ -264,9 +264,9 @@ class RequestReuse:
         return stored
 
     def _incr(self, metric: str, **tags: str) -> None:
-        from airflow.sdk.observability.stats import incr
+        from airflow.providers.common.compat.sdk import Stats
 
-        incr(f"resumable_job.{metric}", tags={**self.tags, **tags})
+        Stats.incr(f"resumable_job.{metric}", tags={**self.tags, **tags})
 
 
 def record_outcome(

@@ -44,7 +44,7 @@ def default_deferrable() -> bool:
     value there, or the option set in the environment, is read as the deployment's choice.
     A FLUX wait should not hold a worker slot for minutes unless asked to.
     """
-    from airflow.sdk.configuration import conf
+    from airflow.providers.common.compat.sdk import conf
 
     explicit = "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE" in os.environ
     value = conf.getboolean("operators", "default_deferrable", fallback=True)

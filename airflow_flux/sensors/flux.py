@@ -64,7 +64,7 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
         return float(self.timeout)
 
     def _timeout_error(self, message: str) -> BaseException:
-        from airflow.sdk.exceptions import AirflowSensorTimeout
+        from airflow.providers.common.compat.sdk import AirflowSensorTimeout
 
         # resume_execution turns this into a skip when soft_fail is set.
         return AirflowSensorTimeout(message)
@@ -89,7 +89,7 @@ class FluxStatusSensor(FluxWaitMixin, BaseSensorOperator):
         handle = self.handle
         context["ti"].xcom_push(key=LINK_XCOM_KEY, value=handle.get("response_url", ""))
         if not self.deferrable:
-            from airflow.sdk.exceptions import AirflowSensorTimeout, AirflowSkipException
+            from airflow.providers.common.compat.sdk import AirflowSensorTimeout, AirflowSkipException
 
             try:
                 return super().execute(context)

@@ -42,13 +42,13 @@ def bag():
     def no_network(*args, **kwargs):
         raise AssertionError(f"network access while parsing DAGs: {args[1:]!r}")
 
-    from airflow.dag_processing.dagbag import DagBag
+    from tests.helpers import dag_bag
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", no_network)
         mp.setattr(socket.socket, "connect_ex", no_network)
         mp.setattr(socket, "create_connection", no_network)
-        return DagBag(dag_folder=DAGS)
+        return dag_bag(str(DAGS))
 
 
 def test_every_dag_file_imports_without_errors_or_network(bag):

@@ -52,7 +52,7 @@ async def test_settings_are_read_again_after_the_ttl(make_flux_conn, lookups, mo
 
 
 async def test_a_failed_lookup_is_not_kept(make_flux_conn, lookups, monkeypatch):
-    from airflow.sdk.exceptions import AirflowNotFoundException
+    from airflow.providers.common.compat.sdk import AirflowNotFoundException
 
     with pytest.raises(AirflowNotFoundException):
         await FluxHook(flux_conn_id="flux_not_there_yet").aget_settings()

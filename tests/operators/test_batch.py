@@ -161,7 +161,7 @@ async def test_the_batch_trigger_survives_re_creation_and_stays_small(emulator, 
     with pytest.raises(asyncio.CancelledError):
         await task
     await gen.aclose()
-    from airflow.sdk._shared.module_loading import import_string
+    from airflow.providers.common.compat.module_loading import import_string
 
     again = import_string(classpath)(**kwargs)
     (event,) = [e.payload async for e in again.run()]

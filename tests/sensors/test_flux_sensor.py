@@ -95,7 +95,7 @@ def test_never_completing_request_times_out_and_is_cancelled(dags, flux_default)
 
 
 def test_api_logs_false_reaches_the_trigger_and_the_worker_poll(flux_conn, emulator):
-    from airflow.sdk.exceptions import TaskDeferred
+    from airflow.providers.common.compat.sdk import TaskDeferred
 
     from airflow_flux.hooks import FluxHook
     from airflow_flux.sensors import FluxStatusSensor
@@ -140,7 +140,7 @@ def test_an_explicit_connection_wins_over_the_handles_with_a_warning(emulator, m
     ],
 )
 def test_deferrable_follows_the_deployments_default_deferrable(monkeypatch, cfg, env, expected):
-    from airflow.sdk.configuration import conf
+    from airflow.providers.common.compat.sdk import conf
 
     monkeypatch.delenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", raising=False)
     before = conf.get("operators", "default_deferrable")

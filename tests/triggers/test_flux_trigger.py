@@ -7,7 +7,7 @@ import json
 import time
 
 import pytest
-from airflow.sdk._shared.module_loading import import_string
+from airflow.providers.common.compat.module_loading import import_string
 
 from airflow_flux.emulator import Scenario
 from airflow_flux.hooks import FluxHook
