@@ -153,6 +153,7 @@ class AirflowProcesses(AirflowApi):
         for attempt in range(attempts):
             self._start(list(self.components))
             if self._api_server_listens():
+                self._log_in()
                 return
             output = self.outputs[max((n for n in self.outputs if n.startswith("api-server#")), key=_run_number)]
             if attempt == attempts - 1 or not port_taken(tail(output, 200)):
@@ -160,6 +161,21 @@ class AirflowProcesses(AirflowApi):
             self.stop()
             self.procs.clear()
             self._use_port(free_port())
+
+    def _log_in(self, timeout: float = 120) -> None:
+        """The session's JWT cookie, as a browser gets it with ``simple_auth_manager_all_admins``.
+
+        Airflow 3.3 lets such requests through without one; 3.1 and 3.2 answer 401. The app
+        may still be starting when the port accepts connections: asked until it answers.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException):
+                resp = self.session.get(f"{self.url}/auth/token/login", allow_redirects=False, timeout=10)
+                if resp.status_code in (302, 303, 307) or resp.status_code == 404:
+                    return  # logged in (the cookie is in the session), or another auth manager
+            time.sleep(0.5)
+        raise AssertionError("the api-server did not hand out a token at /auth/token/login")
 
     def _api_server_listens(self, timeout: float = 240) -> bool:
         """Wait until the api-server accepts connections (True) or has exited (False)."""

@@ -120,9 +120,8 @@ async def test_connections_per_loop_stay_within_max_connections(emulator, flux_c
         sample()
         await asyncio.sleep(0.02)
     emulator.release("held")
-    while not all(t.done() for t in tasks):
-        sample()
-        await asyncio.sleep(0.01)
+    # Sockets are counted while every wait competes for the pool (above): once the streams
+    # end, a socket being closed can still read ESTABLISHED beside the one that replaces it.
     events = [e for (e,) in await asyncio.gather(*tasks)]
     assert [e["status"] for e in events] == ["success"] * waits
     assert 0 < most_sockets <= 4, most_sockets
