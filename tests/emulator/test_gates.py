@@ -152,15 +152,20 @@ def test_gate_names_are_checked() -> None:
         Scenario(hold_submit="")
 
 
+def _until_held(emu: FluxEmulator, gate: str, timeout: float = 10) -> None:
+    """Until a submit's answer waits at ``gate`` (it was sent from another thread)."""
+    deadline = time.monotonic() + timeout
+    while not emu.held(gate):
+        assert time.monotonic() < deadline, f"nothing held at {gate!r}"
+        time.sleep(0.01)
+
+
 def test_a_held_submit_is_paid_and_answered_when_released(emu: FluxEmulator) -> None:
     emu.add_scenario(Scenario(hold_submit="answers"), match="slow")
     with ThreadPoolExecutor(max_workers=2) as pool:
         held = pool.submit(submit, emu, prompt="a slow fox")
         # The job is accepted (paid) as the submit arrives; its answer waits for the gate.
-        deadline = time.monotonic() + 10
-        while not emu.held("answers"):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _until_held(emu, "answers")
         [request_id] = emu.held("answers")
         assert not held.done() and emu.jobs[request_id].input["prompt"] == "a slow fox"
         # Other submits are answered meanwhile.
@@ -175,10 +180,7 @@ def test_a_held_submit_is_paid_and_answered_when_released(emu: FluxEmulator) -> 
     emu.hold("answers")
     with ThreadPoolExecutor(max_workers=1) as pool:
         again = pool.submit(submit, emu, prompt="a last slow fox")
-        deadline = time.monotonic() + 10
-        while not emu.held("answers"):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _until_held(emu, "answers")
         # A reset lets a held answer go rather than leave its client waiting forever.
         emu.reset()
         assert again.result(timeout=10).status_code == 200
