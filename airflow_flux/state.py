@@ -64,9 +64,13 @@ class VariableTaskState:
 
     def __init__(self, *, dag_id: str, run_id: str, task_id: str, map_index: int) -> None:
         self.dag_id, self.run_id, self.task_id, self.map_index = dag_id, run_id, task_id, map_index
-        self.owner: list[str | int] = [dag_id, run_id, task_id, map_index]
         digest = hashlib.sha256(json.dumps(self.owner).encode()).hexdigest()[:24]
         self.prefix = f"{VARIABLE_PREFIX}{digest}."
+
+    @property
+    def owner(self) -> list[str | int]:
+        """The task instance, as stored with each value (and hashed into the Variable's name)."""
+        return [self.dag_id, self.run_id, self.task_id, self.map_index]
 
     def name(self, key: str) -> str:
         """The Variable that holds ``key``."""

@@ -139,6 +139,36 @@ def wait_healthy(api: str, proc: subprocess.Popen[bytes], log: Path, timeout: fl
         time.sleep(0.2)
 
 
+def healthy_api_server(
+    work: Path, auth_env: dict[str, str], proc: subprocess.Popen[bytes], api: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The api-server ``proc`` (at ``api``) once healthy; started again on another port if its
+    port was taken meanwhile, up to 3 times. Returns the one that serves, and its URL.
+
+    :param work: where its log is (``api-server.log``).
+    :param auth_env: its auth manager's settings, for a restart.
+    :param proc: the api-server :func:`start_api_server` started.
+    :param api: its URL.
+    """
+    for _ in range(3):
+        if wait_healthy(api, proc, work / "api-server.log"):
+            return proc, api
+        proc, port = start_api_server(work, auth_env)  # its port was taken: another
+        api = f"http://127.0.0.1:{port}"
+    stop(proc)
+    raise RuntimeError("api-server: no free port in 3 tries")
+
+
+def api_tokens(api: str, passwords: dict[str, str]) -> dict[str, str]:
+    """A JWT for each user, from the auth manager's ``/auth/token`` (simple and FAB alike)."""
+    tokens = {}
+    for user, password in passwords.items():
+        resp = requests.post(f"{api}/auth/token", json={"username": user, "password": password}, timeout=30)
+        assert resp.status_code == 201, resp.text
+        tokens[user] = resp.json()["access_token"]
+    return tokens
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
@@ -256,20 +286,9 @@ def gallery_env(airflow_db, dags, moto_server, tmp_path_factory) -> Any:
             env.runs["edit"] = run_dag(dags, EDIT_DAG_ID, bucket=bucket, key=EDIT_INPUT)
             env.timings.append(f"runs made {time.monotonic() - started:.1f}s")
             _assign_bundle_to_team("red")
-            for _ in range(3):
-                if wait_healthy(env.api, proc, log):
-                    break
-                proc, port = start_api_server(work, simple_auth_env(passwords_file))  # its port was taken: another
-                env.api = f"http://127.0.0.1:{port}"
-            else:
-                raise RuntimeError("api-server: no free port in 3 tries")
+            proc, env.api = healthy_api_server(work, simple_auth_env(passwords_file), proc, env.api)
             env.timings.append(f"api-server up {time.monotonic() - started:.1f}s")
-            for user in USERS:
-                resp = requests.post(
-                    f"{env.api}/auth/token", json={"username": user, "password": PASSWORDS[user]}, timeout=10
-                )
-                assert resp.status_code == 201, resp.text
-                env.tokens[user] = resp.json()["access_token"]
+            env.tokens = api_tokens(env.api, PASSWORDS)
             yield env
         except BaseException:
             print(f"\n----- api-server log -----\n{log.read_text(errors='replace')[-6000:]}")

@@ -29,13 +29,14 @@ from tests.helpers import TOKEN, moto_aws_conn, moto_s3_client
 from tests.plugins.conftest import (
     AIRFLOW,
     api_server_env,
+    api_tokens,
     delete_connection,
+    healthy_api_server,
     png,
     run_dag,
     start_api_server,
     stop,
     store_connection,
-    wait_healthy,
 )
 
 pytest.importorskip("airflow.providers.fab", reason="the FAB auth manager is in the test extra")
@@ -128,17 +129,8 @@ def fab_env(airflow_db, dags, moto_server, tmp_path_factory) -> Any:
                 fab.runs[run] = run_dag(dags, prompt=f"fab {run} foxes", bucket=bucket)
             s3.put_object(Bucket=bucket, Key="inputs/fab-in.png", Body=png(64, 48, "#2d45d2"), ContentType="image/png")
             fab.runs["edit"] = run_dag(dags, EDIT, bucket=bucket, key="inputs/fab-in.png")
-            for _ in range(3):
-                if wait_healthy(fab.api, proc, log):
-                    break
-                proc, port = start_api_server(work, FAB_AUTH)  # its port was taken: another
-                fab.api = f"http://127.0.0.1:{port}"
-            else:
-                raise RuntimeError("api-server: no free port in 3 tries")
-            for user, password in passwords.items():
-                resp = requests.post(f"{fab.api}/auth/token", json={"username": user, "password": password}, timeout=30)
-                assert resp.status_code == 201, resp.text
-                fab.tokens[user] = resp.json()["access_token"]
+            proc, fab.api = healthy_api_server(work, FAB_AUTH, proc, fab.api)
+            fab.tokens = api_tokens(fab.api, passwords)
             _forge(fab)
             yield fab
         except BaseException:
