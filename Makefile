@@ -1,12 +1,13 @@
 # airflow-flux: every target sets up what it needs (venv with uv) on a fresh machine.
 SHELL := /bin/bash
+comma := ,
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv test test-compat test-distributed lint typecheck pytest emulator demo demo-ui bench clean
+.PHONY: venv test test-compat compat-one test-distributed lint typecheck pytest emulator demo demo-ui bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,27 +53,51 @@ demo-ui: venv ## the same on a real Airflow, UI on http://127.0.0.1:8080; Ctrl-C
 bench: venv ## the benchmarks (issues #6 and #14, ~20 min on 2 cores), rewrites bench/RESULTS.md; BENCH_ARGS=--quick for a smoke run
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
-# The oldest supported Airflow, from a built wheel (not this checkout): the package is built,
-# installed into its own venv beside apache-airflow==$(COMPAT_AIRFLOW), and the tests run
-# from a copy that has no airflow_flux/ next to them, so they import the wheel's.
-COMPAT_AIRFLOW ?= 3.1.8
-COMPAT := build/compat-$(COMPAT_AIRFLOW)
-COMPAT_TESTS ?= tests/test_state.py tests/test_identity.py tests/test_models.py tests/operators \
+# Other Airflow releases, from a built wheel (not this checkout): the package is built,
+# installed into its own venv per release, and the tests run from a copy that has no
+# airflow_flux/ next to them, so they import the wheel's. "lowest" installs what the
+# pyproject allows at its floors (uv's lowest-direct: apache-airflow 3.1.1, the amazon
+# provider's 9.6, ...), the rest at the newest versions those allow.
+COMPAT_AIRFLOW ?= 3.1.8 3.2.2 lowest
+COMPAT_TESTS ?= tests/test_state.py tests/test_identity.py tests/test_models.py tests/operators tests/hooks/test_connection_form.py \
 	tests/dags_examples/test_example_dags.py::test_every_dag_file_imports_without_errors_or_network \
 	tests/system/test_real_airflow.py::test_retry_reuses_and_clear_after_a_list_change_submits_anew
+# What Airflow 3.2.2's constraints file pinned, where newer releases break 3.2.2 itself:
+# from fastapi 0.137 its execution API cannot be built (pydantic: "TITerminalStatePayload
+# needs a discriminator"; 3.3 caps fastapi below 0.137), and with svcs 26 its in-process
+# execution API (dag.test()) never gets its service registry ("no attribute svcs_registry").
+COMPAT_PINS_3.2.2 := 'fastapi<0.137' 'svcs<26'
+# Airflow 3.1.1 as released, with what its constraints file pinned where newer releases
+# break it: structlog 25.5 renamed dev.Styles, PyJWT 2.11 refuses the token's empty issuer
+# (3.1.8 needs neither pin).
+COMPAT_PINS_lowest := 'structlog<25.5' 'pyjwt<2.11'
+WHEEL_EXTRAS := emulator,thumbnails,test
 
-test-compat: venv ## identity/resume tests, example DAGs' parse, a real scheduler+triggerer retry on Airflow $(COMPAT_AIRFLOW), from a wheel
-	rm -rf build/dist $(COMPAT)/src
+test-compat: venv ## identity/resume tests, example DAGs' parse, a real scheduler+triggerer retry on each COMPAT_AIRFLOW (3.1.8 3.2.2 lowest), from a wheel
+	rm -rf build/dist
 	$(UV) build -q --wheel -o build/dist .
-	@test -x $(COMPAT)/venv/bin/python || $(UV) venv -q -p $(PY) $(COMPAT)/venv
-	echo "apache-airflow==$(COMPAT_AIRFLOW)" > $(COMPAT)/override.txt
-	$(UV) pip install -q -p $(COMPAT)/venv/bin/python --reinstall-package airflow-flux \
-	  --override $(COMPAT)/override.txt "apache-airflow==$(COMPAT_AIRFLOW)" \
-	  "airflow-flux[emulator,thumbnails,test] @ file://$(CURDIR)/$$(ls build/dist/*.whl)"
-	mkdir -p $(COMPAT)/src && cp -r tests dags demo pyproject.toml $(COMPAT)/src/
-	cd $(COMPAT)/src && ../venv/bin/python -c "import airflow_flux, airflow; \
+	@set -e; for v in $(COMPAT_AIRFLOW); do $(MAKE) --no-print-directory compat-one V=$$v; done
+
+compat-one:
+	@echo "== test-compat: Airflow $(V)"
+	rm -rf build/compat-$(V)/src
+	@test -x build/compat-$(V)/venv/bin/python || $(UV) venv -q -p $(PY) build/compat-$(V)/venv
+	printf '%s\n' $(COMPAT_PINS_$(V)) > build/compat-$(V)/constraints.txt
+ifeq ($(V),lowest)
+	$(UV) pip install -q -p build/compat-$(V)/venv/bin/python --reinstall-package airflow-flux \
+	  --resolution lowest-direct -c build/compat-$(V)/constraints.txt \
+	  -r pyproject.toml $(foreach e,$(subst $(comma), ,$(WHEEL_EXTRAS)),--extra $(e)) \
+	  "airflow-flux[$(WHEEL_EXTRAS)] @ file://$(CURDIR)/$$(ls build/dist/*.whl)"
+else
+	echo "apache-airflow==$(V)" > build/compat-$(V)/override.txt
+	$(UV) pip install -q -p build/compat-$(V)/venv/bin/python --reinstall-package airflow-flux \
+	  --override build/compat-$(V)/override.txt -c build/compat-$(V)/constraints.txt "apache-airflow==$(V)" \
+	  "airflow-flux[$(WHEEL_EXTRAS)] @ file://$(CURDIR)/$$(ls build/dist/*.whl)"
+endif
+	mkdir -p build/compat-$(V)/src && cp -r tests dags demo pyproject.toml build/compat-$(V)/src/
+	cd build/compat-$(V)/src && ../venv/bin/python -c "import airflow_flux, airflow; \
 	  assert 'site-packages' in airflow_flux.__file__, airflow_flux.__file__; print('airflow', airflow.__version__, airflow_flux.__file__)"
-	cd $(COMPAT)/src && ../venv/bin/python -m pytest -q -p no:randomly $(COMPAT_TESTS) $(PYTEST_ARGS)
+	cd build/compat-$(V)/src && ../venv/bin/python -m pytest -q -p no:randomly $(COMPAT_TESTS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build

@@ -16,7 +16,7 @@ from airflow_flux.get_provider_info import get_provider_info
 
 #: Airflow reads a provider's declarative connection form (conn-fields) from 3.2.
 DECLARATIVE_FORM = AIRFLOW_VERSION.release[:2] >= (3, 2)
-NO_FORM = "Airflow 3.1 does not read conn-fields: its form has the standard fields and Extra (README)"
+NO_FORM = "Airflow 3.1 builds the form from the hook's WTForms fields (tests/hooks/test_connection_form.py)"
 
 
 def test_provider_entry_point_declares_the_flux_connection():

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from airflow_flux.exceptions import FluxAPIError, FluxError
 from airflow_flux.hooks.responses import (
     cancel_outcome,
+    check_response,
     parse_handle,
     parse_result,
     parse_status,
@@ -63,6 +64,12 @@ class ApiCall(Generic[T]):
     idempotent: bool = True
     on_error: Callable[[FluxAPIError], T] | None = None
     headers: Mapping[str, str] | None = None
+
+    def answer(self, status: int, headers: Mapping[str, str], raw: bytes) -> Any:
+        """The JSON body of a successful answer to this call, or the typed API error raised."""
+        return check_response(
+            status, headers, raw, what=self.what, request_id=self.request_id, idempotent=self.idempotent
+        )
 
 
 def handle_from(handle: HandleLike, settings: FluxConnectionSettings, flux_conn_id: str) -> FluxRequestHandle:

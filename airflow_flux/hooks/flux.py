@@ -40,8 +40,9 @@ from airflow_flux.hooks.calls import (
 )
 from airflow_flux.hooks.download import open_image
 from airflow_flux.hooks.egress import ImageHostPolicy, image_session
+from airflow_flux.hooks.form import connection_form_widgets, ui_field_behaviour
 from airflow_flux.hooks.polling import next_poll_interval
-from airflow_flux.hooks.responses import check_response, transport_error
+from airflow_flux.hooks.responses import transport_error
 from airflow_flux.hooks.retry import DEFAULT_RETRY_POLICY, RetryPolicy, aresend_with_new_credentials
 from airflow_flux.hooks.settings import DEFAULT_BASE_URL, FluxConnectionSettings
 from airflow_flux.hooks.shared import SettingsCache, SharedSessions
@@ -82,6 +83,16 @@ class FluxHook(BaseHook):
     default_conn_name = DEFAULT_CONN_ID
     conn_type = "flux"
     hook_name = "FLUX (fal queue API)"
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """The form's extra fields on Airflow 3.1 (3.2+ reads the provider info): :mod:`.form`."""
+        return connection_form_widgets()
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """The form's standard fields on Airflow 3.1 (3.2+ reads the provider info)."""
+        return ui_field_behaviour()
 
     def __init__(
         self,
@@ -184,14 +195,7 @@ class FluxHook(BaseHook):
                 raise transport_error(call.what, exc, call.request_id, call.idempotent or _connect_failed(exc)) from exc
             except requests.Timeout as exc:
                 raise transport_error(call.what, exc, call.request_id, call.idempotent) from exc
-            return check_response(
-                resp.status_code,
-                resp.headers,
-                resp.content,
-                what=call.what,
-                request_id=call.request_id,
-                idempotent=call.idempotent,
-            )
+            return call.answer(resp.status_code, resp.headers, resp.content)
 
         return self.retry_policy.call(attempt)
 
@@ -227,14 +231,7 @@ class FluxHook(BaseHook):
                     allow_redirects=False,
                 ) as resp:
                     raw = await resp.read()
-                    return check_response(
-                        resp.status,
-                        resp.headers,
-                        raw,
-                        what=call.what,
-                        request_id=call.request_id,
-                        idempotent=call.idempotent,
-                    )
+                    return call.answer(resp.status, resp.headers, raw)
             except aiohttp.ClientConnectorError as exc:
                 # The connection was never made: nothing was sent, repeating it is safe.
                 raise transport_error(call.what, exc, call.request_id, True) from exc

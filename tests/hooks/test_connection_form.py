@@ -7,6 +7,9 @@ way from :func:`~airflow_flux.get_provider_info.get_provider_info`.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -32,6 +35,42 @@ def _settings(make_flux_conn, base_url: str, **extra: Any) -> FluxConnectionSett
 
 def _as_the_form_saves_a_new_connection() -> dict[str, Any]:
     return {name: field["schema"].get("default") for name, field in _conn_fields().items()}
+
+
+def _served_form() -> dict[str, Any]:
+    """The flux form as the api-server hands it to the UI (``/ui/connections/hook_meta``).
+
+    In a fresh process: Airflow 3.1 builds it once per process from the hook's WTForms fields
+    (with stand-ins for WTForms), 3.2+ from the provider info.
+    """
+    code = (
+        "import json\n"
+        "from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService\n"
+        "(flux,) = [h for h in HookMetaService.hook_meta_data() if h.connection_type == 'flux']\n"
+        "print('FORM=' + json.dumps(flux.model_dump(mode='json')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("FORM=")]
+    return json.loads(line.removeprefix("FORM="))
+
+
+@pytest.mark.parametrize("base_url", [FAL, AGGREGATOR])
+def test_the_served_form_has_every_field_and_its_defaults_behave_as_no_extras(make_flux_conn, base_url):
+    # On every supported Airflow: 3.1 reads the hook's methods, 3.2+ the declaration.
+    form = _served_form()
+    standard = form["standard_fields"]
+    assert standard["login"]["hidden"] and standard["port"]["hidden"]
+    assert (standard["host"]["title"], standard["password"]["title"]) == ("Base URL", "API token")
+    fields = form["extra_fields"]
+    assert set(fields) == set(_conn_fields())
+    assert fields["auth_scheme"]["schema"]["enum"] == ["auto", "Key", "Bearer"]
+    assert fields["rebase_urls"]["schema"]["enum"] == ["auto", "on", "off"]
+    assert "boolean" in fields["store_io"]["schema"]["type"]
+    for name, field in fields.items():
+        assert field["schema"]["title"] == _conn_fields()[name]["label"], name
+    saved = {name: field["value"] for name, field in fields.items()}  # a new connection, saved
+    assert saved["auth_scheme"] == "auto"
+    assert _settings(make_flux_conn, base_url, **saved) == _settings(make_flux_conn, base_url)
 
 
 @pytest.mark.parametrize("base_url", [FAL, "", AGGREGATOR, "http://127.0.0.1:8787"])
