@@ -64,7 +64,10 @@ class FluxBatchGenerateOperator(BaseOperator):
     ``seed``, ``has_nsfw_concepts``, ``timings``, ``request_id``, ``prompt``, ``endpoint``,
     ``inputs``, ``cost_usd``) plus ``index`` and ``status`` (``completed``), or ``index``,
     ``status`` (``failed``) and the API's ``error``, ``error_type`` and ``status_code``.
-    :class:`~airflow_flux.transfers.FluxToS3Operator` takes the list as its ``source``.
+    With ``results_s3_bucket`` the items go to a JSON Lines file there instead and the task
+    returns a small summary (:class:`~airflow_flux.results.BatchResultsSummary`: counts, cost,
+    ``results_uri``), whatever the batch's size. :class:`~airflow_flux.transfers.FluxToS3Operator`
+    takes either as its ``source``.
 
     :param requests: the batch (templated; an XComArg too): prompt strings, or dicts of
         request fields (an item's own fields win over the shared ones below).
@@ -83,6 +86,8 @@ class FluxBatchGenerateOperator(BaseOperator):
     :param priority: per request, ``normal`` or ``low``.
     :param aws_conn_id: the amazon provider's connection for ``s3://`` inputs.
     :param input_delivery: ``presigned_url`` or ``data_uri`` for ``s3://`` inputs.
+    :param results_s3_bucket: write the results to this bucket (with ``aws_conn_id``), return a summary.
+    :param results_s3_key: their key; default ``flux/{dag_id}/{run_id}/_results/{task_id}[.{map_index}].jsonl``.
     :param kwargs: the shared request fields (``seed``, ``num_images``, ``aspect_ratio``,
         ``output_format``, ``image_url``, ... the submit operator's names), and
         ``BaseOperator``'s arguments.
@@ -96,6 +101,8 @@ class FluxBatchGenerateOperator(BaseOperator):
         "start_timeout",
         "priority",
         "aws_conn_id",
+        "results_s3_bucket",
+        "results_s3_key",
     )
     template_fields_renderers: ClassVar[dict[str, str]] = {"requests": "json"}
     operator_extra_links = (FluxGalleryLink(),)
@@ -119,6 +126,8 @@ class FluxBatchGenerateOperator(BaseOperator):
         priority: str | None = None,
         aws_conn_id: str | None = "aws_default",
         input_delivery: str = "presigned_url",
+        results_s3_bucket: str | None = None,
+        results_s3_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         shared = {name: kwargs.pop(name) for name in REQUEST_FIELDS if name in kwargs}
@@ -142,6 +151,8 @@ class FluxBatchGenerateOperator(BaseOperator):
         self.priority = priority
         self.aws_conn_id = aws_conn_id
         self.input_delivery = input_delivery
+        self.results_s3_bucket = results_s3_bucket
+        self.results_s3_key = results_s3_key
         if allow_failures < 0 or max_images < 1:
             raise FluxValidationError("allow_failures must be 0 or more and max_images at least 1")
 
@@ -187,7 +198,7 @@ class FluxBatchGenerateOperator(BaseOperator):
 
     # -- execute ---------------------------------------------------------------------------
 
-    def execute(self, context: Context) -> list[dict[str, Any]]:
+    def execute(self, context: Context) -> list[dict[str, Any]] | dict[str, Any]:
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
         payloads = self._payloads(endpoint)  # before any call
         self._requests = len(payloads)
@@ -360,7 +371,7 @@ class FluxBatchGenerateOperator(BaseOperator):
             max_connections=self.max_connections,
         )
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> list[dict[str, Any]]:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
         """Resume after the batch's event: record each outcome, return them all in input order."""
         from airflow_flux.events import FluxBatchEvent
 
@@ -410,7 +421,7 @@ class FluxBatchGenerateOperator(BaseOperator):
         *,
         timed_out: bool,
         inputs: Mapping[int, Any] | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[dict[str, Any]] | dict[str, Any]:
         price = self.hook.settings.price_per_image
         results: list[dict[str, Any]] = []
         for index, payload in enumerate(payloads):
@@ -446,6 +457,8 @@ class FluxBatchGenerateOperator(BaseOperator):
             len(failed),
             total,
         )
+        # Written before a failure is raised: what was paid for is on record either way.
+        summary = self._write_results(context, results, endpoint) if self.results_s3_bucket else None
         if len(failed) > self.allow_failures:
             listed = "; ".join(
                 f"requests[{r['index']}] ({r.get('request_id')}): {r.get('error_type') or 'error'}: {r.get('error')}"
@@ -456,7 +469,22 @@ class FluxBatchGenerateOperator(BaseOperator):
                 f"{len(failed)} of {len(results)} FLUX request(s) failed (allow_failures={self.allow_failures}): "
                 f"{listed}{' ...' if len(failed) > 10 else ''}"
             )
-        return results
+        return summary if summary is not None else results
+
+    def _write_results(self, context: Context, results: list[dict[str, Any]], endpoint: str) -> dict[str, Any]:
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        from airflow_flux.results import default_results_key, summarize, write_results
+
+        ti = context["ti"]
+        owner = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
+        key = self.results_s3_key or default_results_key(owner)
+        write_results(
+            S3Hook(aws_conn_id=self.aws_conn_id).get_conn(), str(self.results_s3_bucket), key, results, owner=owner
+        )
+        summary = summarize(results, f"s3://{self.results_s3_bucket}/{key}", endpoint, self.flux_conn_id)
+        self.log.info("FLUX batch: results of %d request(s) written to %s", len(results), summary.results_uri)
+        return summary.model_dump(mode="json")
 
 
 def _read(store: Any, key: str) -> dict[str, Any] | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
 from functools import cached_property
@@ -79,8 +79,9 @@ class FluxToS3Operator(BaseOperator):
     prefix share its manifest: each merges its entries in (:mod:`airflow_flux.manifest`).
 
     :param source: a result of ``FluxStatusSensor``/``FluxGenerateOperator`` (preferred: no API
-        call), a submit handle (the result is fetched from its ``response_url``), or a list of
-        either (mapped upstreams).
+        call), a submit handle (the result is fetched from its ``response_url``), a list of
+        either (mapped upstreams, a batch), or a batch's summary (its results file is read,
+        if a task of this DAG run wrote it).
     :param s3_bucket: destination bucket.
     :param s3_key_prefix: key prefix; the default is per DAG run (uses ``run_id``, which
         manual runs have too, unlike ``{{ ds }}``).
@@ -213,11 +214,25 @@ class FluxToS3Operator(BaseOperator):
             except TypeError:
                 return [source]
 
-    def _results(self) -> tuple[list[FluxResult], list[ManifestImage]]:
+    def _items(self, context: Context) -> Iterator[Any]:
+        """The source's items; a batch's results file (its summary) read line by line."""
+        from airflow_flux.results import BatchResultsSummary, read_results
+
+        ti = context["ti"]
+        for item in self._sources():
+            if BatchResultsSummary.is_summary(item):
+                # Read only if a task of this DAG run wrote it: the XCom may not be the batch's.
+                yield from read_results(
+                    self.s3_hook.get_conn(), item["results_uri"], dag_id=ti.dag_id, run_id=ti.run_id
+                )
+            else:
+                yield item
+
+    def _results(self, context: Context) -> tuple[list[FluxResult], list[ManifestImage]]:
         """The results to copy, and the manifest entries of failed requests (a batch's)."""
         results = []
         failed: list[ManifestImage] = []
-        for item in self._sources():
+        for item in self._items(context):
             if isinstance(item, Mapping) and item.get("status") == "failed":
                 # A failed request of a batch: nothing to copy, but the manifest says so.
                 failed.append(failed_entry(item))
@@ -366,7 +381,7 @@ class FluxToS3Operator(BaseOperator):
 
     def execute(self, context: Context) -> list[str]:
         check_nsfw_policy(self.nsfw_policy)
-        results, failed = self._results()
+        results, failed = self._results(context)
         jobs = self._plan(results)
         flagged = [j for j in jobs if j.nsfw]
         if flagged and self.nsfw_policy == "fail":

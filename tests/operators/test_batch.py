@@ -170,3 +170,39 @@ async def test_the_batch_trigger_survives_re_creation_and_stays_small(emulator, 
     assert len(emulator.calls(kind="submit")) == 20, "re-creation submitted again"
     per_request = len(json.dumps(event)) / 20
     assert per_request < 600, f"{per_request:.0f} bytes per request in the event"
+
+
+def test_with_a_results_bucket_the_xcom_is_a_summary_and_the_copy_reads_the_file(dags, flux_default, s3):
+    flux_default.add_scenario(POLICY, match="policy")
+    prompts = [f"results fox {i}" for i in range(9)] + ["a policy fox"]
+    dr = dags.get_dag("flux_test_batch_results").test(run_conf={"requests": prompts, "bucket": s3.bucket})
+    assert dr.state == "success", task_states(dr)
+    summary = xcom(dr, "batch")
+    key = f"flux/flux_test_batch_results/{dr.run_id}/_results/batch.jsonl"
+    assert summary == {
+        "kind": "flux_batch_results",
+        "results_uri": f"s3://{s3.bucket}/{key}",
+        "requests": 10,
+        "completed": 9,
+        "failed": 1,
+        "images": 9,
+        "cost_usd": pytest.approx(9 * 0.04),
+        "endpoint": "fal-ai/flux-pro/kontext/text-to-image",
+        "flux_conn_id": "flux_default",
+    }
+    assert len(json.dumps(summary)) < 400  # whatever the batch's size
+    obj = s3.get_object(Bucket=s3.bucket, Key=key)
+    lines = [json.loads(line) for line in obj["Body"].read().splitlines()]
+    assert obj["Metadata"]["flux-run-id"] and obj["Metadata"]["flux-task-id"] == "batch"
+    assert [(r["index"], r["prompt"], r["status"]) for r in lines] == [
+        (i, p, "failed" if "policy" in p else "completed") for i, p in enumerate(prompts)
+    ]
+    for line in lines:  # each result is its own request's
+        if line["status"] == "completed":
+            assert flux_default.jobs[line["request_id"]].input["prompt"] == line["prompt"]
+    assert lines[9]["error_type"] == "content_policy_violation" and lines[9]["status_code"] == 422
+
+    manifest = json.loads(s3.get_object(Bucket=s3.bucket, Key=f"batch/{dr.run_id}/manifest.json")["Body"].read())
+    statuses = sorted(i["status"] for i in manifest["images"])
+    assert statuses == ["copied"] * 9 + ["failed"]
+    assert {i["prompt"] for i in manifest["images"] if i["status"] == "copied"} == set(prompts[:9])
