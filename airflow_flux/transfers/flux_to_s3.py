@@ -218,10 +218,10 @@ class FluxToS3Operator(BaseOperator):
         """The source's items; a batch's results file (its summary) read line by line."""
         from airflow_flux.results import BatchResultsSummary, read_results
 
-        ti = context["ti"]
         for item in self._sources():
             if BatchResultsSummary.is_summary(item):
                 # Read only if a task of this DAG run wrote it: the XCom may not be the batch's.
+                ti = context["ti"]
                 yield from read_results(
                     self.s3_hook.get_conn(), item["results_uri"], dag_id=ti.dag_id, run_id=ti.run_id
                 )
