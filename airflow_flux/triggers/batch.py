@@ -33,7 +33,7 @@ from airflow_flux.hooks.shared import result_slots
 from airflow_flux.models import FluxRequestHandle
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping, Sequence
+    from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
     from airflow_flux.models import FluxResult, FluxStatus
 
@@ -156,8 +156,47 @@ class FluxBatchTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Yield exactly one event, the batch's outcome. Reads only: safe to run again."""
         async with FluxHook(flux_conn_id=self.flux_conn_id) as hook:
-            event = await _BatchWait(self, hook).run()
-        yield TriggerEvent(event.payload())
+            wait = BatchWait(
+                hook,
+                log=self.log,
+                poll_interval=self.poll_interval,
+                max_poll_interval=self.max_poll_interval,
+                max_connections=self.max_connections,
+                max_streams=self.max_streams,
+                max_consecutive_failures=self.max_consecutive_failures,
+            )
+            for index, handle in unpack_handles(self.requests).items():
+                wait.add(index, handle)
+            last_progress = time.monotonic()
+
+            def progress() -> None:
+                nonlocal last_progress
+                if time.monotonic() - last_progress >= self.progress_interval:
+                    last_progress = time.monotonic()
+                    self.log.info("FLUX batch: %s (%.0fs)", wait.counts(), time.time() - self.started_at)
+
+            try:
+                finished = await wait.until(
+                    lambda: len(wait.outcomes) == len(wait.handles), end_time=self.end_time, tick=progress
+                )
+            finally:
+                await wait.close()
+        yield TriggerEvent(self._event(wait, "done" if finished else "timeout").payload())
+
+    def _event(self, wait: BatchWait, status: Literal["done", "timeout"]) -> FluxBatchEvent:
+        outcomes = [
+            wait.outcomes.get(i) or BatchOutcome(index=i, request_id=wait.handles[i]["request_id"], status="pending")
+            for i in sorted(wait.handles)
+        ]
+        counts = wait.counts()
+        self.log.info("FLUX batch %s: %s", "finished" if status == "done" else status, counts)
+        message = f"completed: {counts}" if status == "done" else f"did not complete within the timeout: {counts}"
+        return FluxBatchEvent(
+            status=status,
+            message=f"FLUX batch of {len(wait.handles)} request(s) {message}",
+            outcomes=outcomes,
+            waited_seconds=round(time.time() - self.started_at, 3),
+        )
 
     async def on_kill(self) -> None:
         """Cancel the batch's requests when a user kills the deferred task (Airflow 3.3+)."""
@@ -178,55 +217,100 @@ class FluxBatchTrigger(BaseTrigger):
         self.log.info("Cancel of the batch's %d FLUX request(s): %s", len(outcomes), sorted(set(outcomes)))
 
 
-class _BatchWait:
-    """One run of the trigger: the pending requests, their schedule, and what is known so far."""
+class BatchWait:
+    """The wait on a set of FLUX requests that may grow while it runs.
 
-    def __init__(self, trigger: FluxBatchTrigger, hook: FluxHook) -> None:
-        self.t = trigger
+    The trigger adds a whole batch and waits for all of it; the operator's window adds
+    requests as it submits them and takes each outcome as soon as it is known
+    (:meth:`take`), so what is kept is bounded by the window, not the batch.
+
+    :param hook: the hook whose async client makes the calls.
+    :param log: where stream failures are said.
+    """
+
+    def __init__(
+        self,
+        hook: FluxHook,
+        *,
+        log: Any,
+        poll_interval: float = 1.0,
+        max_poll_interval: float = 10.0,
+        max_connections: int = 8,
+        max_streams: int = 40,
+        max_consecutive_failures: int = 5,
+    ) -> None:
         self.hook = hook
-        self.handles = unpack_handles(trigger.requests)
+        self.log = log
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.max_streams = max_streams
+        self.max_consecutive_failures = max_consecutive_failures
+        self.handles: dict[int, dict[str, Any]] = {}
         self.outcomes: dict[int, BatchOutcome] = {}
-        self.due: dict[int, float] = dict.fromkeys(self.handles, 0.0)  # index -> next poll (monotonic)
-        self.polls: dict[int, int] = dict.fromkeys(self.handles, 0)
-        self.failures: dict[int, int] = dict.fromkeys(self.handles, 0)
+        self.added: dict[int, float] = {}  # index -> when it was added (monotonic)
+        self.due: dict[int, float] = {}  # index -> next poll (monotonic)
+        self.polls: dict[int, int] = {}
+        self.failures: dict[int, int] = {}
         self.states: dict[int, str] = {}
         self.streams: dict[int, asyncio.Task[None]] = {}
         self.poll_only: set[int] = set()  # requests whose stream broke: polled from then on
-        self.slots = asyncio.Semaphore(trigger.max_connections)
-        self.streams_ok = trigger.max_streams > 0
-        self.started = time.monotonic()
-        self.last_progress = 0.0
+        self.slots = asyncio.Semaphore(max_connections)
+        self.streams_ok = max_streams > 0
         self.wake = asyncio.Event()
 
-    def _remaining(self) -> float | None:
-        return None if self.t.end_time is None else self.t.end_time - time.time()
+    def add(self, index: int, handle: Mapping[str, Any]) -> None:
+        """Wait on ``handle`` as request ``index`` too (polled at once)."""
+        now = time.monotonic()
+        self.handles[index] = dict(handle)
+        self.added[index], self.due[index], self.polls[index], self.failures[index] = now, 0.0, 0, 0
+        self.wake.set()
 
-    async def run(self) -> FluxBatchEvent:
-        try:
-            while len(self.outcomes) < len(self.handles):
-                remaining = self._remaining()
-                if remaining is not None and remaining <= 0:
-                    return self._event("timeout", f"did not complete within the timeout: {self._counts()}")
-                now = time.monotonic()
-                due = [
-                    i for i, at in self.due.items() if at <= now and i not in self.outcomes and i not in self.streams
-                ]
-                if due:
-                    await asyncio.gather(*(self._poll(i) for i in due))
-                self._progress()
-                waits = [at for i, at in self.due.items() if i not in self.outcomes and i not in self.streams]
-                delay = max(0.05, min(waits) - time.monotonic()) if waits else self.t.max_poll_interval
-                remaining = self._remaining()
-                if remaining is not None:
-                    delay = min(delay, max(0.0, remaining))
-                self.wake.clear()
-                # A stream that ends (completion or fallback) wakes the loop at once.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), delay)
-            return self._event("done", f"completed: {self._counts()}")
-        finally:
-            for task in self.streams.values():
-                task.cancel()
+    def take(self, index: int) -> BatchOutcome | None:
+        """Forget request ``index`` (its outcome, if it has one, is returned)."""
+        for table in (self.handles, self.added, self.due, self.polls, self.failures, self.states):
+            table.pop(index, None)
+        self.poll_only.discard(index)
+        return self.outcomes.pop(index, None)
+
+    @property
+    def unfinished(self) -> list[int]:
+        """The requests with no outcome yet, in index order."""
+        return sorted(i for i in self.handles if i not in self.outcomes)
+
+    async def until(self, done: Callable[[], bool], *, end_time: float | None, tick: Callable[[], None]) -> bool:
+        """Poll and follow the requests until ``done()`` (True) or ``end_time`` passes (False).
+
+        :param done: checked after every poll round and whenever :attr:`wake` is set.
+        :param end_time: wall-clock deadline (epoch seconds), or None.
+        :param tick: called once per round (progress lines).
+        """
+        while not done():
+            remaining = None if end_time is None else end_time - time.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            now = time.monotonic()
+            due = [i for i, at in self.due.items() if at <= now and i not in self.outcomes and i not in self.streams]
+            if due:
+                await asyncio.gather(*(self._poll(i) for i in due))
+            tick()
+            if done():
+                break
+            waits = [at for i, at in self.due.items() if i not in self.outcomes and i not in self.streams]
+            delay = max(0.05, min(waits) - time.monotonic()) if waits else self.max_poll_interval
+            if end_time is not None:
+                delay = min(delay, max(0.0, end_time - time.time()))
+            self.wake.clear()
+            # A stream that ends (completion or fallback), or an added request, wakes the loop at once.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), delay)
+        return True
+
+    async def close(self) -> None:
+        """Stop following every stream (their connections go back to the pool)."""
+        tasks = list(self.streams.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- one request ----------------------------------------------------------------------
 
@@ -250,7 +334,7 @@ class _BatchWait:
             status.status == "IN_PROGRESS"
             and self.streams_ok
             and index not in self.poll_only
-            and len(self.streams) < self.t.max_streams
+            and len(self.streams) < self.max_streams
         ):
             self.streams[index] = asyncio.ensure_future(self._follow(index))
             return
@@ -259,12 +343,12 @@ class _BatchWait:
     def _schedule(self, index: int, queue_position: int | None) -> None:
         polls = self.polls[index] = self.polls[index] + 1
         interval = next_poll_interval(
-            polls, time.monotonic() - self.started, initial=self.t.poll_interval, maximum=self.t.max_poll_interval
+            polls, time.monotonic() - self.added[index], initial=self.poll_interval, maximum=self.max_poll_interval
         )
         if queue_position:
             # Far back in the queue a request will not start soon: ask less often, but never
             # so rarely that its turn is missed (a position is often a few seconds).
-            interval = max(interval, min(self.t.max_poll_interval, self.t.poll_interval * (1 + 0.25 * queue_position)))
+            interval = max(interval, min(self.max_poll_interval, self.poll_interval * (1 + 0.25 * queue_position)))
         self.due[index] = time.monotonic() + interval
 
     async def _follow(self, index: int) -> None:
@@ -287,7 +371,7 @@ class _BatchWait:
         except FluxTransportError as exc:
             # Dropped, or an event over aiohttp's line limit: said, and this request is polled
             # from now on (a stream that broke once tends to break again).
-            self.t.log.warning(
+            self.log.warning(
                 "The status stream of %s broke (%s); polling it instead.", self.handles[index]["request_id"], exc
             )
             self.poll_only.add(index)
@@ -295,18 +379,16 @@ class _BatchWait:
             if exc.status_code in (400, 404, 405, 406, 415, 501):
                 self.streams_ok = False  # this server has no SSE: poll everything from now on
             else:
-                self.t.log.warning(
+                self.log.warning(
                     "The status stream of %s failed (%s); polling it instead.", self.handles[index]["request_id"], exc
                 )
         except FluxError as exc:
-            self.t.log.warning(
+            self.log.warning(
                 "The status stream of %s failed (%s); polling it instead.", self.handles[index]["request_id"], exc
             )
         except Exception:
             # Anything else would die with this task, unseen ("exception never retrieved").
-            self.t.log.exception(
-                "The status stream of %s failed; polling it instead.", self.handles[index]["request_id"]
-            )
+            self.log.exception("The status stream of %s failed; polling it instead.", self.handles[index]["request_id"])
             self.poll_only.add(index)
         finally:
             self.streams.pop(index, None)
@@ -352,14 +434,14 @@ class _BatchWait:
             self.outcomes[index] = self._failed(index, str(exc), exc.error_type, exc.status_code, retryable=retryable)
             return
         self.failures[index] += 1
-        if self.failures[index] >= self.t.max_consecutive_failures:
+        if self.failures[index] >= self.max_consecutive_failures:
             # Out of touch, not failed: the request may well complete. Reported pending, so a
             # retry of the task waits for it again instead of paying for it twice.
             self.outcomes[index] = BatchOutcome(
                 index=index, request_id=self.handles[index]["request_id"], status="pending", error=str(exc)
             )
             return
-        backoff = min(self.t.max_poll_interval, self.t.poll_interval * 2 ** self.failures[index])
+        backoff = min(self.max_poll_interval, self.poll_interval * 2 ** self.failures[index])
         self.due[index] = time.monotonic() + backoff
 
     def _failed(
@@ -375,9 +457,8 @@ class _BatchWait:
             retryable=retryable,
         )
 
-    # -- the batch --------------------------------------------------------------------------
-
-    def _counts(self) -> str:
+    def counts(self) -> str:
+        """``3 of 10 done, 1 failed, 2 running, 4 queued`` (of the requests it knows)."""
         done = [o for o in self.outcomes.values() if o.status == "completed"]
         failed = len(self.outcomes) - len(done)
         pending = [i for i in self.handles if i not in self.outcomes]
@@ -385,23 +466,4 @@ class _BatchWait:
         return (
             f"{len(done)} of {len(self.handles)} done, {failed} failed, {running} running, "
             f"{len(pending) - running} queued"
-        )
-
-    def _progress(self) -> None:
-        now = time.monotonic()
-        if now - self.last_progress >= self.t.progress_interval:
-            self.last_progress = now
-            self.t.log.info("FLUX batch: %s (%.0fs)", self._counts(), time.time() - self.t.started_at)
-
-    def _event(self, status: Literal["done", "timeout"], message: str) -> FluxBatchEvent:
-        outcomes = [
-            self.outcomes.get(i) or BatchOutcome(index=i, request_id=self.handles[i]["request_id"], status="pending")
-            for i in sorted(self.handles)
-        ]
-        self.t.log.info("FLUX batch %s: %s", "finished" if status == "done" else status, self._counts())
-        return FluxBatchEvent(
-            status=status,
-            message=f"FLUX batch of {len(self.handles)} request(s) {message}",
-            outcomes=outcomes,
-            waited_seconds=round(time.time() - self.t.started_at, 3),
         )
