@@ -192,6 +192,12 @@ def get_provider_info() -> dict[str, Any]:
                         "(X-Fal-Object-Lifecycle-Preference). Empty: fal's default.",
                         "schema": {"type": ["integer", "null"], "minimum": 1},
                     },
+                    "concurrency": {
+                        "label": "Account concurrency",
+                        "description": "Requests your fal account runs at once (2 to 40; fal raises it "
+                        "with spend). A batch keeps twice this many submitted and unfinished. Empty: 10.",
+                        "schema": {"type": ["integer", "null"], "minimum": 1},
+                    },
                     "price_per_image": {
                         "label": "Price per image (USD)",
                         "description": "This connection's price, for cost_usd (an aggregator's). "

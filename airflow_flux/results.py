@@ -26,6 +26,7 @@ from urllib.parse import quote, unquote
 from pydantic import BaseModel, ConfigDict
 
 from airflow_flux.exceptions import FluxError, FluxImageExistsError
+from airflow_flux.manifest import split_s3_uri
 
 #: The summary's marker: a mapping with this ``kind`` names a results file.
 RESULTS_KIND = "flux_batch_results"
@@ -63,22 +64,48 @@ def default_results_key(owner: Mapping[str, Any]) -> str:
     return f"flux/{owner['dag_id']}/{owner['run_id']}/_results/{owner['task_id']}{mapped}.jsonl"
 
 
+class Tally:
+    """Counts, images and cost of result lines, added one at a time (a file need not fit in memory)."""
+
+    def __init__(self) -> None:
+        self.requests = self.completed = self.images = 0
+        self.cost: float | None = None
+
+    def add(self, line: Mapping[str, Any]) -> None:
+        """Count one line (a result item as the operator returns it)."""
+        self.requests += 1
+        if line.get("status") == "completed":
+            self.completed += 1
+            self.images += len(line.get("images") or [])
+            if line.get("cost_usd") is not None:
+                self.cost = (self.cost or 0.0) + float(line["cost_usd"])
+
+    @property
+    def failed(self) -> int:
+        return self.requests - self.completed
+
+    def summary(self, results_uri: str, endpoint: str | None, flux_conn_id: str | None) -> BatchResultsSummary:
+        """The summary of the lines counted, written at ``results_uri``."""
+        return BatchResultsSummary(
+            results_uri=results_uri,
+            requests=self.requests,
+            completed=self.completed,
+            failed=self.failed,
+            images=self.images,
+            cost_usd=round(self.cost, 6) if self.cost is not None else None,
+            endpoint=endpoint,
+            flux_conn_id=flux_conn_id,
+        )
+
+
 def summarize(
-    results: Sequence[Mapping[str, Any]], results_uri: str, endpoint: str | None, flux_conn_id: str | None
+    results: Iterable[Mapping[str, Any]], results_uri: str, endpoint: str | None, flux_conn_id: str | None
 ) -> BatchResultsSummary:
     """The summary of a batch's result items (as the operator returns them) written at ``results_uri``."""
-    completed = [r for r in results if r.get("status") == "completed"]
-    costs = [r["cost_usd"] for r in completed if r.get("cost_usd") is not None]
-    return BatchResultsSummary(
-        results_uri=results_uri,
-        requests=len(results),
-        completed=len(completed),
-        failed=len(results) - len(completed),
-        images=sum(len(r.get("images") or []) for r in completed),
-        cost_usd=round(sum(costs), 6) if costs else None,
-        endpoint=endpoint,
-        flux_conn_id=flux_conn_id,
-    )
+    tally = Tally()
+    for line in results:
+        tally.add(line)
+    return tally.summary(results_uri, endpoint, flux_conn_id)
 
 
 def owner_metadata(owner: Mapping[str, Any]) -> dict[str, str]:
@@ -104,15 +131,10 @@ def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
         raise
 
 
-def write_results(
-    client: Any, bucket: str, key: str, lines: Iterable[Mapping[str, Any]], *, owner: Mapping[str, Any]
-) -> int:
-    """Write ``lines`` as JSON Lines to ``s3://bucket/key``; the number of lines written.
+def check_writable(client: Any, bucket: str, key: str, *, owner: Mapping[str, Any]) -> None:
+    """Refuse ``s3://bucket/key`` when it holds another task instance's results, or another object.
 
-    :param client: a boto3 S3 client.
-    :param owner: the writing task instance (``dag_id``, ``run_id``, ``task_id``, ``map_index``).
-    :raises FluxImageExistsError: the key holds another task instance's results, or an
-        object that is not a results file.
+    :raises FluxImageExistsError: it does.
     """
     head = _head(client, bucket, key)
     if head is not None:
@@ -123,6 +145,19 @@ def write_results(
             raise FluxImageExistsError(
                 f"Refusing to overwrite s3://{bucket}/{key}: it holds {whose} (give this task its own key)"
             )
+
+
+def write_results(
+    client: Any, bucket: str, key: str, lines: Iterable[Mapping[str, Any]], *, owner: Mapping[str, Any]
+) -> int:
+    """Write ``lines`` as JSON Lines to ``s3://bucket/key``; the number of lines written.
+
+    :param client: a boto3 S3 client.
+    :param owner: the writing task instance (``dag_id``, ``run_id``, ``task_id``, ``map_index``).
+    :raises FluxImageExistsError: the key holds another task instance's results, or an
+        object that is not a results file.
+    """
+    check_writable(client, bucket, key, owner=owner)
     count = 0
     # On disk, not in memory: a batch of 100,000 results is some tens of megabytes.
     with tempfile.TemporaryFile() as spool:
@@ -150,10 +185,12 @@ def read_results(client: Any, uri: str, *, dag_id: str, run_id: str) -> Iterator
     :param uri: ``s3://bucket/key``, as a summary names it.
     :raises FluxError: the object is missing, or was not written by a task of this DAG run.
     """
-    if not uri.startswith("s3://") or "/" not in uri[5:]:
-        raise FluxError(f"results_uri: not an s3:// URI: {uri!r}")
-    bucket, key = uri[5:].split("/", 1)
     from botocore.exceptions import ClientError
+
+    try:
+        bucket, key = split_s3_uri(uri)
+    except ValueError as exc:
+        raise FluxError(f"results_uri: {exc}") from None
 
     try:
         obj = client.get_object(Bucket=bucket, Key=key)
@@ -173,3 +210,73 @@ def read_results(client: Any, uri: str, *, dag_id: str, run_id: str) -> Iterator
                 yield json.loads(raw)
     finally:
         body.close()
+
+
+# -- a windowed batch's checkpoints -------------------------------------------------------------
+#
+# A batch run as a window writes its finished requests' lines as it goes, a few hundred per
+# object under ``{key}.parts/``, so a later try knows what was paid for and finished without
+# holding any of it in the task state; the results file is composed from them at the end.
+
+
+def parts_prefix(key: str) -> str:
+    """Where the checkpoints of the results file at ``key`` go."""
+    return f"{key}.parts/"
+
+
+def list_parts(client: Any, bucket: str, key: str, *, owner: Mapping[str, Any]) -> list[tuple[int, str]]:
+    """The checkpoints of ``key`` as ``(sequence, object key)``, in order; all this task instance's.
+
+    :raises FluxImageExistsError: one was written by another task instance (two tasks were
+        given the same results key): nothing of it is read.
+    """
+    prefix = parts_prefix(key)
+    found: list[tuple[int, str]] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            name = item["Key"][len(prefix) :]
+            if name.endswith(".jsonl") and name[: -len(".jsonl")].isdigit():
+                found.append((int(name[: -len(".jsonl")]), item["Key"]))
+    found.sort()
+    if found:  # the owner of every part is checked as it is read; the first one here, before any call
+        _check_owner(client.head_object(Bucket=bucket, Key=found[0][1]), bucket, found[0][1], owner)
+    return found
+
+
+def write_part(
+    client: Any, bucket: str, key: str, sequence: int, lines: Sequence[Mapping[str, Any]], *, owner: Mapping[str, Any]
+) -> str:
+    """Write checkpoint ``sequence`` of the results file at ``key``; its object key."""
+    part = f"{parts_prefix(key)}{sequence:06d}.jsonl"
+    body = b"".join(json.dumps(line, separators=(",", ":")).encode() + b"\n" for line in lines)
+    client.put_object(
+        Bucket=bucket,
+        Key=part,
+        Body=body,
+        ContentType="application/x-ndjson",
+        Metadata={**owner_metadata(owner), "flux-lines": str(len(lines))},
+        ChecksumAlgorithm="SHA256",
+    )
+    return part
+
+
+def read_part(client: Any, bucket: str, part: str, *, owner: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """The lines of one checkpoint, if this task instance wrote it (else FluxImageExistsError)."""
+    obj = client.get_object(Bucket=bucket, Key=part)
+    body = obj["Body"]
+    try:
+        _check_owner(obj, bucket, part, owner)
+        for raw in body.iter_lines():
+            if raw.strip():
+                yield json.loads(raw)
+    finally:
+        body.close()
+
+
+def _check_owner(obj: Mapping[str, Any], bucket: str, key: str, owner: Mapping[str, Any]) -> None:
+    found = _owner_of(obj.get("Metadata") or {})
+    if found != {k: str(owner[k]) for k in _OWNER_KEYS}:
+        whose = f"another task instance's ({found})" if found else "an object that is not a FLUX checkpoint"
+        raise FluxImageExistsError(
+            f"Refusing the batch checkpoint s3://{bucket}/{key}: it is {whose} (give this task its own results key)"
+        )

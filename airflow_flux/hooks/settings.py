@@ -68,6 +68,8 @@ class FluxConnectionSettings:
     media_expires_in: int | None = None
     #: What one image costs on this connection (an aggregator's price); None: the published price.
     price_per_image: float | None = None
+    #: Requests the account runs at once (``concurrency``); None: not said.
+    concurrency: int | None = None
     #: Where images may be downloaded from and how large they may be (``allowed_image_hosts``,
     #: ``max_image_mib``); None: fal's media CDN only, the default size cap.
     image_policy: ImageHostPolicy | None = None
@@ -120,7 +122,8 @@ class FluxConnectionSettings:
             except (TypeError, ValueError):
                 parsed = -1
             if parsed < 0 or (kind is int and parsed == 0):
-                what = "a positive number of seconds" if kind is int else "a number of US dollars, 0 or more"
+                whats = {"media_expires_in": "a positive number of seconds", "concurrency": "a positive whole number"}
+                what = whats.get(name, "a number of US dollars, 0 or more")
                 raise FluxConfigError(f"Connection {conn.conn_id!r}: extra {name} must be {what}, got {value!r}")
             return parsed
 
@@ -143,6 +146,7 @@ class FluxConnectionSettings:
             store_io=_as_bool(opt("store_io", True)),
             media_expires_in=number("media_expires_in", int),
             price_per_image=number("price_per_image", float),
+            concurrency=number("concurrency", int),
         )
 
     @staticmethod

@@ -18,27 +18,29 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
 
-from airflow_flux.exceptions import FluxError, FluxTimeoutError, FluxValidationError
+from airflow_flux.exceptions import FluxError, FluxValidationError
 from airflow_flux.identity import DEFAULT_CONN_ID, StoredRequest
 from airflow_flux.links import FluxGalleryLink
-from airflow_flux.models import RequestOptions, build_payload, cost_usd
+from airflow_flux.models import RequestOptions, build_payload
+from airflow_flux.operators.batch_items import check_failures, result_line, results_place
 from airflow_flux.operators.flux import REQUEST_FIELDS
-from airflow_flux.operators.inputs import InputResolver, check_inputs, describe_inputs, has_s3_inputs
+from airflow_flux.operators.inputs import InputResolver, check_inputs, has_s3_inputs
 from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, default_deferrable
+from airflow_flux.results import Tally
 from airflow_flux.state import task_state, with_state_cleanup
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_flux.hooks.flux import FluxHook
+    from airflow_flux.operators.batch_window import BatchWindow
     from airflow_flux.operators.reuse import RequestReuse
 
 #: A batch that would generate more images than this is refused before any submit, unless
@@ -51,10 +53,11 @@ DEFAULT_MAX_IMAGES = 500
 STATE_KEY = "flux_batch/{index}"
 MARKER_KEY = "flux_batch"
 OUTCOMES_KEY = "flux_batch/outcomes"
-#: Submits in flight at once from the worker (each is one short HTTP call).
-SUBMIT_CONCURRENCY = 8
-#: Seconds between progress lines while submitting.
-PROGRESS_INTERVAL = 10.0
+#: Requests submitted and unfinished at once when the connection does not say its ``concurrency``.
+DEFAULT_MAX_IN_FLIGHT = 20
+#: A batch of more requests runs as a window in the worker whatever ``max_in_flight`` says:
+#: the single wait keeps every outcome in one task state value (Airflow 3.3 warns past 64 KiB).
+SINGLE_WAIT_LIMIT = 100
 
 
 class FluxBatchGenerateOperator(BaseOperator):
@@ -88,6 +91,10 @@ class FluxBatchGenerateOperator(BaseOperator):
     :param input_delivery: ``presigned_url`` or ``data_uri`` for ``s3://`` inputs.
     :param results_s3_bucket: write the results to this bucket (with ``aws_conn_id``), return a summary.
     :param results_s3_key: their key; default ``flux/{dag_id}/{run_id}/_results/{task_id}[.{map_index}].jsonl``.
+    :param max_in_flight: requests submitted and unfinished at once; default twice the
+        connection's ``concurrency``, else 20. A batch of more (or of more than 100) runs as a
+        window in the worker (:mod:`~airflow_flux.operators.batch_window`); a smaller one is
+        submitted at once and awaited in the triggerer.
     :param kwargs: the shared request fields (``seed``, ``num_images``, ``aspect_ratio``,
         ``output_format``, ``image_url``, ... the submit operator's names), and
         ``BaseOperator``'s arguments.
@@ -128,6 +135,7 @@ class FluxBatchGenerateOperator(BaseOperator):
         input_delivery: str = "presigned_url",
         results_s3_bucket: str | None = None,
         results_s3_key: str | None = None,
+        max_in_flight: int | None = None,
         **kwargs: Any,
     ) -> None:
         shared = {name: kwargs.pop(name) for name in REQUEST_FIELDS if name in kwargs}
@@ -153,8 +161,12 @@ class FluxBatchGenerateOperator(BaseOperator):
         self.input_delivery = input_delivery
         self.results_s3_bucket = results_s3_bucket
         self.results_s3_key = results_s3_key
+        self.max_in_flight = max_in_flight
         if allow_failures < 0 or max_images < 1:
             raise FluxValidationError("allow_failures must be 0 or more and max_images at least 1")
+        if max_in_flight is not None and max_in_flight < 1:
+            raise FluxValidationError(f"max_in_flight: must be at least 1 (got {max_in_flight})")
+        self._window: BatchWindow | None = None
 
     @cached_property
     def hook(self) -> FluxHook:
@@ -164,8 +176,8 @@ class FluxBatchGenerateOperator(BaseOperator):
 
     # -- before any call -------------------------------------------------------------------
 
-    def _payloads(self, endpoint: str) -> list[dict[str, Any]]:
-        """Every item validated, in order; refuses the batch naming an item's index and field."""
+    def _items(self) -> list[Any]:
+        """The batch's items as given (prompt strings or dicts)."""
         try:
             if isinstance(self.requests, str | Mapping):
                 raise TypeError
@@ -176,31 +188,51 @@ class FluxBatchGenerateOperator(BaseOperator):
             raise FluxValidationError(
                 f"requests: must be a list of prompts or of dicts of request fields (got {type(self.requests).__name__})"
             ) from None
-        shared = {name: getattr(self, name) for name in REQUEST_FIELDS if getattr(self, name) is not None}
-        payloads = []
-        for index, item in enumerate(items):
-            fields = {**shared, "prompt": item} if isinstance(item, str) else {**shared, **dict(item)}
-            try:
-                payload = build_payload(fields, endpoint)
-                check_inputs(payload)
-            except FluxValidationError as exc:
-                raise FluxValidationError(f"requests[{index}]: {exc}", errors=exc.errors) from None
-            payloads.append(payload)
-        if not payloads:
+        if not items:
             raise FluxValidationError("requests: the batch is empty")
-        images = sum(int(p.get("num_images") or 1) for p in payloads)
+        return items
+
+    def _payload(self, items: Sequence[Any], index: int, endpoint: str) -> dict[str, Any]:
+        """Item ``index`` as the payload sent, validated; refused naming its index and field."""
+        item = items[index]
+        shared = {name: getattr(self, name) for name in REQUEST_FIELDS if getattr(self, name) is not None}
+        fields = {**shared, "prompt": item} if isinstance(item, str) else {**shared, **dict(item)}
+        try:
+            payload = build_payload(fields, endpoint)
+            check_inputs(payload)
+        except FluxValidationError as exc:
+            raise FluxValidationError(f"requests[{index}]: {exc}", errors=exc.errors) from None
+        return payload
+
+    def _check_images(self, requests: int, images: int) -> None:
         if images > self.max_images:
             raise FluxValidationError(
-                f"max_images: the batch of {len(payloads)} request(s) would generate {images} images, more than "
+                f"max_images: the batch of {requests} request(s) would generate {images} images, more than "
                 f"max_images={self.max_images}; nothing was submitted (raise max_images to allow it)"
             )
+
+    def _payloads(self, endpoint: str, items: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """Every item validated, in order; refuses the batch naming an item's index and field."""
+        items = self._items() if items is None else items
+        payloads = [self._payload(items, index, endpoint) for index in range(len(items))]
+        self._check_images(len(payloads), sum(int(p.get("num_images") or 1) for p in payloads))
         return payloads
+
+    def _window_size(self) -> int:
+        if self.max_in_flight is not None:
+            return int(self.max_in_flight)
+        concurrency = self.hook.settings.concurrency
+        return 2 * concurrency if concurrency else DEFAULT_MAX_IN_FLIGHT
 
     # -- execute ---------------------------------------------------------------------------
 
     def execute(self, context: Context) -> list[dict[str, Any]] | dict[str, Any]:
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
-        payloads = self._payloads(endpoint)  # before any call
+        items = self._items()
+        window = self._window_size()
+        if len(items) > min(window, SINGLE_WAIT_LIMIT):
+            return self._execute_window(context, endpoint, items, window)
+        payloads = self._payloads(endpoint, items)  # before any call
         self._requests = len(payloads)
         options = RequestOptions.build(start_timeout=self.start_timeout, priority=self.priority)
         resolver = self._resolver(options) if any(has_s3_inputs(p) for p in payloads) else None
@@ -253,7 +285,8 @@ class FluxBatchGenerateOperator(BaseOperator):
     def state_keys(self) -> list[str]:
         """The task state keys this task writes (see :mod:`airflow_flux.state`)."""
         count = getattr(self, "_requests", 0)
-        return [MARKER_KEY, OUTCOMES_KEY, *(STATE_KEY.format(index=i) for i in range(count))]
+        window = self._window.state_keys() if self._window is not None else []
+        return [MARKER_KEY, OUTCOMES_KEY, *(STATE_KEY.format(index=i) for i in range(count)), *window]
 
     def _reuse(self, context: Context, endpoint: str, index: int, payload: dict[str, Any]) -> RequestReuse:
         from airflow_flux.identity import RequestIdentity
@@ -271,20 +304,9 @@ class FluxBatchGenerateOperator(BaseOperator):
 
     def _pin_all(self, resolver: InputResolver, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Every payload with its ``s3://`` inputs checked and pinned (a few HEADs at a time)."""
-        started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=SUBMIT_CONCURRENCY) as pool:
-            futures = [pool.submit(resolver.pin, p) if has_s3_inputs(p) else None for p in payloads]
-            pinned = []
-            for index, (payload, future) in enumerate(zip(payloads, futures, strict=True)):
-                try:
-                    pinned.append(future.result() if future is not None else payload)
-                except FluxValidationError as exc:
-                    for other in futures:
-                        if other is not None:
-                            other.cancel()
-                    raise FluxValidationError(f"requests[{index}]: {exc}", errors=exc.errors) from None
-        self.log.info("FLUX batch: s3:// inputs checked in %.1fs; nothing paid for yet", time.monotonic() - started)
-        return pinned
+        from airflow_flux.operators.batch_submit import pin_all
+
+        return pin_all(resolver, payloads, log=self.log)
 
     def _submit_all(
         self,
@@ -295,55 +317,19 @@ class FluxBatchGenerateOperator(BaseOperator):
         options: RequestOptions,
         resolver: InputResolver | None,
     ) -> dict[int, dict[str, Any]]:
-        """Submit ``indices`` in order, a few at a time; each handle recorded as its submit returns.
+        from airflow_flux.operators.batch_submit import submit_all
 
-        After the first submit that fails, no new one starts; the ones in flight are awaited
-        and recorded (they are paid for), then the failure is raised naming its item.
-        """
-        if not indices:
-            return {}
-
-        def submit(index: int) -> dict[str, Any]:
-            payload = payloads[index]
-            sent = resolver.resolve(payload) if resolver is not None and has_s3_inputs(payload) else payload
-            handle = self.hook.submit(sent, endpoint=endpoint, options=options).model_dump()
-            handle["inputs"] = describe_inputs(payload)  # the pinned s3:// URIs, never a presigned URL
-            return handle
-
-        handles: dict[int, dict[str, Any]] = {}
-        failure: tuple[int, BaseException] | None = None
-        queue = iter(indices)
-        started = last_progress = time.monotonic()
-        width = min(SUBMIT_CONCURRENCY, len(indices))
-        with ThreadPoolExecutor(max_workers=width) as pool:
-            running: dict[Future[dict[str, Any]], int] = {}
-            while True:
-                # Refill up to the pool's width only: a queued submit could not be taken back.
-                while failure is None and len(running) < width and (index := next(queue, None)) is not None:
-                    running[pool.submit(submit, index)] = index
-                if not running:
-                    break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    index = running.pop(future)
-                    if (exc := future.exception()) is not None:
-                        if failure is None:
-                            failure = (index, exc)
-                            self._stop_submitting(index, in_flight=len(running))
-                        continue
-                    handles[index] = future.result()
-                    reuses[index].record(handles[index])  # the task state is written from this thread only
-                if time.monotonic() - last_progress >= PROGRESS_INTERVAL:
-                    last_progress = time.monotonic()
-                    self.log.info("FLUX batch: submitted %d of %d", len(handles), len(indices))
-        self.log.info("FLUX batch: submitted %d request(s) in %.1fs", len(handles), time.monotonic() - started)
-        if failure is not None:
-            index, exc = failure
-            raise FluxError(
-                f"requests[{index}]: the submit failed: {exc}. {len(handles)} request(s) submitted by this try are "
-                f"recorded (a retry does not pay for them again); {len(indices) - len(handles) - 1} not submitted"
-            ) from exc
-        return handles
+        return submit_all(
+            self.hook,
+            endpoint,
+            payloads,
+            indices,
+            options=options,
+            resolver=resolver,
+            record=lambda index, handle: reuses[index].record(handle),
+            on_failure=self._stop_submitting,
+            log=self.log,
+        )
 
     def _stop_submitting(self, index: int, *, in_flight: int) -> None:
         """Called once, when the first failed submit is seen: from then on no submit starts."""
@@ -423,68 +409,77 @@ class FluxBatchGenerateOperator(BaseOperator):
         inputs: Mapping[int, Any] | None = None,
     ) -> list[dict[str, Any]] | dict[str, Any]:
         price = self.hook.settings.price_per_image
-        results: list[dict[str, Any]] = []
-        for index, payload in enumerate(payloads):
-            outcome = outcomes.get(index) or {"status": "pending"}
-            if outcome.get("status") == "pending":
-                outcome = {**outcome, "error": outcome.get("error") or "not finished within wait_timeout"}
-            # flux_conn_id: the copy to S3 downloads the images under this connection's allowed hosts.
-            common = {"index": index, "prompt": payload.get("prompt"), "endpoint": endpoint}
-            common["flux_conn_id"] = self.flux_conn_id
-            common["inputs"] = inputs[index] if inputs and index in inputs else describe_inputs(payload)
-            if outcome.get("status") == "completed":
-                result = dict(outcome.get("result") or {})
-                images = len(result.get("images") or [])
-                result["cost_usd"] = cost_usd(endpoint, images, price_per_image=price)
-                results.append({**result, **common, "request_id": outcome.get("request_id"), "status": "completed"})
-            else:
-                results.append(
-                    {
-                        **common,
-                        "request_id": outcome.get("request_id"),
-                        "status": "failed",
-                        "error": outcome.get("error"),
-                        "error_type": outcome.get("error_type"),
-                        "status_code": outcome.get("status_code"),
-                    }
-                )
-        failed = [r for r in results if r["status"] == "failed"]
-        total = sum(r.get("cost_usd") or 0 for r in results)
-        self.log.info(
-            "FLUX batch: %d of %d completed, %d failed; cost $%.4f",
-            len(results) - len(failed),
-            len(results),
-            len(failed),
-            total,
-        )
+        results = [
+            result_line(
+                index,
+                payload,
+                outcomes.get(index) or {"status": "pending"},
+                endpoint=endpoint,
+                flux_conn_id=self.flux_conn_id,
+                price_per_image=price,
+                inputs=inputs.get(index) if inputs else None,
+            )
+            for index, payload in enumerate(payloads)
+        ]
+        tally = Tally()
+        for line in results:
+            tally.add(line)
+        self._log_totals(tally)
         # Written before a failure is raised: what was paid for is on record either way.
         summary = self._write_results(context, results, endpoint) if self.results_s3_bucket else None
-        if len(failed) > self.allow_failures:
-            listed = "; ".join(
-                f"requests[{r['index']}] ({r.get('request_id')}): {r.get('error_type') or 'error'}: {r.get('error')}"
-                for r in failed[:10]
-            )
-            error = FluxTimeoutError if timed_out else FluxError
-            raise error(
-                f"{len(failed)} of {len(results)} FLUX request(s) failed (allow_failures={self.allow_failures}): "
-                f"{listed}{' ...' if len(failed) > 10 else ''}"
-            )
+        self._check_failures(tally, [r for r in results if r["status"] == "failed"][:10], timed_out=timed_out)
         return summary if summary is not None else results
 
-    def _write_results(self, context: Context, results: list[dict[str, Any]], endpoint: str) -> dict[str, Any]:
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-        from airflow_flux.results import default_results_key, summarize, write_results
-
-        ti = context["ti"]
-        owner = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
-        key = self.results_s3_key or default_results_key(owner)
-        write_results(
-            S3Hook(aws_conn_id=self.aws_conn_id).get_conn(), str(self.results_s3_bucket), key, results, owner=owner
+    def _log_totals(self, tally: Tally) -> None:
+        self.log.info(
+            "FLUX batch: %d of %d completed, %d failed; cost $%.4f",
+            tally.completed,
+            tally.requests,
+            tally.failed,
+            tally.cost or 0.0,
         )
-        summary = summarize(results, f"s3://{self.results_s3_bucket}/{key}", endpoint, self.flux_conn_id)
-        self.log.info("FLUX batch: results of %d request(s) written to %s", len(results), summary.results_uri)
+
+    def _check_failures(self, tally: Tally, failed: Sequence[Mapping[str, Any]], *, timed_out: bool) -> None:
+        check_failures(tally, failed, allow_failures=self.allow_failures, timed_out=timed_out)
+
+    def _results_place(self, context: Context) -> tuple[Any, str, dict[str, Any]]:
+        return results_place(context, self.results_s3_key, self.aws_conn_id)
+
+    def _write_results(
+        self,
+        context: Context,
+        results: Iterable[dict[str, Any]],
+        endpoint: str,
+        place: tuple[Any, str, dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        from airflow_flux.results import write_results
+
+        client, key, owner = place or self._results_place(context)
+        tally = Tally()
+
+        def counted() -> Iterator[dict[str, Any]]:
+            for line in results:
+                tally.add(line)
+                yield line
+
+        write_results(client, str(self.results_s3_bucket), key, counted(), owner=owner)
+        summary = tally.summary(f"s3://{self.results_s3_bucket}/{key}", endpoint, self.flux_conn_id)
+        self.log.info("FLUX batch: results of %d request(s) written to %s", tally.requests, summary.results_uri)
         return summary.model_dump(mode="json")
+
+    # -- a window (a batch larger than max_in_flight) ---------------------------------------
+
+    def _execute_window(
+        self, context: Context, endpoint: str, items: list[Any], max_in_flight: int
+    ) -> list[dict[str, Any]] | dict[str, Any]:
+        from airflow_flux.operators.batch_window import run_window
+
+        return run_window(self, context, endpoint, items, max_in_flight)
+
+    def on_kill(self) -> None:
+        """Cancel the window's requests in flight (a deferred batch's trigger cancels its own)."""
+        if self._window is not None:
+            self._window.cancel_in_flight()
 
 
 def _read(store: Any, key: str) -> dict[str, Any] | None:

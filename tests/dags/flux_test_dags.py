@@ -7,6 +7,7 @@ take the prompt from ``params`` so a test picks an emulator fault scenario by pr
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pendulum
 from airflow.sdk import DAG, Param
@@ -216,15 +217,16 @@ with DAG("flux_test_edit_multi_retry", schedule=None, start_date=START, params=E
     )
 
 BATCH_PARAMS = {"requests": Param(["a batch fox"], type="array"), "bucket": Param("flux-test", type="string")}
+#: What every batch DAG shares: the requests and bucket come from the run's conf, as lists.
+BATCH_DAG: dict[str, Any] = {
+    "schedule": None,
+    "start_date": START,
+    "params": BATCH_PARAMS,
+    "catchup": False,
+    "render_template_as_native_obj": True,
+}
 
-with DAG(
-    "flux_test_batch",
-    schedule=None,
-    start_date=START,
-    params=BATCH_PARAMS,
-    catchup=False,
-    render_template_as_native_obj=True,
-):
+with DAG("flux_test_batch", **BATCH_DAG):
     # One task for the whole batch, one failure allowed; the copy lists the failed one.
     batch = FluxBatchGenerateOperator(
         task_id="batch", requests="{{ params.requests }}", allow_failures=1, poll_interval=0.2, aspect_ratio="16:9"
@@ -233,49 +235,32 @@ with DAG(
         task_id="to_s3", source=batch.output, s3_bucket="{{ params.bucket }}", s3_key_prefix="batch/{{ run_id }}"
     )
 
-with DAG(
-    "flux_test_batch_results",
-    schedule=None,
-    start_date=START,
-    params=BATCH_PARAMS,
-    catchup=False,
-    render_template_as_native_obj=True,
-):
-    # The results in a JSON Lines file, a summary in XCom; the copy reads the file.
-    batch = FluxBatchGenerateOperator(
-        task_id="batch",
-        requests="{{ params.requests }}",
-        allow_failures=1,
-        poll_interval=0.2,
-        results_s3_bucket="{{ params.bucket }}",
-    )
-    FluxToS3Operator(
-        task_id="to_s3", source=batch.output, s3_bucket="{{ params.bucket }}", s3_key_prefix="batch/{{ run_id }}"
-    )
+for dag_id, window in (("flux_test_batch_results", {}), ("flux_test_batch_results_window", {"max_in_flight": 3})):
+    with DAG(dag_id, **BATCH_DAG):
+        # The results in a JSON Lines file, a summary in XCom; the copy reads the file.
+        batch = FluxBatchGenerateOperator(
+            task_id="batch",
+            requests="{{ params.requests }}",
+            allow_failures=1,
+            poll_interval=0.2,
+            results_s3_bucket="{{ params.bucket }}",
+            **window,
+        )
+        FluxToS3Operator(
+            task_id="to_s3", source=batch.output, s3_bucket="{{ params.bucket }}", s3_key_prefix="batch/{{ run_id }}"
+        )
 
-with DAG(
-    "flux_test_batch_strict",
-    schedule=None,
-    start_date=START,
-    params=BATCH_PARAMS,
-    catchup=False,
-    render_template_as_native_obj=True,
-):
+with DAG("flux_test_batch_strict", **BATCH_DAG):
     FluxBatchGenerateOperator(task_id="batch", requests="{{ params.requests }}", poll_interval=0.2, wait_timeout=20)
 
-with DAG(
-    "flux_test_batch_retry",
-    schedule=None,
-    start_date=START,
-    params=BATCH_PARAMS,
-    catchup=False,
-    render_template_as_native_obj=True,
-):
-    # Dies after its wait on try 1: the retry keeps what completed and what was refused for
-    # good, and pays again only for the transient failure.
-    FluxBatchGenerateOperator(
-        task_id="batch", requests="{{ params.requests }}", allow_failures=2, poll_interval=0.2, **RETRY
-    )
+for dag_id, window in (("flux_test_batch_retry", {}), ("flux_test_batch_retry_window", {"max_in_flight": 2})):
+    with DAG(dag_id, **BATCH_DAG):
+        # Dies after its wait on try 1: the retry keeps what completed and what was refused for
+        # good, and pays again only for the transient failure (in one wait, or through a window's
+        # checkpoints in the task state).
+        FluxBatchGenerateOperator(
+            task_id="batch", requests="{{ params.requests }}", allow_failures=2, poll_interval=0.2, **RETRY, **window
+        )
 
 with DAG("flux_test_shared_prefix", schedule=None, start_date=START, params=S3_PARAMS, catchup=False):
     # Two copy tasks of one run into one prefix, each merging its entries into the prefix's
@@ -318,19 +303,15 @@ with DAG("flux_test_edit_replaced_input", schedule=None, start_date=START, param
     wait = FluxStatusSensor(task_id="wait", request=submit.output, poll_interval=0.2, timeout=60)
     FluxToS3Operator(task_id="to_s3", source=wait.output, s3_bucket="{{ params.bucket }}", s3_key_prefix="replaced")
 
-with DAG(
-    "flux_test_batch_refused",
-    schedule=None,
-    start_date=START,
-    params=BATCH_PARAMS,
-    catchup=False,
-    render_template_as_native_obj=True,
-):
-    # A submit refused for good stops the batch; the retry pays only for what was never paid for.
-    FluxBatchGenerateOperator(
-        task_id="batch",
-        requests="{{ params.requests }}",
-        poll_interval=0.2,
-        retries=1,
-        retry_delay=timedelta(seconds=0),
-    )
+for dag_id, in_flight in (("flux_test_batch_refused", 40), ("flux_test_batch_refused_window", 8)):
+    with DAG(dag_id, **BATCH_DAG):
+        # A submit refused for good stops the batch; the retry pays only for what was never
+        # paid for (all 40 submitted at once, or 8 at a time).
+        FluxBatchGenerateOperator(
+            task_id="batch",
+            requests="{{ params.requests }}",
+            poll_interval=0.2,
+            retries=1,
+            retry_delay=timedelta(seconds=0),
+            max_in_flight=in_flight,
+        )

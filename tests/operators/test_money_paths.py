@@ -28,7 +28,8 @@ from airflow_flux.hooks.retry import worth_resubmitting
 from airflow_flux.identity import pin_s3_uri, split_s3_input
 from airflow_flux.models import KONTEXT_EDIT
 from airflow_flux.operators import FluxBatchGenerateOperator, FluxGenerateOperator
-from airflow_flux.operators.batch import STATE_KEY, SUBMIT_CONCURRENCY
+from airflow_flux.operators.batch import STATE_KEY
+from airflow_flux.operators.batch_submit import SUBMIT_CONCURRENCY
 from tests.helpers import task_states, xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -123,6 +124,7 @@ def test_a_refused_submit_stops_the_batch_and_no_prompt_is_paid_twice(emulator, 
             deferrable=False,
             poll_interval=0.1,
             max_images=100,
+            max_in_flight=40,  # submitted at once (the window's own refusal: test_batch_window.py)
             seen=seen,
         )
         return op.execute(_context(store, try_number))
@@ -313,6 +315,24 @@ def test_a_refused_batch_retried_by_airflow_pays_no_prompt_twice(dags, flux_defa
     # it each try started depends on when the refusal's answer was seen: that bound is checked
     # exactly, with held answers, by test_a_refused_submit_stops_the_batch_and_no_prompt_is_paid_twice.
     assert int(match[1]) >= 20
+
+
+def test_a_refused_batch_in_a_window_retried_by_airflow_pays_no_prompt_twice(dags, flux_default, capfd):
+    flux_default.add_scenario(Scenario(submit_errors=[400, 400]), match="refused")
+    prompts = [f"batch fox {i}" for i in range(40)]
+    prompts[20] = "a refused fox"
+    dr = dags.get_dag("flux_test_batch_refused_window").test(run_conf={"requests": prompts})
+    out = capfd.readouterr().out
+    assert dr.state == "failed", task_states(dr)
+    paid = _paid(flux_default)
+    assert set(paid.values()) == {1} and "a refused fox" not in paid, paid
+    assert out.count("requests[20]: the submit failed") >= 2  # both tries, with the API's reason
+    # Try 1 submitted 8 at a time up to the refusal and saw every one of them to its end; try 2
+    # kept them all (from the checkpoints, or awaited from the slots) and stopped at the refusal again.
+    first_try = re.search(r"a retry does not pay for it again\); (\d+) completed", out)
+    match = re.search(r"(\d+) request\(s\) kept from earlier tries \(finished\), (\d+) paid for and awaited again", out)
+    assert first_try and match, out[-3000:]
+    assert int(match[1]) + int(match[2]) == int(first_try[1]) >= 20
 
 
 def test_an_input_replaced_between_airflow_tries_is_paid_for_again(dags, flux_default, s3):
