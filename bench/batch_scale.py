@@ -71,9 +71,7 @@ def child(size: int) -> dict[str, Any]:
     from airflow.settings import Session
     from sqlalchemy import text
 
-    dag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"], include_examples=False).get_dag(
-        "flux_bench_scale"
-    )
+    dag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).get_dag("flux_bench_scale")
     prompts = [f"a scale fox number {i}, watercolour" for i in range(size)]
     started = time.time()
     dr = dag.test(run_conf={"requests": prompts})

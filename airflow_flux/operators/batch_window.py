@@ -10,7 +10,7 @@ same :class:`~airflow_flux.triggers.batch.BatchWait` the triggerer runs.
 
 What survives the loss of the worker, bounded by the window, never by the batch:
 
-* each submit's record (handle, fingerprint, try) in one of ``max_in_flight + checkpoint``
+* each submit's record (handle, fingerprint, try) in one of ``2 x max_in_flight``
   task state *slots*, written the moment the submit returns; a slot is reused once its
   request's line is in a checkpoint;
 * every finished request's line in a *checkpoint*: a few hundred lines per S3 object next to
@@ -119,7 +119,9 @@ class BatchWindow:
         self.try_number = getattr(ti, "try_number", None)
         self.price = hook.settings.price_per_image
         self.base_url = hook.settings.base_url
-        self.slots = max_in_flight + checkpoints.lines_per_part
+        # Twice the window: when every slot is taken the finished lines are checkpointed first,
+        # so the records in the task state never number more than this (plus the marker).
+        self.slots = 2 * max_in_flight
         self.free: deque[int] = deque()
         self.slot_of: dict[int, int] = {}  # submitted, line not yet in a checkpoint: index -> slot
         self.done = bytearray(count)  # 1: its line is in a checkpoint (an earlier try's or this one's)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -45,6 +46,11 @@ if TYPE_CHECKING:
 #: A prefix that is defined for every run, manual ones included ({{ ds }} is not, in Airflow 3).
 DEFAULT_PREFIX = "flux/{{ dag.dag_id }}/{{ run_id }}"
 DEFAULT_KEY_TEMPLATE = "{request_id}_{index}.{ext}"
+#: More images than this: progress lines instead of a line per image, and their prefix as
+#: the lineage dataset instead of one per image.
+MANY_IMAGES = 100
+#: Seconds between progress lines.
+PROGRESS_INTERVAL = 10.0
 
 # Multipart defaults (images of unknown size or above max_single_put): (upload_concurrency
 # + 1) part buffers at most; the next part downloads while the previous one uploads. On
@@ -73,7 +79,8 @@ class FluxToS3Operator(BaseOperator):
     multipart upload is aborted, and objects this try already wrote are deleted, so a retry
     starts clean.
 
-    Returns the ``s3://`` URIs of the copied images. Objects get metadata (``flux-request-id``,
+    Returns the ``s3://`` URIs of the copied images; for a batch's summary, a summary too
+    (``kind`` ``flux_copy``: the manifest's URI and counts), whatever the batch's size. Objects get metadata (``flux-request-id``,
     ``flux-seed``, ``flux-endpoint``, size, prompt digest, and the URL-encoded prompt when
     it fits); the manifest (JSON) lists every image, copied or skipped. Copy tasks sharing a
     prefix share its manifest: each merges its entries in (:mod:`airflow_flux.manifest`).
@@ -221,6 +228,7 @@ class FluxToS3Operator(BaseOperator):
         for item in self._sources():
             if BatchResultsSummary.is_summary(item):
                 # Read only if a task of this DAG run wrote it: the XCom may not be the batch's.
+                self._from_summary = True
                 ti = context["ti"]
                 yield from read_results(
                     self.s3_hook.get_conn(), item["results_uri"], dag_id=ti.dag_id, run_id=ti.run_id
@@ -379,8 +387,9 @@ class FluxToS3Operator(BaseOperator):
 
     # -- execute ------------------------------------------------------------------------------
 
-    def execute(self, context: Context) -> list[str]:
+    def execute(self, context: Context) -> list[str] | dict[str, Any]:
         check_nsfw_policy(self.nsfw_policy)
+        self._from_summary = False
         results, failed = self._results(context)
         jobs = self._plan(results)
         flagged = [j for j in jobs if j.nsfw]
@@ -406,14 +415,23 @@ class FluxToS3Operator(BaseOperator):
             len(jobs) - len(todo) - sum(j.status is ImageStatus.REUSED for j in jobs),
         )
         errors: list[tuple[ImageJob, BaseException]] = []
+        # One line per image for a few; for many, a line every PROGRESS_INTERVAL seconds.
+        each = logging.INFO if len(todo) <= MANY_IMAGES else logging.DEBUG
+        copied, last_progress = 0, time.monotonic()
         with ThreadPoolExecutor(max_workers=min(self.max_workers, max(1, len(todo)))) as pool:
             futures = {pool.submit(self._copy, job): job for job in todo}
             for future in as_completed(futures):
                 job = futures[future]
                 if (exc := future.exception()) is not None:
                     errors.append((job, exc))
-                else:
-                    self.log.info("Copied s3://%s/%s (%s bytes, %.2fs)", self.s3_bucket, job.key, job.size, job.seconds)
+                    continue
+                copied += 1
+                self.log.log(
+                    each, "Copied s3://%s/%s (%s bytes, %.2fs)", self.s3_bucket, job.key, job.size, job.seconds
+                )
+                if each != logging.INFO and time.monotonic() - last_progress >= PROGRESS_INTERVAL:
+                    last_progress = time.monotonic()
+                    self.log.info("Copied %d of %d image(s)", copied, len(todo))
         if errors:
             self._rollback(jobs)
             job, exc = errors[0]
@@ -424,6 +442,16 @@ class FluxToS3Operator(BaseOperator):
         manifest_uri = self._write_manifest(jobs, failed, context) if self.manifest_name else None
         uris = [f"s3://{self.s3_bucket}/{j.key}" for j in jobs if j.stored]
         self._record_lineage(uris, manifest_uri, context)
+        if self._from_summary:  # a batch's: as small as its summary, whatever the batch's size
+            return {
+                "kind": "flux_copy",
+                "manifest_uri": manifest_uri,
+                "bucket": self.s3_bucket,
+                "prefix": self.s3_key_prefix.strip("/"),
+                "images": len(uris),
+                "skipped": sum(j.status is ImageStatus.SKIPPED for j in jobs),
+                "failed": len(failed),
+            }
         return uris
 
     @property
@@ -455,7 +483,9 @@ class FluxToS3Operator(BaseOperator):
         from airflow.providers.common.compat.lineage.hook import get_hook_lineage_collector
 
         collector = get_hook_lineage_collector()
-        for uri in [*uris, *([manifest_uri] if manifest_uri else [])]:
+        # Many images are one dataset, their prefix: lineage events stay bounded.
+        named = uris if len(uris) <= MANY_IMAGES else [f"s3://{self.s3_bucket}/{self.s3_key_prefix.strip('/')}/"]
+        for uri in [*named, *([manifest_uri] if manifest_uri else [])]:
             bucket, key = split_s3_uri(uri)
             collector.add_output_asset(context=self.s3_hook, scheme="s3", asset_kwargs={"bucket": bucket, "key": key})
         # Downstream DAGs scheduled on this task's outlets get the manifest and the count.

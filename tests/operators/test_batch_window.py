@@ -222,6 +222,16 @@ def test_the_window_runs_in_a_dag_and_the_copy_lands_every_image(dags, flux_defa
     _never_more_than(flux_default, 3)
     summary = xcom(dr, "batch")
     assert (summary["completed"], summary["failed"]) == (9, 1)
+    copy = xcom(dr, "to_s3")  # small too, whatever the batch's size
+    assert copy == {
+        "kind": "flux_copy",
+        "manifest_uri": f"s3://{s3.bucket}/batch/{dr.run_id}/manifest.json",
+        "bucket": s3.bucket,
+        "prefix": f"batch/{dr.run_id}",
+        "images": 9,
+        "skipped": 0,
+        "failed": 1,
+    }
     manifest = json.loads(s3.get_object(Bucket=s3.bucket, Key=f"batch/{dr.run_id}/manifest.json")["Body"].read())
     assert sorted(i["status"] for i in manifest["images"]) == ["copied"] * 9 + ["failed"]
     assert {i["prompt"] for i in manifest["images"] if i["status"] == "copied"} == set(prompts[:9])
