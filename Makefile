@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv test test-compat compat-one test-distributed lint typecheck pytest emulator demo demo-ui bench clean
+.PHONY: venv test test-compat compat-one test-distributed lint typecheck pytest emulator demo demo-ui bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ demo-ui: venv ## the same on a real Airflow, UI on http://127.0.0.1:8080; Ctrl-C
 
 bench: venv ## the benchmarks (issues #6 and #14, ~20 min on 2 cores), rewrites bench/RESULTS.md; BENCH_ARGS=--quick for a smoke run
 	$(PY) bench/run_all.py $(BENCH_ARGS)
+
+SCALE_SIZES ?= 1000
+SCALE_CONCURRENCY ?= 10
+SCALE_SECONDS ?= 3
+bench-scale: venv ## one batch of SCALE_SIZES prompts (issue #24; 1,000 at C=10, T=3 s: about 7 min), figures in bench/ANALYSIS.md
+	$(PY) bench/batch_scale.py --sizes $(SCALE_SIZES) --concurrency $(SCALE_CONCURRENCY) --seconds $(SCALE_SECONDS) $(SCALE_ARGS)
 
 # Other Airflow releases, from a built wheel (not this checkout): the package is built,
 # installed into its own venv per release, and the tests run from a copy that has no

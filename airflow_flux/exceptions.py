@@ -10,6 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
+#: The codes S3 (and S3-compatible stores) answer for an object that is not there.
+S3_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+def s3_not_found(exc: Exception) -> bool:
+    """Whether ``exc`` (a botocore ``ClientError``) says the object is not there."""
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", "")) in S3_NOT_FOUND_CODES
+
 
 class FluxError(Exception):
     """Base class of every error raised by airflow-flux."""

@@ -35,7 +35,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from airflow_flux.exceptions import FluxError, FluxImageExistsError
+from airflow_flux.exceptions import FluxError, FluxImageExistsError, s3_not_found
 
 MANIFEST_VERSION = 2
 
@@ -259,7 +259,7 @@ def read_stored(client: Any, bucket: str, key: str) -> StoredManifest:
     try:
         obj = client.get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if s3_not_found(exc):
             return StoredManifest()
         raise
     etag, body = str(obj["ETag"]), obj["Body"].read()

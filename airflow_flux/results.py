@@ -25,7 +25,7 @@ from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, ConfigDict
 
-from airflow_flux.exceptions import FluxError, FluxImageExistsError
+from airflow_flux.exceptions import FluxError, FluxImageExistsError, s3_not_found
 from airflow_flux.manifest import split_s3_uri
 
 #: The summary's marker: a mapping with this ``kind`` names a results file.
@@ -126,7 +126,7 @@ def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
     try:
         return client.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if s3_not_found(exc):
             return None
         raise
 

@@ -223,6 +223,7 @@ class BatchWindow:
                 max_poll_interval=self.max_poll_interval,
                 max_connections=self.max_connections,
                 max_streams=max(1, self.max_in_flight),
+                stream_queued=True,
             )
             for i, handle in awaited.items():
                 self.in_flight[i] = handle

@@ -26,7 +26,7 @@ import base64
 import hashlib
 from typing import TYPE_CHECKING, Any, Literal
 
-from airflow_flux.exceptions import FluxValidationError
+from airflow_flux.exceptions import FluxValidationError, s3_not_found
 from airflow_flux.identity import pin_s3_uri, s3_object_args, split_s3_input
 from airflow_flux.models import IMAGE_INPUT_FIELDS
 from airflow_flux.redact import redact_presigned
@@ -213,7 +213,7 @@ class InputResolver:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("412", "PreconditionFailed"):
                 reason = "was replaced: it is no longer the object of that ETag"
-            elif code in ("404", "NoSuchKey", "NotFound", "NoSuchVersion"):
+            elif s3_not_found(exc) or code == "NoSuchVersion":
                 reason = "does not exist"
             else:
                 reason = f"cannot be read ({code})"

@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from airflow_flux.exceptions import FluxError, FluxImageExistsError, FluxIntegrityError, FluxTransportError
+from airflow_flux.exceptions import (
+    FluxError,
+    FluxImageExistsError,
+    FluxIntegrityError,
+    FluxTransportError,
+    s3_not_found,
+)
 from airflow_flux.identity import DEFAULT_CONN_ID, coerce_handle, conn_id_for
 from airflow_flux.links import FluxCopiedImagesLink
 from airflow_flux.manifest import (
@@ -46,8 +52,7 @@ if TYPE_CHECKING:
 #: A prefix that is defined for every run, manual ones included ({{ ds }} is not, in Airflow 3).
 DEFAULT_PREFIX = "flux/{{ dag.dag_id }}/{{ run_id }}"
 DEFAULT_KEY_TEMPLATE = "{request_id}_{index}.{ext}"
-#: More images than this: progress lines instead of a line per image, and their prefix as
-#: the lineage dataset instead of one per image.
+#: Past this many images: progress lines, not one per image; their prefix as lineage dataset.
 MANY_IMAGES = 100
 #: Seconds between progress lines.
 PROGRESS_INTERVAL = 10.0
@@ -285,7 +290,7 @@ class FluxToS3Operator(BaseOperator):
         try:
             head = self.s3_hook.get_conn().head_object(Bucket=self.s3_bucket, Key=job.key, ChecksumMode="ENABLED")
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if s3_not_found(exc):
                 return None
             raise
         meta = dict(head.get("Metadata") or {})

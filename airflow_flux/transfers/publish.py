@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
-from airflow_flux.exceptions import FluxImageExistsError, FluxIntegrityError
+from airflow_flux.exceptions import FluxImageExistsError, FluxIntegrityError, s3_not_found
 from airflow_flux.manifest import (
     STORED_STATUSES,
     ImageStatus,
@@ -218,7 +218,7 @@ def _checked_source(client: Any, bucket: str, image: ManifestImage) -> str:
     try:
         head = client.head_object(Bucket=bucket, Key=str(image.key), ChecksumMode="ENABLED")
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if s3_not_found(exc):
             raise FluxIntegrityError(
                 f"s3://{bucket}/{image.key} is gone since the review. Nothing was published."
             ) from None
@@ -302,7 +302,7 @@ def _destinations(client: Any, bucket: str, plan: list[tuple[ManifestImage, str]
         try:
             head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+            if not s3_not_found(exc):
                 raise
             found.append(_Destination("free"))
             continue

@@ -226,6 +226,8 @@ class BatchWait:
 
     :param hook: the hook whose async client makes the calls.
     :param log: where stream failures are said.
+    :param stream_queued: follow queued requests' streams too, not only running ones (a
+        window, whose requests are few: each completion is then seen at once, and refilled).
     """
 
     def __init__(
@@ -238,8 +240,10 @@ class BatchWait:
         max_connections: int = 8,
         max_streams: int = 40,
         max_consecutive_failures: int = 5,
+        stream_queued: bool = False,
     ) -> None:
         self.hook = hook
+        self.stream_queued = stream_queued
         self.log = log
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
@@ -331,7 +335,7 @@ class BatchWait:
             await self._completed(index, status)
             return
         if (
-            status.status == "IN_PROGRESS"
+            (status.status == "IN_PROGRESS" or self.stream_queued)
             and self.streams_ok
             and index not in self.poll_only
             and len(self.streams) < self.max_streams
