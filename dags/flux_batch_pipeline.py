@@ -4,9 +4,10 @@
 
 The volume shape of ``flux_content_pipeline``: instead of two mapped task instances per
 image (a submit and a wait, each a scheduling round trip, a worker start, a deferral and a
-resume), one ``FluxBatchGenerateOperator`` submits every prompt from the worker and waits
-for all of them in one trigger, at the API's own speed (fal runs an account's requests a
-few at a time and queues the rest). Choose mapping when each image should be its own task
+resume), one ``FluxBatchGenerateOperator`` submits the prompts from the worker and waits
+for them at the API's own speed (fal runs an account's requests a few at a time and queues
+the rest): a few dozen at once in one trigger, more as a window of ``max_in_flight`` (twice
+the connection's ``concurrency``). Its results go to a JSON Lines file in S3. Choose mapping when each image should be its own task
 (retried, cleared and watched one by one); choose the batch for hundreds of images a day.
 ``bench/RESULTS.md`` (part 5) has the measured difference.
 
@@ -69,6 +70,9 @@ with DAG(
         max_images=MAX_IMAGES,
         allow_failures=2,
         wait_timeout=2 * 60 * 60,
+        # One line per prompt in S3 (other jobs read it), a small summary in XCom: the shape
+        # that holds from ten prompts to a hundred thousand.
+        results_s3_bucket=S3_BUCKET,
     )
     FluxToS3Operator(
         task_id="to_s3",

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
 from functools import cached_property
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
 from airflow_flux.exceptions import (
     FluxError,
-    FluxImageExistsError,
     FluxIntegrityError,
     FluxTransportError,
-    s3_not_found,
 )
 from airflow_flux.identity import DEFAULT_CONN_ID, coerce_handle, conn_id_for
 from airflow_flux.links import FluxCopiedImagesLink
@@ -33,12 +32,13 @@ from airflow_flux.models import FluxResult, cost_usd
 from airflow_flux.transfers.planning import (
     ImageJob,
     NsfwPolicy,
+    check_destinations,
     check_nsfw_policy,
     failed_entry,
     plan_images,
     sniff_content_type,
 )
-from airflow_flux.transfers.s3stream import MAX_SINGLE_PUT, whole_object_sha256
+from airflow_flux.transfers.s3stream import MAX_SINGLE_PUT
 from airflow_flux.xcom_keys import MANIFEST_XCOM_KEY
 
 if TYPE_CHECKING:
@@ -56,6 +56,8 @@ DEFAULT_KEY_TEMPLATE = "{request_id}_{index}.{ext}"
 MANY_IMAGES = 100
 #: Seconds between progress lines.
 PROGRESS_INTERVAL = 10.0
+#: Results planned, checked and copied at a time (a batch's results file is read this way).
+CHUNK = 500
 
 # Multipart defaults (images of unknown size or above max_single_put): (upload_concurrency
 # + 1) part buffers at most; the next part downloads while the previous one uploads. On
@@ -242,10 +244,13 @@ class FluxToS3Operator(BaseOperator):
                 yield item
 
     def _results(self, context: Context) -> tuple[list[FluxResult], list[ManifestImage]]:
+        return self._results_of(self._items(context))
+
+    def _results_of(self, items: Iterable[Any]) -> tuple[list[FluxResult], list[ManifestImage]]:
         """The results to copy, and the manifest entries of failed requests (a batch's)."""
         results = []
         failed: list[ManifestImage] = []
-        for item in self._items(context):
+        for item in items:
             if isinstance(item, Mapping) and item.get("status") == "failed":
                 # A failed request of a batch: nothing to copy, but the manifest says so.
                 failed.append(failed_entry(item))
@@ -280,50 +285,6 @@ class FluxToS3Operator(BaseOperator):
         return plan_images(results, prefix=self.s3_key_prefix, key_template=self.image_key_template)
 
     # -- copying -------------------------------------------------------------------------------
-
-    def _existing(self, job: ImageJob) -> dict[str, str] | None:
-        """The existing object's metadata, with ``flux-sha256`` filled in from S3's own
-        whole-object SHA-256 when the metadata lacks it (a streamed PUT cannot know its
-        digest before the body is sent; S3 verified and stored it)."""
-        from botocore.exceptions import ClientError
-
-        try:
-            head = self.s3_hook.get_conn().head_object(Bucket=self.s3_bucket, Key=job.key, ChecksumMode="ENABLED")
-        except ClientError as exc:
-            if s3_not_found(exc):
-                return None
-            raise
-        meta = dict(head.get("Metadata") or {})
-        digest = whole_object_sha256(head)
-        if digest and not meta.get("flux-sha256"):
-            meta["flux-sha256"] = digest
-        return meta
-
-    def _check_destinations(self, jobs: list[ImageJob]) -> None:
-        """Before writing anything: reuse this very image if a previous try copied it,
-        refuse other existing keys unless ``replace``."""
-        clashes = []
-        for job in jobs:
-            meta = self._existing(job)
-            if meta is None:
-                continue
-            job.existed = True
-            ours = (
-                meta.get("flux-request-id") == job.metadata["flux-request-id"]
-                and meta.get("flux-index") == job.metadata["flux-index"]
-            )
-            if ours and meta.get("flux-sha256") and not self.replace:
-                job.status, job.sha256 = ImageStatus.REUSED, meta["flux-sha256"]
-                job.reason = "already copied by an earlier try"
-            elif not ours and not self.replace:
-                # (An object of this very image without its digest is an earlier try cut
-                # short between upload and verification: it is simply copied again.)
-                clashes.append(job.key)
-        if clashes:
-            raise FluxImageExistsError(
-                f"Refusing to overwrite existing object(s) in s3://{self.s3_bucket}: {', '.join(clashes)} "
-                "(set replace=True to overwrite). Nothing was written."
-            )
 
     def _copy(self, job: ImageJob) -> None:
         """Stream one image into S3; retried as a whole on transient download failures."""
@@ -375,27 +336,65 @@ class FluxToS3Operator(BaseOperator):
         job.size, job.sha256, job.content_type = stream.bytes_read, stream.sha256, actual
         self.log.debug("s3://%s/%s uploaded (%s)", self.s3_bucket, job.key, mode)
 
-    def _rollback(self, jobs: list[ImageJob]) -> None:
+    def _rollback(self, created: list[str], kept: int) -> None:
         # Only objects this try created: one it overwrote (replace=True) existed before, and
         # deleting it would lose what was there as well (it now holds this try's image, which
         # the retry writes again).
-        written = [j.key for j in jobs if j.status is ImageStatus.COPIED and not j.existed]
-        kept = sum(j.status is ImageStatus.COPIED and j.existed for j in jobs)
         if kept:
             self.log.warning("Keeping %d object(s) this try overwrote (replace=True): they existed before", kept)
-        if not written:
-            return
-        self.log.warning("Deleting %d object(s) this try created, so a retry starts clean", len(written))
-        self.s3_hook.get_conn().delete_objects(
-            Bucket=self.s3_bucket, Delete={"Objects": [{"Key": k} for k in written], "Quiet": True}
-        )
+        client = self.s3_hook.get_conn()
+        if created:
+            self.log.warning("Deleting %d object(s) this try created, so a retry starts clean", len(created))
+        for start in range(0, len(created), 1000):  # S3 deletes at most 1,000 keys per call
+            chunk = created[start : start + 1000]
+            client.delete_objects(Bucket=self.s3_bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
 
     # -- execute ------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> list[str] | dict[str, Any]:
         check_nsfw_policy(self.nsfw_policy)
         self._from_summary = False
-        results, failed = self._results(context)
+        if self.manifest_name:
+            check_manifest_key(self.s3_hook.get_conn(), self.s3_bucket, self._manifest_key, replace=self.replace)
+        entries: list[ManifestImage] = []
+        created: list[str] = []  # what a failure deletes, in every chunk so far
+        uris: list[str] = []
+        stored = kept = failed_count = 0
+        cost: float | None = None
+        items = self._items(context)
+        try:
+            # CHUNK results at a time: a batch's results file may have 100,000 lines, and what
+            # is kept of a chunk once copied is its manifest entries and the keys it created.
+            while chunk := list(islice(items, CHUNK)):
+                results, failed = self._results_of(chunk)
+                jobs = self._copy_all(results, created)
+                entries.extend([*(j.manifest_entry(self.s3_bucket) for j in jobs), *failed])
+                stored += sum(j.stored for j in jobs)
+                kept += sum(j.status is ImageStatus.COPIED and j.existed for j in jobs)
+                failed_count += len(failed)
+                if (chunk_cost := _total_cost(jobs)) is not None:
+                    cost = round((cost or 0.0) + chunk_cost, 6)
+                if not self._from_summary:
+                    uris.extend(f"s3://{self.s3_bucket}/{j.key}" for j in jobs if j.stored)
+        except BaseException:
+            self._rollback(created, kept)
+            raise
+        manifest_uri = self._write_manifest(entries, cost, context) if self.manifest_name else None
+        self._record_lineage(uris if len(uris) == stored <= MANY_IMAGES else None, stored, manifest_uri, context)
+        if self._from_summary:  # a batch's: as small as its summary, whatever the batch's size
+            return {
+                "kind": "flux_copy",
+                "manifest_uri": manifest_uri,
+                "bucket": self.s3_bucket,
+                "prefix": self.s3_key_prefix.strip("/"),
+                "images": stored,
+                "skipped": sum(e.status is ImageStatus.SKIPPED for e in entries),
+                "failed": failed_count,
+            }
+        return uris
+
+    def _copy_all(self, results: list[FluxResult], created: list[str]) -> list[ImageJob]:
+        """Plan, check and copy the images of ``results``; the keys this try creates go to ``created``."""
         jobs = self._plan(results)
         flagged = [j for j in jobs if j.nsfw]
         if flagged and self.nsfw_policy == "fail":
@@ -406,11 +405,8 @@ class FluxToS3Operator(BaseOperator):
                 job.status, job.reason = ImageStatus.SKIPPED, "nsfw"
         todo = [j for j in jobs if j.status is ImageStatus.PENDING]
         self._check_image_hosts(todo)
-        self._check_destinations(todo)
-        if self.manifest_name:
-            check_manifest_key(self.s3_hook.get_conn(), self.s3_bucket, self._manifest_key, replace=self.replace)
+        check_destinations(self.s3_hook.get_conn(), self.s3_bucket, todo, replace=self.replace)
         todo = [j for j in todo if j.status is ImageStatus.PENDING]
-
         self.log.info(
             "Copying %d image(s) of %d request(s) to s3://%s/%s (%d skipped as NSFW)",
             len(todo),
@@ -431,6 +427,8 @@ class FluxToS3Operator(BaseOperator):
                     errors.append((job, exc))
                     continue
                 copied += 1
+                if not job.existed:
+                    created.append(job.key)
                 self.log.log(
                     each, "Copied s3://%s/%s (%s bytes, %.2fs)", self.s3_bucket, job.key, job.size, job.seconds
                 )
@@ -438,33 +436,18 @@ class FluxToS3Operator(BaseOperator):
                     last_progress = time.monotonic()
                     self.log.info("Copied %d of %d image(s)", copied, len(todo))
         if errors:
-            self._rollback(jobs)
             job, exc = errors[0]
             raise FluxError(
                 f"Copy of {len(errors)} image(s) failed; first: s3://{self.s3_bucket}/{job.key}: {exc}"
             ) from exc
-
-        manifest_uri = self._write_manifest(jobs, failed, context) if self.manifest_name else None
-        uris = [f"s3://{self.s3_bucket}/{j.key}" for j in jobs if j.stored]
-        self._record_lineage(uris, manifest_uri, context)
-        if self._from_summary:  # a batch's: as small as its summary, whatever the batch's size
-            return {
-                "kind": "flux_copy",
-                "manifest_uri": manifest_uri,
-                "bucket": self.s3_bucket,
-                "prefix": self.s3_key_prefix.strip("/"),
-                "images": len(uris),
-                "skipped": sum(j.status is ImageStatus.SKIPPED for j in jobs),
-                "failed": len(failed),
-            }
-        return uris
+        return jobs
 
     @property
     def _manifest_key(self) -> str:
         prefix = self.s3_key_prefix.strip("/")
         return f"{prefix}/{self.manifest_name}" if prefix else str(self.manifest_name)
 
-    def _write_manifest(self, jobs: list[ImageJob], failed: list[ManifestImage], context: Context) -> str:
+    def _write_manifest(self, entries: list[ManifestImage], cost: float | None, context: Context) -> str:
         ti = context["ti"]
         own = Manifest(
             created_at=datetime.now(timezone.utc).isoformat(),
@@ -474,22 +457,22 @@ class FluxToS3Operator(BaseOperator):
             map_index=ti.map_index,
             bucket=self.s3_bucket,
             prefix=self.s3_key_prefix.strip("/"),
-            images=[*(j.manifest_entry(self.s3_bucket) for j in jobs), *failed],
-            cost_usd=_total_cost(jobs),
+            images=entries,
+            cost_usd=cost,
         )
         merged = merge_manifest(self.s3_hook.get_conn(), own, self._manifest_key, replace=self.replace)
         uri = f"s3://{self.s3_bucket}/{self._manifest_key}"
         shared = f"; {len(merged.images)} of {len(merged.writers)} tasks in all" if len(merged.writers) > 1 else ""
-        self.log.info("Wrote manifest %s (%d images%s)", uri, len(jobs), shared)
+        self.log.info("Wrote manifest %s (%d images%s)", uri, len(entries), shared)
         ti.xcom_push(key=MANIFEST_XCOM_KEY, value=uri)
         return uri
 
-    def _record_lineage(self, uris: list[str], manifest_uri: str | None, context: Context) -> None:
+    def _record_lineage(self, uris: list[str] | None, count: int, manifest_uri: str | None, context: Context) -> None:
         from airflow.providers.common.compat.lineage.hook import get_hook_lineage_collector
 
         collector = get_hook_lineage_collector()
         # Many images are one dataset, their prefix: lineage events stay bounded.
-        named = uris if len(uris) <= MANY_IMAGES else [f"s3://{self.s3_bucket}/{self.s3_key_prefix.strip('/')}/"]
+        named = uris if uris is not None else [f"s3://{self.s3_bucket}/{self.s3_key_prefix.strip('/')}/"]
         for uri in [*named, *([manifest_uri] if manifest_uri else [])]:
             bucket, key = split_s3_uri(uri)
             collector.add_output_asset(context=self.s3_hook, scheme="s3", asset_kwargs={"bucket": bucket, "key": key})
@@ -497,4 +480,4 @@ class FluxToS3Operator(BaseOperator):
         outlet_events = context.get("outlet_events")
         for outlet in self.outlets or []:
             if outlet_events is not None and hasattr(outlet, "uri"):
-                outlet_events[outlet].extra = {"manifest": manifest_uri, "images": len(uris)}
+                outlet_events[outlet].extra = {"manifest": manifest_uri, "images": count}

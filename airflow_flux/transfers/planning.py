@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
-from airflow_flux.exceptions import FluxError
+from airflow_flux.exceptions import FluxError, FluxImageExistsError, s3_not_found
 from airflow_flux.manifest import STORED_STATUSES, ImageStatus, ManifestImage
+from airflow_flux.transfers.s3stream import whole_object_sha256
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -176,3 +177,49 @@ def plan_images(results: Sequence[FluxResult], *, prefix: str, key_template: str
         dupes = sorted({k for k in keys if keys.count(k) > 1})
         raise FluxError(f"image_key_template gives several images the same key: {dupes[:5]}")
     return jobs
+
+
+def existing_metadata(client: Any, bucket: str, key: str) -> dict[str, str] | None:
+    """The existing object's metadata, with ``flux-sha256`` filled in from S3's own
+    whole-object SHA-256 when the metadata lacks it (a streamed PUT cannot know its
+    digest before the body is sent; S3 verified and stored it)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    except ClientError as exc:
+        if s3_not_found(exc):
+            return None
+        raise
+    meta = dict(head.get("Metadata") or {})
+    digest = whole_object_sha256(head)
+    if digest and not meta.get("flux-sha256"):
+        meta["flux-sha256"] = digest
+    return meta
+
+
+def check_destinations(client: Any, bucket: str, jobs: list[ImageJob], *, replace: bool) -> None:
+    """Before writing anything: reuse this very image if a previous try copied it,
+    refuse other existing keys unless ``replace``."""
+    clashes = []
+    for job in jobs:
+        meta = existing_metadata(client, bucket, job.key)
+        if meta is None:
+            continue
+        job.existed = True
+        ours = (
+            meta.get("flux-request-id") == job.metadata["flux-request-id"]
+            and meta.get("flux-index") == job.metadata["flux-index"]
+        )
+        if ours and meta.get("flux-sha256") and not replace:
+            job.status, job.sha256 = ImageStatus.REUSED, meta["flux-sha256"]
+            job.reason = "already copied by an earlier try"
+        elif not ours and not replace:
+            # (An object of this very image without its digest is an earlier try cut
+            # short between upload and verification: it is simply copied again.)
+            clashes.append(job.key)
+    if clashes:
+        raise FluxImageExistsError(
+            f"Refusing to overwrite existing object(s) in s3://{bucket}: {', '.join(clashes)} "
+            "(set replace=True to overwrite). Nothing was written."
+        )
