@@ -47,6 +47,8 @@ class Checkpoints(Protocol):
     """Where a window keeps its finished lines: in order, each part written whole."""
 
     lines_per_part: int
+    #: Whether a write is slow I/O, run in a thread (else in the window's own thread).
+    in_thread: bool
 
     def parts(self) -> list[int]: ...
 
@@ -59,6 +61,7 @@ class S3Checkpoints:
     """Checkpoints next to the results file (:func:`airflow_flux.results.write_part`)."""
 
     lines_per_part = S3_CHECKPOINT_LINES
+    in_thread = True
 
     def __init__(self, client: Any, bucket: str, key: str, owner: Mapping[str, Any]) -> None:
         self.client, self.bucket, self.key, self.owner = client, bucket, key, owner
@@ -79,6 +82,7 @@ class StateCheckpoints:
     """Checkpoints in the task state: for batches small enough to return their results as a list."""
 
     lines_per_part = STATE_CHECKPOINT_LINES
+    in_thread = False
 
     def __init__(self, store: TaskState | None) -> None:
         self.store = store
@@ -213,9 +217,9 @@ def resume_window(w: BatchWindow) -> dict[int, dict[str, Any]]:
                 continue
             if not w.done[index]:
                 kept += 1
-                w._count(line)
+                w.count_line(line)
             w.done[index] = 1
-            w._keep(index, line)
+            w.keep_line(index, line)
     best: dict[int, tuple[int, StoredRequest]] = {}
     for slot in range(max(int(marker.get("slots") or 0), w.slots)):
         stored = StoredRequest.load(w.store.get(SLOT_KEY.format(slot=slot))) if w.store else None

@@ -174,13 +174,14 @@ class BatchWindow:
             price_per_image=self.price,
             inputs=handle.get("inputs"),
         )
-        self._count(line)
+        self.count_line(line)
         line.update(fingerprint=self.fingerprint(index), max_tries=self.max_tries, retryable=bool(outcome.retryable))
         if not self.buffer:
             self.buffered_since = time.monotonic()
         self.buffer.append(line)
 
-    def _count(self, line: Mapping[str, Any]) -> None:
+    def count_line(self, line: Mapping[str, Any]) -> None:
+        """Count a finished line in the progress (done or failed, and its cost)."""
         if line.get("status") == "completed":
             self.finished += 1
             self.cost += float(line.get("cost_usd") or 0)
@@ -193,7 +194,8 @@ class BatchWindow:
         """What earlier tries left: lines kept (finished for good), and the handles to await again."""
         return resume_window(self)
 
-    def _keep(self, index: int, line: Mapping[str, Any]) -> None:
+    def keep_line(self, index: int, line: Mapping[str, Any]) -> None:
+        """Keep a checkpointed line for the results (without its checkpoint-only fields)."""
         self.lines.keep(index, {k: v for k, v in line.items() if k not in CHECKPOINT_FIELDS})
 
     # -- the window -----------------------------------------------------------------------------
@@ -320,11 +322,14 @@ class BatchWindow:
         if not self.buffer:
             return
         lines, self.buffer = self.buffer, []
-        await asyncio.to_thread(self.checkpoints.write, self.next_seq, lines)
+        if self.checkpoints.in_thread:  # an S3 PUT: the streams go on meanwhile
+            await asyncio.to_thread(self.checkpoints.write, self.next_seq, lines)
+        else:  # the task state: written from this thread only, as the slots are
+            self.checkpoints.write(self.next_seq, lines)
         self.next_seq += 1
         for line in lines:
             index = line["index"]
-            self._keep(index, line)
+            self.keep_line(index, line)
             self.done[index] = 1
             self.free.append(self.slot_of.pop(index))
 
