@@ -25,14 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import REPO, TOKEN, Emulator, command_line, dump_json, fmt, free_port, md_table, print_header
+from common import REPO, TOKEN, Emulator, command_line, dump_json, fmt, md_table, moto_server, print_header
 
 BUCKET = "flux-bench-scale"
 DAG_FILE = """
@@ -193,24 +192,8 @@ def main() -> int:
 
     print_header("Batch scale (issue #24)")
     print(f"Command: {command_line()}\n")
-    port = free_port()
-    s3_url = f"http://127.0.0.1:{port}"
-    moto = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     rows, results = [], {}
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{s3_url}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+    with moto_server() as s3_url:
         import boto3
 
         boto3.client(
@@ -252,9 +235,6 @@ def main() -> int:
                 print(
                     f"size {size}: {json.dumps({k: v for k, v in f.items() if k != 'tasks'}, default=str)}", flush=True
                 )
-    finally:
-        moto.terminate()
-        moto.wait(timeout=10)
     print()
     print(
         md_table(

@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,11 +39,11 @@ from common import (
     command_line,
     dump_json,
     fmt,
-    free_port,
     goal,
     hwm_kb,
     md_table,
     median,
+    moto_server,
     print_header,
     ratio,
     reset_hwm,
@@ -243,21 +242,8 @@ def main() -> None:
 
     from airflow_flux.transfers import FluxToS3Operator  # noqa: F401
 
-    port = free_port()
-    s3_url = f"http://127.0.0.1:{port}"
-    moto = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     rows, raw = [], []
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{s3_url}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with moto_server() as s3_url:
         boto3.client(
             "s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="t", aws_secret_access_key="t"
         ).create_bucket(Bucket=BUCKET)
@@ -312,9 +298,6 @@ def main() -> None:
                             "bytes": runs[contender][-1]["bytes"],
                         }
                     )
-    finally:
-        moto.terminate()
-        moto.wait(timeout=10)
     print(
         md_table(
             ["case", "contender", "peak RSS growth MB (median)", "vs upload_file", "wall s (median)", "vs upload_file"],

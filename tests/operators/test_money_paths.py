@@ -298,16 +298,26 @@ def test_a_refused_status_check_fails_the_retry_without_paying(emulator, flux_co
 # -- the same paths on Airflow's own retries and task state (dag.test) --------------------------
 
 
-def test_a_refused_batch_retried_by_airflow_pays_no_prompt_twice(dags, flux_default, capfd):
+@pytest.mark.parametrize("window", [False, True], ids=["at_once", "window"])
+def test_a_refused_batch_retried_by_airflow_pays_no_prompt_twice(dags, flux_default, capfd, window):
     flux_default.add_scenario(Scenario(submit_errors=[400, 400]), match="refused")
     prompts = [f"batch fox {i}" for i in range(40)]
     prompts[20] = "a refused fox"
-    dr = dags.get_dag("flux_test_batch_refused").test(run_conf={"requests": prompts})
+    dag_id = "flux_test_batch_refused_window" if window else "flux_test_batch_refused"
+    dr = dags.get_dag(dag_id).test(run_conf={"requests": prompts})
     out = capfd.readouterr().out
     assert dr.state == "failed", task_states(dr)
     paid = _paid(flux_default)
     assert set(paid.values()) == {1} and "a refused fox" not in paid, paid
     assert out.count("requests[20]: the submit failed") >= 2  # both tries, with the API's reason
+    if window:
+        # Try 1 submitted 8 at a time up to the refusal and saw every one of them to its end; try 2
+        # kept them all (from the checkpoints, or awaited from the slots) and stopped there again.
+        first_try = re.search(r"a retry does not pay for it again\); (\d+) completed", out)
+        kept = re.search(r"(\d+) request\(s\) kept from earlier tries \(finished\), (\d+) paid for and awaited", out)
+        assert first_try and kept, out[-3000:]
+        assert int(kept[1]) + int(kept[2]) == int(first_try[1]) >= 20
+        return
     # Try 2 kept every request try 1 paid for, and submitted only the others.
     match = re.search(r"(\d+) request\(s\) kept from earlier tries \(0 completed or final, (\d+) awaited again\)", out)
     assert match and match[1] == match[2], out[-3000:]
@@ -315,24 +325,6 @@ def test_a_refused_batch_retried_by_airflow_pays_no_prompt_twice(dags, flux_defa
     # it each try started depends on when the refusal's answer was seen: that bound is checked
     # exactly, with held answers, by test_a_refused_submit_stops_the_batch_and_no_prompt_is_paid_twice.
     assert int(match[1]) >= 20
-
-
-def test_a_refused_batch_in_a_window_retried_by_airflow_pays_no_prompt_twice(dags, flux_default, capfd):
-    flux_default.add_scenario(Scenario(submit_errors=[400, 400]), match="refused")
-    prompts = [f"batch fox {i}" for i in range(40)]
-    prompts[20] = "a refused fox"
-    dr = dags.get_dag("flux_test_batch_refused_window").test(run_conf={"requests": prompts})
-    out = capfd.readouterr().out
-    assert dr.state == "failed", task_states(dr)
-    paid = _paid(flux_default)
-    assert set(paid.values()) == {1} and "a refused fox" not in paid, paid
-    assert out.count("requests[20]: the submit failed") >= 2  # both tries, with the API's reason
-    # Try 1 submitted 8 at a time up to the refusal and saw every one of them to its end; try 2
-    # kept them all (from the checkpoints, or awaited from the slots) and stopped at the refusal again.
-    first_try = re.search(r"a retry does not pay for it again\); (\d+) completed", out)
-    match = re.search(r"(\d+) request\(s\) kept from earlier tries \(finished\), (\d+) paid for and awaited again", out)
-    assert first_try and match, out[-3000:]
-    assert int(match[1]) + int(match[2]) == int(first_try[1]) >= 20
 
 
 def test_an_input_replaced_between_airflow_tries_is_paid_for_again(dags, flux_default, s3):
