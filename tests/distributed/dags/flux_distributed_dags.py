@@ -62,5 +62,9 @@ with DAG("flux_dist_killed_submit", **COMMON):
     FluxStatusSensor(task_id="wait", request=killed.output, timeout=300, poll_interval=0.5)
 
 with DAG("flux_dist_batch", **COMMON):
-    batch = FluxBatchGenerateOperator(task_id="generate", requests=load_prompts(), poll_interval=0.5, retries=2)
+    # max_in_flight above the 24 prompts: submitted at once and awaited in one trigger, the shape
+    # whose triggerer the test kills (a larger batch runs as a window in the worker).
+    batch = FluxBatchGenerateOperator(
+        task_id="generate", requests=load_prompts(), poll_interval=0.5, retries=2, max_in_flight=50
+    )
     FluxToS3Operator(task_id="to_s3", source=batch.output, s3_bucket=BUCKET, s3_key_prefix="dist-batch/{{ run_id }}")
