@@ -1,6 +1,7 @@
 """The manifest a copy to S3 writes beside its images, typed once for the writers and the readers.
 
-A leaf module: :class:`~airflow_flux.transfers.FluxToS3Operator` and
+A leaf module (its reading and writing in S3, streamed, is :mod:`airflow_flux.manifest_store`):
+:class:`~airflow_flux.transfers.FluxToS3Operator` and
 :func:`~airflow_flux.transfers.publish_images` write it, the Flux gallery
 (:mod:`airflow_flux.plugins.store`) and other jobs read it. Its JSON keys are the
 contract: ``version`` changes if a key's meaning does.
@@ -8,7 +9,7 @@ contract: ``version`` changes if a key's meaning does.
 Several tasks may copy into one prefix (two copy tasks of a run, mapped copies, a retry), so
 the manifest at ``{prefix}/{manifest_name}`` is the prefix's, shared by its writers (a writer is
 one task instance: ``dag_id``, ``run_id``, ``task_id``, ``map_index``). A writer never replaces
-it: :func:`merge_manifest` reads it, keeps the other writers' entries, puts its own in place of
+it: :func:`~airflow_flux.manifest_store.write_manifest` reads it, keeps the other writers' entries, puts its own in place of
 its earlier ones (a retry or a clear rewrites them rather than adding copies) and drops the
 other writers' entries at keys it has just written (those objects were overwritten; one it
 found holding its very image and left as it was stays listed by both), then writes
@@ -27,20 +28,15 @@ reads as a version-2 one: its entries and its one writer take the top-level fiel
 
 from __future__ import annotations
 
-import json
-import random
-import time
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from airflow_flux.exceptions import FluxError, FluxImageExistsError, s3_not_found
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
 
 MANIFEST_VERSION = 2
-
-#: How many times a writer re-reads and merges after losing a race for the manifest.
-MERGE_ATTEMPTS = 10
 
 #: A writer of a manifest: ``(dag_id, run_id, task_id, map_index)``.
 WriterKey = tuple[str, str, str, int]
@@ -135,7 +131,8 @@ class Manifest(BaseModel):
     """``manifest.json``: every image its writers planned, each entry naming its writer.
 
     Built by one writer (its entries without a writer take the top-level one), it is that
-    writer's part; :func:`merge_manifest` joins it with what the prefix's manifest already holds.
+    writer's part; :func:`merge` (in S3: :func:`~airflow_flux.manifest_store.write_manifest`)
+    joins it with what the prefix's manifest already holds.
     """
 
     model_config = ConfigDict(defer_build=True)
@@ -197,13 +194,59 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def merge(existing: Manifest | None, own: Manifest) -> Manifest:
-    """``own`` (one writer's part) joined with the manifest already at its key; pure.
+def merged_images(
+    existing: Iterable[ManifestImage],
+    own: Iterable[ManifestImage],
+    me: WriterKey,
+    overwrites: Callable[[str], bool],
+    had: set[WriterKey | None],
+    kept: set[WriterKey | None],
+) -> Iterator[ManifestImage]:
+    """The merge rule, entry by entry: what a writer's part joined with the manifest lists.
 
     The other writers' entries are kept, in their order, except those at a key ``own`` has
     copied to (the object they list was overwritten). ``own``'s entries take the place of its
     writer's earlier ones, so a retry keeps the image numbers readers were shown; a new
-    writer's go last.
+    writer's go last. A generator, so a manifest of 100,000 entries streams through it.
+
+    :param existing: the entries of the manifest already there.
+    :param own: this writer's entries (iterated once).
+    :param me: this writer.
+    :param overwrites: whether this writer copied to a key (its ``copied`` entries').
+    :param had: filled with the writers of ``existing``'s entries.
+    :param kept: filled with the writers of the other entries yielded.
+    """
+    placed = False
+    for image in existing:
+        had.add(image.writer)
+        if image.writer == me:
+            if not placed:
+                yield from own
+                placed = True
+        elif not (image.stored and image.key and overwrites(image.key)):
+            kept.add(image.writer)
+            yield image
+    if not placed:
+        yield from own
+
+
+def merged_writers(
+    existing: list[ManifestWriter],
+    own: list[ManifestWriter],
+    me: WriterKey,
+    had: set[WriterKey | None],
+    kept: set[WriterKey | None],
+) -> tuple[list[ManifestWriter], float | None]:
+    """The writers of a merged manifest (:func:`merged_images` filled ``had`` and ``kept``) and its cost."""
+    # A writer all of whose entries were overwritten is no longer behind any image here.
+    writers = [w for w in existing if w.key != me and (w.key in kept or w.key not in had)]
+    writers += own
+    costs = [w.cost_usd for w in writers if w.cost_usd is not None]
+    return writers, (round(sum(costs), 6) if costs else None)
+
+
+def merge(existing: Manifest | None, own: Manifest) -> Manifest:
+    """``own`` (one writer's part) joined with the manifest already at its key, in memory; pure.
 
     :param existing: the manifest read from S3, or None.
     :param own: this writer's entries and top-level fields.
@@ -212,124 +255,9 @@ def merge(existing: Manifest | None, own: Manifest) -> Manifest:
         return own
     me = own.writer
     overwritten = {i.key for i in own.images if i.status is ImageStatus.COPIED and i.key}
-    images: list[ManifestImage] = []
-    placed = False
-    for image in existing.images:
-        if image.writer == me:
-            if not placed:
-                images += own.images
-                placed = True
-        elif not (image.stored and image.key in overwritten):
-            images.append(image)
-    if not placed:
-        images += own.images
-    # A writer all of whose entries were overwritten is no longer behind any image here.
-    left = {i.writer for i in images}
-    had = {i.writer for i in existing.images}
-    writers = [w for w in existing.writers if w.key != me and (w.key in left or w.key not in had)]
-    writers += own.writers
-    costs = [w.cost_usd for w in writers if w.cost_usd is not None]
-    update = {
-        "version": MANIFEST_VERSION,
-        "images": images,
-        "writers": writers,
-        "cost_usd": round(sum(costs), 6) if costs else None,
-    }
+    had: set[WriterKey | None] = set()
+    kept: set[WriterKey | None] = set()
+    images = list(merged_images(existing.images, own.images, me, overwritten.__contains__, had, kept))
+    writers, cost = merged_writers(existing.writers, own.writers, me, had, kept)
+    update = {"version": MANIFEST_VERSION, "images": images, "writers": writers, "cost_usd": cost}
     return own.model_copy(update=update)
-
-
-class StoredManifest(BaseModel):
-    """What is at a manifest's key: its ETag (None: nothing) and the manifest, or why it is none."""
-
-    etag: str | None = None
-    manifest: Manifest | None = None
-    #: Set when an object is there but is not a manifest this version may merge into.
-    problem: str | None = None
-
-
-def read_stored(client: Any, bucket: str, key: str) -> StoredManifest:
-    """The object at a manifest's key, as :func:`merge_manifest` merges into it.
-
-    :param client: a boto3 S3 client.
-    :param bucket: the bucket.
-    :param key: the manifest's key.
-    """
-    from botocore.exceptions import ClientError
-
-    try:
-        obj = client.get_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if s3_not_found(exc):
-            return StoredManifest()
-        raise
-    etag, body = str(obj["ETag"]), obj["Body"].read()
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return StoredManifest(etag=etag, problem="not a manifest (not JSON)")
-    version = data.get("version") if isinstance(data, dict) else None
-    if isinstance(version, int) and version > MANIFEST_VERSION:
-        # Merging would drop whatever the newer format added.
-        return StoredManifest(etag=etag, problem=f"a version-{version} manifest, newer than this airflow-flux")
-    try:
-        return StoredManifest(etag=etag, manifest=Manifest.model_validate(data))
-    except ValidationError as exc:
-        return StoredManifest(etag=etag, problem=f"not a manifest ({exc.error_count()} schema error(s))")
-
-
-def check_manifest_key(client: Any, bucket: str, key: str, *, replace: bool) -> None:
-    """Refuse a manifest key holding something that is not a manifest, unless ``replace``.
-
-    :param client: a boto3 S3 client.
-    :param bucket: the bucket.
-    :param key: the manifest's key.
-    :param replace: overwrite such an object.
-    """
-    stored = read_stored(client, bucket, key)
-    if stored.problem and not replace:
-        raise FluxImageExistsError(
-            f"Refusing to overwrite s3://{bucket}/{key}: {stored.problem} (replace=True overwrites it)"
-        )
-
-
-def merge_manifest(client: Any, own: Manifest, key: str, *, replace: bool = False) -> Manifest:
-    """Merge ``own`` into the manifest at ``key`` of its bucket (:func:`merge`) under an S3
-    precondition, re-reading after a lost race; the manifest written.
-
-    :param client: a boto3 S3 client.
-    :param own: this writer's part (its ``bucket`` is where it goes).
-    :param key: the manifest's key.
-    :param replace: overwrite an object there that is not a manifest (else refused).
-    """
-    from botocore.exceptions import ClientError
-
-    for attempt in range(MERGE_ATTEMPTS):
-        stored = read_stored(client, own.bucket, key)
-        if stored.problem and not replace:
-            raise FluxImageExistsError(
-                f"Refusing to overwrite s3://{own.bucket}/{key}: {stored.problem} (replace=True overwrites it)"
-            )
-        merged = merge(stored.manifest, own)
-        condition = {"IfMatch": stored.etag} if stored.etag else {"IfNoneMatch": "*"}
-        body = json.dumps(merged.model_dump(mode="json"), indent=2).encode()
-        try:
-            client.put_object(
-                Bucket=own.bucket,
-                Key=key,
-                Body=body,
-                ContentType="application/json",
-                ChecksumAlgorithm="SHA256",
-                **condition,
-            )
-            return merged
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            # 412: another writer got there first; 409: at the same moment; 404 (If-Match): it was deleted.
-            if code not in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"):
-                raise
-        # Jittered, so writers that collided do not collide again in step.
-        time.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))
-    raise FluxError(
-        f"s3://{own.bucket}/{key} changed under each of {MERGE_ATTEMPTS} attempts to merge this task's "
-        "entries into it; its images are in S3 and a retry of the task merges them again"
-    )

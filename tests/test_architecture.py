@@ -9,7 +9,7 @@ and any layer below:
     links                                    extra links (operators list them)
     triggers                                 the triggerer's side
     hooks                                    the only HTTP client of the API
-    leaf modules                             models, exceptions, redact, compat, identity, events, manifest, results, xcom_keys, state
+    leaf modules                             models, exceptions, redact, compat, identity, events, manifest, manifest_store, results, xcom_keys, state
 
 ``get_provider_info`` (what Airflow reads of the provider) imports nothing of the package;
 any module may read it. ``emulator`` stands apart: it imports nothing of the client it checks, and nothing imports it.
@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "models": 1,
     "xcom_keys": 1,
     "manifest": 1,
+    "manifest_store": 1,
     "state": 1,
     "results": 1,
     "identity": 2,

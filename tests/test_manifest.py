@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from airflow_flux.exceptions import FluxImageExistsError
-from airflow_flux.manifest import MANIFEST_VERSION, Manifest, ManifestImage, merge, merge_manifest
+from airflow_flux.manifest import MANIFEST_VERSION, Manifest, ManifestImage, merge
+from airflow_flux.manifest_store import merge_manifest
 
 KEY = "shared/manifest.json"
 

@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from datetime import datetime, timezone
 from functools import cached_property
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -20,14 +19,8 @@ from airflow_flux.exceptions import (
 )
 from airflow_flux.identity import DEFAULT_CONN_ID, coerce_handle, conn_id_for
 from airflow_flux.links import FluxCopiedImagesLink
-from airflow_flux.manifest import (
-    ImageStatus,
-    Manifest,
-    ManifestImage,
-    check_manifest_key,
-    merge_manifest,
-    split_s3_uri,
-)
+from airflow_flux.manifest import ImageStatus, ManifestImage, split_s3_uri
+from airflow_flux.manifest_store import ManifestPart, check_manifest_key, write_manifest
 from airflow_flux.models import FluxResult, cost_usd
 from airflow_flux.transfers.planning import (
     ImageJob,
@@ -356,20 +349,37 @@ class FluxToS3Operator(BaseOperator):
         self._from_summary = False
         if self.manifest_name:
             check_manifest_key(self.s3_hook.get_conn(), self.s3_bucket, self._manifest_key, replace=self.replace)
-        entries: list[ManifestImage] = []
+        if not self.manifest_name:
+            return self._copy_into(None, context)
+        ti = context["ti"]
+        # The manifest's entries go to disk as they are made: a batch's copy lists 100,000.
+        part = ManifestPart(
+            dag_id=ti.dag_id,
+            run_id=ti.run_id,
+            task_id=ti.task_id,
+            map_index=-1 if ti.map_index is None else ti.map_index,
+            bucket=self.s3_bucket,
+            prefix=self.s3_key_prefix.strip("/"),
+        )
+        with part:
+            return self._copy_into(part, context)
+
+    def _copy_into(self, part: ManifestPart | None, context: Context) -> list[str] | dict[str, Any]:
         created: list[str] = []  # what a failure deletes, in every chunk so far
         uris: list[str] = []
-        stored = kept = failed_count = 0
+        stored = kept = failed_count = skipped = 0
         cost: float | None = None
         items = self._items(context)
         try:
             # CHUNK results at a time: a batch's results file may have 100,000 lines, and what
-            # is kept of a chunk once copied is its manifest entries and the keys it created.
+            # is kept of a chunk once copied is its manifest entries (on disk) and the keys it created.
             while chunk := list(islice(items, CHUNK)):
                 results, failed = self._results_of(chunk)
                 jobs = self._copy_all(results, created)
-                entries.extend([*(j.manifest_entry(self.s3_bucket) for j in jobs), *failed])
+                if part is not None:
+                    part.add([*(j.manifest_entry(self.s3_bucket) for j in jobs), *failed])
                 stored += sum(j.stored for j in jobs)
+                skipped += sum(j.status is ImageStatus.SKIPPED for j in jobs)
                 kept += sum(j.status is ImageStatus.COPIED and j.existed for j in jobs)
                 failed_count += len(failed)
                 if (chunk_cost := _total_cost(jobs)) is not None:
@@ -379,7 +389,7 @@ class FluxToS3Operator(BaseOperator):
         except BaseException:
             self._rollback(created, kept)
             raise
-        manifest_uri = self._write_manifest(entries, cost, context) if self.manifest_name else None
+        manifest_uri = self._write_manifest(part, cost, context) if part is not None else None
         self._record_lineage(uris if len(uris) == stored <= MANY_IMAGES else None, stored, manifest_uri, context)
         if self._from_summary:  # a batch's: as small as its summary, whatever the batch's size
             return {
@@ -388,7 +398,7 @@ class FluxToS3Operator(BaseOperator):
                 "bucket": self.s3_bucket,
                 "prefix": self.s3_key_prefix.strip("/"),
                 "images": stored,
-                "skipped": sum(e.status is ImageStatus.SKIPPED for e in entries),
+                "skipped": skipped,
                 "failed": failed_count,
             }
         return uris
@@ -447,24 +457,13 @@ class FluxToS3Operator(BaseOperator):
         prefix = self.s3_key_prefix.strip("/")
         return f"{prefix}/{self.manifest_name}" if prefix else str(self.manifest_name)
 
-    def _write_manifest(self, entries: list[ManifestImage], cost: float | None, context: Context) -> str:
-        ti = context["ti"]
-        own = Manifest(
-            created_at=datetime.now(timezone.utc).isoformat(),
-            dag_id=ti.dag_id,
-            run_id=ti.run_id,
-            task_id=ti.task_id,
-            map_index=ti.map_index,
-            bucket=self.s3_bucket,
-            prefix=self.s3_key_prefix.strip("/"),
-            images=entries,
-            cost_usd=cost,
-        )
-        merged = merge_manifest(self.s3_hook.get_conn(), own, self._manifest_key, replace=self.replace)
+    def _write_manifest(self, part: ManifestPart, cost: float | None, context: Context) -> str:
+        part.cost_usd = cost
+        written = write_manifest(self.s3_hook.get_conn(), part, self._manifest_key, replace=self.replace)
         uri = f"s3://{self.s3_bucket}/{self._manifest_key}"
-        shared = f"; {len(merged.images)} of {len(merged.writers)} tasks in all" if len(merged.writers) > 1 else ""
-        self.log.info("Wrote manifest %s (%d images%s)", uri, len(entries), shared)
-        ti.xcom_push(key=MANIFEST_XCOM_KEY, value=uri)
+        shared = f"; {written.images} of {len(written.writers)} tasks in all" if len(written.writers) > 1 else ""
+        self.log.info("Wrote manifest %s (%d images%s)", uri, part.count, shared)
+        context["ti"].xcom_push(key=MANIFEST_XCOM_KEY, value=uri)
         return uri
 
     def _record_lineage(self, uris: list[str] | None, count: int, manifest_uri: str | None, context: Context) -> None:

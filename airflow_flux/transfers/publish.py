@@ -7,7 +7,7 @@ the ETag it has then is the copy's precondition (``CopySourceIfMatch``), so S3 r
 copy an object replaced since. Each copy's own SHA-256 is checked too: that covers stores that
 ignore the precondition (moto does) and staging objects S3 keeps no whole-object SHA-256 of
 (multipart uploads), which the first check cannot judge. The published manifest is merged in
-last (:func:`~airflow_flux.manifest.merge_manifest`): a reader that finds it finds every image
+last (:func:`~airflow_flux.manifest_store.merge_manifest`): a reader that finds it finds every image
 it lists.
 
 A publish deletes only objects it created. Each destination key is looked at first; a failure
@@ -31,10 +31,9 @@ from airflow_flux.manifest import (
     ImageStatus,
     Manifest,
     ManifestImage,
-    check_manifest_key,
-    merge_manifest,
     split_s3_uri,
 )
+from airflow_flux.manifest_store import check_manifest_key, merge_manifest
 from airflow_flux.transfers.s3stream import whole_object_sha256
 
 if TYPE_CHECKING:

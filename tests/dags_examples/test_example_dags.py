@@ -492,7 +492,8 @@ def test_make_demo_ui_prints_both_urls_tests_connections_and_stops_on_ctrl_c_wit
 
 
 def test_the_summary_reads_only_its_runs_entries_of_a_shared_manifest(s3):
-    from airflow_flux.manifest import Manifest, ManifestImage, merge_manifest
+    from airflow_flux.manifest import Manifest, ManifestImage
+    from airflow_flux.manifest_store import merge_manifest
     from demo.summary import find_manifest
 
     for run_id in ("run1", "run2", "run3"):

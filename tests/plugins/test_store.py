@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from airflow_flux.identity import pin_s3_uri
-from airflow_flux.manifest import Manifest, ManifestImage, merge_manifest
+from airflow_flux.manifest import Manifest, ManifestImage
+from airflow_flux.manifest_store import merge_manifest
 from airflow_flux.plugins.records import ManifestRef
 from airflow_flux.plugins.store import GalleryError, GalleryImage, GalleryStore, NoThumbnail
 

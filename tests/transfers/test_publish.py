@@ -8,7 +8,8 @@ import json
 import pytest
 
 from airflow_flux.exceptions import FluxImageExistsError, FluxIntegrityError
-from airflow_flux.manifest import Manifest, ManifestImage, merge_manifest
+from airflow_flux.manifest import Manifest, ManifestImage
+from airflow_flux.manifest_store import merge_manifest
 from airflow_flux.transfers import publish_images, read_manifest, review_images
 
 STAGING = "review/staging/run1"
