@@ -171,7 +171,7 @@ def results_place(context: Context, key: str | None, aws_conn_id: str | None) ->
 
 
 class LineStore:
-    """Lines by index on disk (a temporary SQLite file), read back in index order; the last kept wins.
+    """Lines (or pinned payloads) by index on disk (a temporary SQLite file); the last kept wins.
 
     A window's lines finish in any order and may number 100,000: composing the results file
     in input order must not hold them in memory.
@@ -184,6 +184,10 @@ class LineStore:
 
     def keep(self, index: int, line: Mapping[str, Any]) -> None:
         self.db.execute("INSERT OR REPLACE INTO line (idx, body) VALUES (?, ?)", (index, json.dumps(line)))
+
+    def get(self, index: int) -> dict[str, Any]:
+        (body,) = self.db.execute("SELECT body FROM line WHERE idx = ?", (index,)).fetchone()
+        return dict(json.loads(body))
 
     def in_order(self) -> Iterator[tuple[int, dict[str, Any]]]:
         for index, body in self.db.execute("SELECT idx, body FROM line ORDER BY idx"):
@@ -248,7 +252,7 @@ def resume_window(w: BatchWindow) -> dict[int, dict[str, Any]]:
 
 def window_lines(w: BatchWindow) -> Iterator[dict[str, Any]]:
     """Every request's line in input order: finished ones from the checkpoints, the others said why."""
-    kept = w.lines.in_order()
+    kept = w.kept.in_order()
     row = next(kept, None)
     for index in range(w.count):
         if row is not None and row[0] == index:

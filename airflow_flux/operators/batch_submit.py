@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from airflow_flux.exceptions import FluxError, FluxValidationError
 from airflow_flux.operators.inputs import describe_inputs, has_s3_inputs
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable, Iterator
 
     from airflow_flux.hooks.flux import FluxHook
     from airflow_flux.models import RequestOptions
@@ -25,26 +26,36 @@ if TYPE_CHECKING:
 
 #: Submits (or input checks) in flight at once from the worker (each is one short HTTP call).
 SUBMIT_CONCURRENCY = 8
+#: Payloads pinned per chunk.
+PIN_CHUNK = 256
 #: Seconds between progress lines while submitting.
 PROGRESS_INTERVAL = 10.0
 
 
+def pin_each(
+    resolver: InputResolver, payloads: Iterable[tuple[int, dict[str, Any]]], *, log: Any
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each ``(index, payload)`` with its ``s3://`` inputs checked and pinned, in order, a chunk at a
+    time (a window's batch may be 100,000: what is held is one chunk); refused naming the item."""
+    started = time.monotonic()
+    stream = iter(payloads)
+    with ThreadPoolExecutor(max_workers=SUBMIT_CONCURRENCY) as pool:
+        while chunk := list(islice(stream, PIN_CHUNK)):
+            futures = [(i, p, pool.submit(resolver.pin, p) if has_s3_inputs(p) else None) for i, p in chunk]
+            for index, payload, future in futures:
+                try:
+                    yield index, (future.result() if future is not None else payload)
+                except FluxValidationError as exc:
+                    for _, _, other in futures:
+                        if other is not None:
+                            other.cancel()
+                    raise FluxValidationError(f"requests[{index}]: {exc}", errors=exc.errors) from None
+    log.info("FLUX batch: s3:// inputs checked in %.1fs; nothing paid for yet", time.monotonic() - started)
+
+
 def pin_all(resolver: InputResolver, payloads: list[dict[str, Any]], *, log: Any) -> list[dict[str, Any]]:
     """Every payload with its ``s3://`` inputs checked and pinned; refused naming the item."""
-    started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=SUBMIT_CONCURRENCY) as pool:
-        futures = [pool.submit(resolver.pin, p) if has_s3_inputs(p) else None for p in payloads]
-        pinned = []
-        for index, (payload, future) in enumerate(zip(payloads, futures, strict=True)):
-            try:
-                pinned.append(future.result() if future is not None else payload)
-            except FluxValidationError as exc:
-                for other in futures:
-                    if other is not None:
-                        other.cancel()
-                raise FluxValidationError(f"requests[{index}]: {exc}", errors=exc.errors) from None
-    log.info("FLUX batch: s3:// inputs checked in %.1fs; nothing paid for yet", time.monotonic() - started)
-    return pinned
+    return [pinned for _, pinned in pin_each(resolver, enumerate(payloads), log=log)]
 
 
 def submit_all(

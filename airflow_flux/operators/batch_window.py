@@ -67,16 +67,6 @@ SUBMIT_CONCURRENCY = 8
 PROGRESS_INTERVAL = 10.0
 
 
-class WindowOutcome:
-    """What a window run leaves for the operator: every line (input order) and its counts."""
-
-    def __init__(self, lines: Callable[[], Iterator[dict[str, Any]]], *, timed_out: bool, submit_error: Any) -> None:
-        self.lines = lines
-        self.timed_out = timed_out
-        #: ``(index, exception)`` of the first submit that failed for good, or None.
-        self.submit_error = submit_error
-
-
 class BatchWindow:
     """One try of a windowed batch (see the module's docstring).
 
@@ -136,35 +126,46 @@ class BatchWindow:
         self.cost = 0.0
         self.last_progress = 0.0
         self.in_flight: dict[int, dict[str, Any]] = {}  # what on_kill cancels
-        self.lines = LineStore()
+        # Each in-flight request's payload and identity, built once (at its submit, or when a
+        # resumed one is awaited) and let go with its line: bounded by the window.
+        self.sent: dict[int, tuple[dict[str, Any], RequestIdentity]] = {}
+        self.kept = LineStore()  # finished lines, by index, on disk
 
     # -- one request --------------------------------------------------------------------------
 
-    def fingerprint(self, index: int) -> str:
-        return RequestIdentity.of(
-            endpoint=self.endpoint, payload=self.payload_of(index), base_url=self.base_url
-        ).fingerprint
-
-    def _submit(self, index: int) -> dict[str, Any]:
-        """Pay for request ``index`` (in a thread): its handle."""
+    def request(self, index: int) -> tuple[dict[str, Any], RequestIdentity]:
+        """Request ``index``'s payload and identity, built from its item (no cache: a resume's)."""
         payload = self.payload_of(index)
-        sent = self.resolver.resolve(payload) if self.resolver is not None and has_s3_inputs(payload) else payload
-        handle = self.hook.submit(sent, endpoint=self.endpoint, options=self.options).model_dump()
+        return payload, RequestIdentity.of(endpoint=self.endpoint, payload=payload, base_url=self.base_url)
+
+    def fingerprint(self, index: int) -> str:
+        return self.request(index)[1].fingerprint
+
+    def _submit(self, index: int) -> tuple[dict[str, Any], tuple[dict[str, Any], RequestIdentity]]:
+        """Pay for request ``index`` (in a thread): its handle, and its payload and identity."""
+        sent = self.request(index)
+        payload = sent[0]
+        wire = self.resolver.resolve(payload) if self.resolver is not None and has_s3_inputs(payload) else payload
+        handle = self.hook.submit(wire, endpoint=self.endpoint, options=self.options).model_dump()
         handle["inputs"] = describe_inputs(payload)  # the pinned s3:// URIs, never a presigned URL
         handle["index"] = index
-        return handle
+        return handle, sent
 
-    def _record(self, index: int, handle: dict[str, Any]) -> None:
+    def _record(self, index: int, handle: dict[str, Any], identity: RequestIdentity) -> None:
         """The submit's record, in the request's slot (the task state is written from the loop's thread only)."""
         if self.store is None:
             return
-        identity = RequestIdentity.of(endpoint=self.endpoint, payload=self.payload_of(index), base_url=self.base_url)
         record = StoredRequest(handle=handle, identity=identity, max_tries=self.max_tries, try_number=self.try_number)
         self.store.set(SLOT_KEY.format(slot=self.slot_of[index]), record.model_dump(mode="json"))
 
+    def _let_go(self, index: int) -> dict[str, Any]:
+        """Request ``index`` is out of the window: its handle (its payload is not kept any longer)."""
+        self.sent.pop(index, None)
+        return self.in_flight.pop(index)
+
     def _finished(self, index: int, outcome: BatchOutcome) -> None:
-        payload = self.payload_of(index)
-        handle = self.in_flight.pop(index)
+        payload, identity = self.sent.get(index) or self.request(index)
+        handle = self._let_go(index)
         line = result_line(
             index,
             payload,
@@ -175,7 +176,7 @@ class BatchWindow:
             inputs=handle.get("inputs"),
         )
         self.count_line(line)
-        line.update(fingerprint=self.fingerprint(index), max_tries=self.max_tries, retryable=bool(outcome.retryable))
+        line.update(fingerprint=identity.fingerprint, max_tries=self.max_tries, retryable=bool(outcome.retryable))
         if not self.buffer:
             self.buffered_since = time.monotonic()
         self.buffer.append(line)
@@ -196,12 +197,13 @@ class BatchWindow:
 
     def keep_line(self, index: int, line: Mapping[str, Any]) -> None:
         """Keep a checkpointed line for the results (without its checkpoint-only fields)."""
-        self.lines.keep(index, {k: v for k, v in line.items() if k not in CHECKPOINT_FIELDS})
+        self.kept.keep(index, {k: v for k, v in line.items() if k not in CHECKPOINT_FIELDS})
 
     # -- the window -----------------------------------------------------------------------------
 
-    def run(self) -> WindowOutcome:
-        """Submit, wait and checkpoint until every request is finished, or the deadline passes."""
+    def run(self) -> None:
+        """Submit, wait and checkpoint until every request is finished, or the deadline passes;
+        then :meth:`lines`, ``timed_out`` and ``submit_error`` say how it went."""
         awaited = self.resume()
         if self.store is not None:
             marker = self.store.get(WINDOW_KEY)
@@ -211,7 +213,6 @@ class BatchWindow:
         else:
             self.log.warning("No task state store in this context: a retry of this batch pays for it again")
         asyncio.run(self._run(awaited))
-        return WindowOutcome(self._lines, timed_out=self.timed_out, submit_error=self.submit_error)
 
     async def _run(self, awaited: dict[int, dict[str, Any]]) -> None:
         from airflow_flux.hooks.flux import FluxHook
@@ -231,7 +232,7 @@ class BatchWindow:
                 self.in_flight[i] = handle
                 wait.add(i, handle)
             todo = (i for i in range(self.count) if not self.done[i] and i not in awaited)
-            submitting: dict[asyncio.Future[dict[str, Any]], int] = {}
+            submitting: dict[asyncio.Future[Any], int] = {}
             try:
                 while True:
                     while (
@@ -243,9 +244,7 @@ class BatchWindow:
                         and (nxt := next(todo, None)) is not None
                     ):
                         self.slot_of[nxt] = self.free.popleft()
-                        submit: asyncio.Future[dict[str, Any]] = asyncio.ensure_future(
-                            asyncio.to_thread(self._submit, nxt)
-                        )
+                        submit: asyncio.Future[Any] = asyncio.ensure_future(asyncio.to_thread(self._submit, nxt))
                         submit.add_done_callback(lambda _: wait.wake.set())
                         submitting[submit] = nxt
                     if not submitting and not wait.handles:
@@ -280,7 +279,7 @@ class BatchWindow:
                 if self.timed_out:
                     await self._cancel(ahook, left)
                 for index in left:
-                    self.unfinished[index] = self.in_flight.pop(index)
+                    self.unfinished[index] = self._let_go(index)
             await self._checkpoint()
         self._progress(0, force=True)
 
@@ -290,11 +289,11 @@ class BatchWindow:
             if outcome is None:
                 continue
             if outcome.status == "pending":  # out of touch: left for a retry, its slot kept
-                self.unfinished[index] = {**self.in_flight.pop(index), "error": outcome.error}
+                self.unfinished[index] = {**self._let_go(index), "error": outcome.error}
             else:
                 self._finished(index, outcome)
 
-    def _submitted(self, wait: Any, index: int, future: asyncio.Future[dict[str, Any]]) -> None:
+    def _submitted(self, wait: Any, index: int, future: asyncio.Future[Any]) -> None:
         exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
         if exc is not None:
             self.free.append(self.slot_of.pop(index))
@@ -313,8 +312,8 @@ class BatchWindow:
                     exc,
                 )
             return
-        handle = future.result()
-        self._record(index, handle)
+        handle, self.sent[index] = future.result()
+        self._record(index, handle, self.sent[index][1])
         self.in_flight[index] = handle
         wait.add(index, handle)  # after the deadline too: then it is cancelled with the others
 
@@ -369,7 +368,8 @@ class BatchWindow:
 
     # -- the end ----------------------------------------------------------------------------------
 
-    def _lines(self) -> Iterator[dict[str, Any]]:
+    def lines(self) -> Iterator[dict[str, Any]]:
+        """Every request's line, in input order (after :meth:`run`)."""
         return window_lines(self)
 
     def state_keys(self) -> list[str]:
@@ -378,7 +378,7 @@ class BatchWindow:
         return [WINDOW_KEY, *(SLOT_KEY.format(slot=slot) for slot in range(self.slots)), *parts]
 
     def close(self) -> None:
-        self.lines.close()
+        self.kept.close()
 
 
 def run_window(
@@ -386,6 +386,7 @@ def run_window(
 ) -> list[dict[str, Any]] | dict[str, Any]:
     """Run the batch as a window in the worker (:mod:`~airflow_flux.operators.batch_window`)."""
     from airflow_flux.operators.batch_items import S3Checkpoints, StateCheckpoints
+    from airflow_flux.operators.batch_submit import pin_each
     from airflow_flux.results import check_writable
 
     count = len(items)
@@ -394,10 +395,9 @@ def run_window(
             f"results_s3_bucket: a batch of {count} requests (more than {MAX_LISTED_RESULTS}) writes its results "
             "to S3 and returns a summary; give it results_s3_bucket. Nothing was submitted"
         )
-    # Every item validated before any call, then let go: each payload is built again when
-    # it is sent, so memory holds the items, not a payload per item.
-    images, pinned = 0, None
-    needs_pinning = False
+    # Every item validated before any call, then let go: each payload is built again when it
+    # is sent (once: the window keeps it while in flight), so memory holds the items only.
+    images, needs_pinning = 0, False
     for index in range(count):
         payload = op._payload(items, index, endpoint)
         images += int(payload.get("num_images") or 1)
@@ -405,11 +405,15 @@ def run_window(
     op._check_images(count, images)
     options = RequestOptions.build(start_timeout=op.start_timeout, priority=op.priority)
     resolver = op._resolver(options) if needs_pinning else None
-    if resolver is not None:  # every s3:// input checked, before any payment
-        pinned = op._pin_all(resolver, op._payloads(endpoint, items))
+    pinned: LineStore | None = None
+    if resolver is not None:  # every s3:// input checked, before any payment; pinned on disk
+        pinned = LineStore()
+        payloads = ((index, op._payload(items, index, endpoint)) for index in range(count))
+        for index, payload in pin_each(resolver, payloads, log=op.log):
+            pinned.keep(index, payload)
 
     def payload_of(index: int) -> dict[str, Any]:
-        return pinned[index] if pinned is not None else op._payload(items, index, endpoint)
+        return pinned.get(index) if pinned is not None else op._payload(items, index, endpoint)
 
     store = task_state(context)
     place = None
@@ -442,12 +446,12 @@ def run_window(
         max_connections=op.max_connections,
     )
     try:
-        outcome = window.run()
+        window.run()
         failed: list[dict[str, Any]] = []
         tally = Tally()
 
         def lines() -> Iterator[dict[str, Any]]:
-            for line in outcome.lines():
+            for line in window.lines():
                 tally.add(line)
                 if line["status"] == "failed" and len(failed) < 10:
                     failed.append(line)
@@ -460,12 +464,14 @@ def run_window(
             result = list(lines())
     finally:
         window.close()
+        if pinned is not None:
+            pinned.close()
     op._log_totals(tally)
-    if outcome.submit_error is not None:
-        index, exc = outcome.submit_error
+    if window.submit_error is not None:
+        index, exc = window.submit_error
         raise FluxError(
             f"requests[{index}]: the submit failed: {exc}. Every request submitted is recorded (a retry does not "
             f"pay for it again); {tally.completed} completed, {tally.failed} failed or not submitted"
         ) from exc
-    op._check_failures(tally, failed, timed_out=outcome.timed_out)
+    op._check_failures(tally, failed, timed_out=window.timed_out)
     return result

@@ -68,7 +68,7 @@ def stack(moto_server: str) -> Iterator[Stack]:
             af.cli("db", "migrate")
             af.start()
             af.wait_until("a healthy Airflow", af.healthy, timeout=240)
-            for dag_id in ("flux_dist_pipeline", "flux_dist_killed_submit", "flux_dist_batch"):
+            for dag_id in ("flux_dist_pipeline", "flux_dist_killed_submit", "flux_dist_batch", "flux_dist_window"):
                 af.dag_id = dag_id
                 af.wait_until(f"{dag_id} to be parsed", af.dag_parsed, timeout=120)
                 af.unpause(dag_id)
@@ -232,6 +232,51 @@ def test_a_batch_survives_its_triggerer_being_killed_mid_wait(stack: Stack) -> N
             "f) batch of 24, its triggerer SIGKILLed mid-wait",
             "completed, 24 submits for 24 prompts",
             f"takeover {kill['takeover_s']:.1f} s",
+        )
+    )
+
+
+def test_a_window_survives_its_worker_being_killed_and_its_retry_pays_for_nothing_twice(stack: Stack) -> None:
+    af, emu, s3 = stack.af, stack.emu, stack.s3
+    quick = [f"a window fox, quick {i:02d}" for i in range(8)]
+    held = [f"a window fox, held {i:02d}" for i in range(16)]
+    # The first 8 finish at once (their lines checkpointed to S3 when the 8 slots run out); the
+    # next window of 4 is held running until the worker is dead.
+    emu.add_scenario(Scenario(queue_seconds=0, run_seconds=0.2), match="a window fox, quick")
+    emu.add_scenario(Scenario(hold_run="window", queue_seconds=0, run_seconds=0.2), match="a window fox, held")
+    run_id = af.trigger("flux_dist_window", {"prompts": quick + held})
+
+    def awaited() -> set[str]:
+        return {c.request_id for c in emu.calls() if c.kind in ("status", "stream")}
+
+    def window_held_after_a_checkpoint() -> bool:
+        held_jobs = {j.request_id for j in emu.jobs.values() if j.input["prompt"].startswith("a window fox, held")}
+        listed = s3.list_objects_v2(Bucket=BUCKET, Prefix="flux/flux_dist_window/").get("Contents", [])
+        checkpointed = any(".parts/" in o["Key"] for o in listed)
+        # Awaited: each slot was written before its request was waited on.
+        return len(held_jobs) == 4 and held_jobs <= awaited() and checkpointed
+
+    af.wait_until("a held window after a checkpoint", window_held_after_a_checkpoint, timeout=300)
+    (generate,) = [t for t in af.task_instances("flux_dist_window", run_id) if t["task_id"] == "generate"]
+    worker = str(generate["hostname"])
+    killed = af.crash(worker)
+    released = emu.release("window")  # finished while no worker watches: kept by fal, awaited by the retry
+    af.start(worker)
+    state = af.wait_for_run("flux_dist_window", run_id, timeout=400)
+    tis = {t["task_id"]: t for t in af.task_instances("flux_dist_window", run_id)}
+    assert state == "success", tis
+    assert tis["generate"]["try_number"] == 2
+    assert _submits(emu, "a window fox") == 24, "the retry paid again for a request the killed try paid for"
+    manifest = _manifest(s3, f"dist-window/{run_id}/manifest.json")
+    copied = [i for i in manifest["images"] if i["status"] == "copied"]
+    assert sorted(i["prompt"] for i in copied) == sorted(quick + held)
+    for image in copied:
+        assert emu.jobs[image["request_id"]].input["prompt"] == image["prompt"]
+    FIGURES.append(
+        (
+            "g) window of 4 over 24 prompts, its Celery worker SIGKILLed mid-window",
+            f"retried on a worker, 24 submits for 24 prompts ({released} held requests awaited, not paid again)",
+            f"run done {time.time() - killed:.0f} s after the kill (task heartbeat timeout included)",
         )
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from typing import Any
@@ -94,6 +95,33 @@ def test_the_deadline_cancels_the_window_and_submits_nothing_more(emulator, flux
     assert {r["error"] for r in results[:2]} == {"not finished within wait_timeout"}
     assert {r["error"] for r in results[2:]} == {"not submitted: wait_timeout passed first"}
     assert all(r["status"] == "failed" for r in results)
+
+
+def test_on_kill_cancels_the_requests_of_the_window_in_flight(emulator, flux_conn):
+    # The first window is held queued (cancellable, as on fal) until the kill has happened.
+    emulator.add_scenario(Scenario(hold_queue="killed"), match="killed fox")
+    op = FluxBatchGenerateOperator(
+        task_id="b",
+        requests=[f"a killed fox {i}" for i in range(10)],
+        flux_conn_id=flux_conn,
+        poll_interval=0.05,
+        max_in_flight=4,
+        allow_failures=10,
+    )
+    in_flight_when_killed: list[set[str]] = []
+
+    def killed_once_the_window_is_submitted() -> bool:
+        jobs = set(emulator.jobs)
+        if len(jobs) == 4 and jobs <= {c.request_id for c in emulator.calls(kind="status")}:
+            in_flight_when_killed.append(jobs)
+            op.on_kill()  # as Airflow does, from another thread than the task's
+            return True
+        return False
+
+    with releasing(emulator, ("killed", killed_once_the_window_is_submitted)), contextlib.suppress(FluxError):
+        op.execute(_context())  # in a real kill the process ends here; this one goes on
+    assert len(in_flight_when_killed) == 1
+    assert {c.request_id for c in emulator.calls(kind="cancel")} == in_flight_when_killed[0]
 
 
 def test_a_failed_submit_stops_the_window_and_what_was_paid_is_recorded(emulator, flux_conn):

@@ -92,3 +92,19 @@ def test_a_clash_in_a_later_chunk_deletes_what_the_earlier_chunks_wrote(emulator
     with pytest.raises(FluxImageExistsError, match="Refusing to overwrite"):
         op.execute(_context())
     assert _keys(s3, "out/") == [taken]  # the first two chunks' six images were deleted again
+
+
+@pytest.mark.parametrize(("many", "named"), [(3, "images"), (2, "prefix")])
+def test_lineage_names_each_image_or_past_many_their_prefix(emulator, flux_conn, s3, monkeypatch, many, named):
+    # The hook lineage collector (the openlineage provider's source) is recorded here; past
+    # MANY_IMAGES one dataset, the prefix, stands for the images, so events stay bounded.
+    monkeypatch.setattr("airflow_flux.transfers.flux_to_s3.MANY_IMAGES", many)
+    outputs: list[dict[str, str]] = []
+    collector = SimpleNamespace(add_output_asset=lambda **kw: outputs.append(kw["asset_kwargs"]))
+    monkeypatch.setattr("airflow.providers.common.compat.lineage.hook.get_hook_lineage_collector", lambda: collector)
+    summary = _results_file(emulator, flux_conn, s3, 3)
+    op = FluxToS3Operator(task_id="to_s3", source=summary, s3_bucket=s3.bucket, s3_key_prefix="out")
+    op.execute(_context())
+    images = [k for k in _keys(s3, "out/") if not k.endswith("manifest.json")]
+    expected = images if named == "images" else ["out/"]
+    assert outputs == [{"bucket": s3.bucket, "key": k} for k in [*expected, "out/manifest.json"]]

@@ -4,7 +4,9 @@
   deferred sensor >> copy), its in-flight cap raised so that every wait is deferred at once;
 * ``flux_dist_killed_submit``: a submit whose process kills itself right after its submit on
   try 1 (a worker lost at the worst moment), retried by the scheduler;
-* ``flux_dist_batch``: the same prompts as one ``FluxBatchGenerateOperator`` and the copy.
+* ``flux_dist_batch``: the same prompts as one ``FluxBatchGenerateOperator`` and the copy;
+* ``flux_dist_window``: a batch larger than its window (a window in the worker, its slots in
+  Variables and its checkpoints in S3), whose worker the test kills mid-window.
 """
 
 from __future__ import annotations
@@ -68,3 +70,17 @@ with DAG("flux_dist_batch", **COMMON):
         task_id="generate", requests=load_prompts(), poll_interval=0.5, retries=2, max_in_flight=50
     )
     FluxToS3Operator(task_id="to_s3", source=batch.output, s3_bucket=BUCKET, s3_key_prefix="dist-batch/{{ run_id }}")
+
+with DAG("flux_dist_window", **COMMON):
+    # max_in_flight below the 24 prompts: a window in the worker. What a retry on another
+    # worker reads is in the slots (Variables) and the checkpoints (S3, under the results key).
+    window = FluxBatchGenerateOperator(
+        task_id="generate",
+        requests=load_prompts(),
+        poll_interval=0.5,
+        retries=1,
+        retry_delay=timedelta(seconds=1),
+        max_in_flight=4,
+        results_s3_bucket=BUCKET,
+    )
+    FluxToS3Operator(task_id="to_s3", source=window.output, s3_bucket=BUCKET, s3_key_prefix="dist-window/{{ run_id }}")
