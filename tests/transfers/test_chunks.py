@@ -18,6 +18,14 @@ OWNER = {"dag_id": "d", "run_id": "r", "task_id": "batch", "map_index": -1}
 
 def _results_file(emulator, flux_conn: str, s3, count: int) -> dict[str, Any]:
     """A batch's results file of ``count`` completed requests of the emulator, and its summary."""
+    lines = _lines(flux_conn, count)
+    key = default_results_key(OWNER)
+    write_results(s3, s3.bucket, key, lines, owner=OWNER)
+    return summarize(lines, f"s3://{s3.bucket}/{key}", None, flux_conn).model_dump()
+
+
+def _lines(flux_conn: str, count: int) -> list[dict[str, Any]]:
+    """``count`` completed requests of the emulator, as a batch's result items."""
     hook = FluxHook(flux_conn_id=flux_conn)
     lines = []
     for index in range(count):
@@ -33,9 +41,7 @@ def _results_file(emulator, flux_conn: str, s3, count: int) -> dict[str, Any]:
                 "cost_usd": 0.04,
             }
         )
-    key = default_results_key(OWNER)
-    write_results(s3, s3.bucket, key, lines, owner=OWNER)
-    return summarize(lines, f"s3://{s3.bucket}/{key}", None, flux_conn).model_dump()
+    return lines
 
 
 def _context() -> dict[str, Any]:
@@ -102,9 +108,10 @@ def test_lineage_names_each_image_or_past_many_their_prefix(emulator, flux_conn,
     outputs: list[dict[str, str]] = []
     collector = SimpleNamespace(add_output_asset=lambda **kw: outputs.append(kw["asset_kwargs"]))
     monkeypatch.setattr("airflow.providers.common.compat.lineage.hook.get_hook_lineage_collector", lambda: collector)
-    summary = _results_file(emulator, flux_conn, s3, 3)
-    op = FluxToS3Operator(task_id="to_s3", source=summary, s3_bucket=s3.bucket, s3_key_prefix="out")
+    # A list of results (a batch's summary always names the prefix: its images are many).
+    op = FluxToS3Operator(task_id="to_s3", source=_lines(flux_conn, 3), s3_bucket=s3.bucket, s3_key_prefix="out")
     op.execute(_context())
     images = [k for k in _keys(s3, "out/") if not k.endswith("manifest.json")]
     expected = images if named == "images" else ["out/"]
-    assert outputs == [{"bucket": s3.bucket, "key": k} for k in [*expected, "out/manifest.json"]]
+    assert sorted(o["key"] for o in outputs) == sorted([*expected, "out/manifest.json"])
+    assert {o["bucket"] for o in outputs} == {s3.bucket}
