@@ -26,6 +26,7 @@ composed at the end, in input order, through a temporary SQLite file on disk.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -109,6 +110,11 @@ class BatchWindow:
         self.try_number = getattr(ti, "try_number", None)
         self.price = hook.settings.price_per_image
         self.base_url = hook.settings.base_url
+        # The task's supervisor: Airflow's task runner has a process group of its own, so a
+        # worker killed as a group (an OOM kill, a kill -9) leaves this process running on,
+        # unsupervised, until its next call through the supervisor fails: a submit made then
+        # would be paid for and never recorded. A new parent process means the supervisor died.
+        self.parent = os.getppid()
         # Twice the window: when every slot is taken the finished lines are checkpointed first,
         # so the records in the task state never number more than this (plus the marker).
         self.slots = 2 * max_in_flight
@@ -235,6 +241,11 @@ class BatchWindow:
             submitting: dict[asyncio.Future[Any], int] = {}
             try:
                 while True:
+                    if os.getppid() != self.parent:
+                        raise FluxError(
+                            "FLUX batch: this task's supervisor process is gone (its worker was killed); no new "
+                            "submit starts. A retry keeps what is checkpointed and awaits what the slots record"
+                        )
                     while (
                         self.submit_error is None
                         and not self.timed_out

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import threading
 from typing import Any
 
 import pytest
@@ -122,6 +124,38 @@ def test_on_kill_cancels_the_requests_of_the_window_in_flight(emulator, flux_con
         op.execute(_context())  # in a real kill the process ends here; this one goes on
     assert len(in_flight_when_killed) == 1
     assert {c.request_id for c in emulator.calls(kind="cancel")} == in_flight_when_killed[0]
+
+
+def test_a_window_whose_supervisor_died_submits_nothing_more(emulator, flux_conn, monkeypatch):
+    # A worker killed as a process group leaves the task runner (a group of its own) running,
+    # its parent gone: whatever it paid for from then on could not be recorded. Its first
+    # window is held running until the parent is "gone", then finishes; no further submit.
+    from airflow_flux.operators import batch_window
+
+    emulator.add_scenario(Scenario(hold_run="orphan"), match="orphan fox")
+    parent, orphaned = os.getppid(), threading.Event()
+    monkeypatch.setattr(batch_window.os, "getppid", lambda: 1 if orphaned.is_set() else parent)
+    op = FluxBatchGenerateOperator(
+        task_id="b",
+        requests=[f"an orphan fox {i}" for i in range(10)],
+        flux_conn_id=flux_conn,
+        poll_interval=0.05,
+        max_in_flight=4,
+    )
+
+    def orphaned_once_the_window_is_submitted() -> bool:
+        jobs = set(emulator.jobs)
+        if len(jobs) == 4 and jobs <= {c.request_id for c in emulator.calls(kind="status")}:
+            orphaned.set()
+            return True
+        return False
+
+    with (
+        releasing(emulator, ("orphan", orphaned_once_the_window_is_submitted)),
+        pytest.raises(FluxError, match="supervisor process is gone"),
+    ):
+        op.execute(_context())
+    assert len(emulator.calls(kind="submit")) == 4
 
 
 def test_a_failed_submit_stops_the_window_and_what_was_paid_is_recorded(emulator, flux_conn):
