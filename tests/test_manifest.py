@@ -66,20 +66,24 @@ def test_an_overwritten_object_is_listed_by_its_new_writer_only():
     assert [w.task_id for w in only_c.writers] == ["c"]
 
 
-def test_a_version_1_manifest_reads_as_one_writers():
-    v1 = {
+def version_1(bucket: str = "b") -> dict:
+    """A version-1 manifest (one writer, at the top level only), as an older airflow-flux wrote."""
+    return {
         "version": 1,
         "created_at": "2026-01-01T00:00:00+00:00",
         "dag_id": "old_dag",
         "run_id": "old_run",
         "task_id": "to_s3",
         "map_index": 2,
-        "bucket": "b",
+        "bucket": bucket,
         "prefix": "shared",
         "images": [{"status": "copied", "key": "shared/old.jpg", "index": 0}],
         "cost_usd": 0.04,
     }
-    manifest = Manifest.model_validate(v1)
+
+
+def test_a_version_1_manifest_reads_as_one_writers():
+    manifest = Manifest.model_validate(version_1())
     assert manifest.images[0].writer == ("old_dag", "old_run", "to_s3", 2)
     assert [(w.task_id, w.cost_usd) for w in manifest.writers] == [("to_s3", 0.04)]
     merged = merge(manifest, _part("b", "shared/b1.jpg"))

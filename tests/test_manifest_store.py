@@ -10,6 +10,7 @@ import pytest
 from airflow_flux.exceptions import FluxImageExistsError
 from airflow_flux.manifest import Manifest, ManifestImage, merge
 from airflow_flux.manifest_store import ManifestPart, merge_manifest, write_manifest
+from tests.test_manifest import version_1
 
 KEY = "shared/manifest.json"
 MB = 1024 * 1024
@@ -54,18 +55,7 @@ def test_the_streamed_merge_writes_what_the_merge_in_memory_gives(s3):
 
 
 def test_a_version_1_manifest_in_s3_is_merged_as_one_writers(s3):
-    v1 = {
-        "version": 1,
-        "created_at": "2026-01-01T00:00:00+00:00",
-        "dag_id": "old_dag",
-        "run_id": "old_run",
-        "task_id": "to_s3",
-        "map_index": 2,
-        "bucket": s3.bucket,
-        "prefix": "shared",
-        "images": [{"status": "copied", "key": "shared/old.jpg", "index": 0}],
-        "cost_usd": 0.04,
-    }
+    v1 = version_1(s3.bucket)
     s3.put_object(Bucket=s3.bucket, Key=KEY, Body=json.dumps(v1, indent=2).encode())
     merge_manifest(s3, _part(s3.bucket, "b", "shared/b1.jpg"), KEY)
     written = _read(s3)

@@ -7,7 +7,7 @@ import json
 import os
 import re
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -18,6 +18,9 @@ from airflow_flux.operators.batch_items import SLOT_KEY, WINDOW_KEY
 from airflow_flux.results import parts_prefix, write_part
 from tests.helpers import TOKEN, releasing, task_states, xcom
 from tests.operators.test_batch import POLICY, _context, _Store
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -36,6 +39,20 @@ def _never_more_than(emulator, limit: int) -> None:
     for job in jobs:
         unfinished = [o for o in jobs if o.submitted_at <= job.submitted_at < (o.completed_at or float("inf"))]
         assert len(unfinished) <= limit, [o.input["prompt"] for o in unfinished]
+
+
+def _once_the_first_window_is_awaited(emulator, size: int, then: Callable[[set[str]], None]) -> Callable[[], bool]:
+    """A :func:`releasing` condition: ``size`` requests submitted and each waited on (the wait asks
+    only once a submit has returned and is recorded); ``then`` runs with them before it holds."""
+
+    def condition() -> bool:
+        jobs = set(emulator.jobs)
+        if len(jobs) == size and jobs <= {c.request_id for c in emulator.calls(kind="status")}:
+            then(jobs)
+            return True
+        return False
+
+    return condition
 
 
 def test_at_most_max_in_flight_requests_are_submitted_and_unfinished(emulator, flux_conn, capfd):
@@ -112,15 +129,12 @@ def test_on_kill_cancels_the_requests_of_the_window_in_flight(emulator, flux_con
     )
     in_flight_when_killed: list[set[str]] = []
 
-    def killed_once_the_window_is_submitted() -> bool:
-        jobs = set(emulator.jobs)
-        if len(jobs) == 4 and jobs <= {c.request_id for c in emulator.calls(kind="status")}:
-            in_flight_when_killed.append(jobs)
-            op.on_kill()  # as Airflow does, from another thread than the task's
-            return True
-        return False
+    def kill(jobs: set[str]) -> None:
+        in_flight_when_killed.append(jobs)
+        op.on_kill()  # as Airflow does, from another thread than the task's
 
-    with releasing(emulator, ("killed", killed_once_the_window_is_submitted)), contextlib.suppress(FluxError):
+    killed = _once_the_first_window_is_awaited(emulator, 4, kill)
+    with releasing(emulator, ("killed", killed)), contextlib.suppress(FluxError):
         op.execute(_context())  # in a real kill the process ends here; this one goes on
     assert len(in_flight_when_killed) == 1
     assert {c.request_id for c in emulator.calls(kind="cancel")} == in_flight_when_killed[0]
@@ -143,15 +157,8 @@ def test_a_window_whose_supervisor_died_submits_nothing_more(emulator, flux_conn
         max_in_flight=4,
     )
 
-    def orphaned_once_the_window_is_submitted() -> bool:
-        jobs = set(emulator.jobs)
-        if len(jobs) == 4 and jobs <= {c.request_id for c in emulator.calls(kind="status")}:
-            orphaned.set()
-            return True
-        return False
-
     with (
-        releasing(emulator, ("orphan", orphaned_once_the_window_is_submitted)),
+        releasing(emulator, ("orphan", _once_the_first_window_is_awaited(emulator, 4, lambda _: orphaned.set()))),
         pytest.raises(FluxError, match="supervisor process is gone"),
     ):
         op.execute(_context())
