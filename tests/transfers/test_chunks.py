@@ -107,6 +107,10 @@ def test_lineage_names_each_image_or_past_many_their_prefix(emulator, flux_conn,
     monkeypatch.setattr("airflow_flux.transfers.flux_to_s3.MANY_IMAGES", many)
     outputs: list[dict[str, str]] = []
     collector = SimpleNamespace(add_output_asset=lambda **kw: outputs.append(kw["asset_kwargs"]))
+    # Modules that import the function by name must have done so before it is patched, or they
+    # would keep the fake for the rest of the session (the S3 hook does, at its import).
+    import airflow.providers.amazon.aws.hooks.s3  # noqa: F401
+
     monkeypatch.setattr("airflow.providers.common.compat.lineage.hook.get_hook_lineage_collector", lambda: collector)
     # A list of results (a batch's summary always names the prefix: its images are many).
     op = FluxToS3Operator(task_id="to_s3", source=_lines(flux_conn, 3), s3_bucket=s3.bucket, s3_key_prefix="out")
