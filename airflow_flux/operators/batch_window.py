@@ -147,9 +147,11 @@ class BatchWindow:
     def fingerprint(self, index: int) -> str:
         return self.request(index)[1].fingerprint
 
-    def _submit(self, index: int) -> tuple[dict[str, Any], tuple[dict[str, Any], RequestIdentity]]:
-        """Pay for request ``index`` (in a thread): its handle, and its payload and identity."""
-        sent = self.request(index)
+    def _submit(
+        self, index: int, sent: tuple[dict[str, Any], RequestIdentity]
+    ) -> tuple[dict[str, Any], tuple[dict[str, Any], RequestIdentity]]:
+        """Pay for request ``index`` (in a thread): its handle, and ``sent`` (its payload and
+        identity, built in the loop's thread: the pinned payloads' SQLite file is that thread's)."""
         payload = sent[0]
         wire = self.resolver.resolve(payload) if self.resolver is not None and has_s3_inputs(payload) else payload
         handle = self.hook.submit(wire, endpoint=self.endpoint, options=self.options).model_dump()
@@ -255,7 +257,9 @@ class BatchWindow:
                         and (nxt := next(todo, None)) is not None
                     ):
                         self.slot_of[nxt] = self.free.popleft()
-                        submit: asyncio.Future[Any] = asyncio.ensure_future(asyncio.to_thread(self._submit, nxt))
+                        submit: asyncio.Future[Any] = asyncio.ensure_future(
+                            asyncio.to_thread(self._submit, nxt, self.request(nxt))
+                        )
                         submit.add_done_callback(lambda _: wait.wake.set())
                         submitting[submit] = nxt
                     if not submitting and not wait.handles:

@@ -342,3 +342,20 @@ def test_an_input_replaced_between_airflow_tries_is_paid_for_again(dags, flux_de
     assert fetch.sha256 == hashlib.sha256(_png((30, 30, 200))).hexdigest()
     manifest = json.loads(s3.get_object(Bucket=s3.bucket, Key="replaced/manifest.json")["Body"].read())
     assert [i["inputs"] for i in manifest["images"]] == [handle["inputs"]]
+
+
+def test_a_window_of_edits_from_s3_sends_every_request_once_with_its_pinned_input(emulator, flux_conn, s3):
+    # More requests than the window: the pinned payloads are read back as each is submitted.
+    s3.put_object(Bucket=s3.bucket, Key="in/ok.png", Body=_png((30, 200, 30)), ContentType="image/png")
+    requests = [{"prompt": f"window edit {i}", "image_url": f"s3://{s3.bucket}/in/ok.png"} for i in range(6)]
+    op = FluxBatchGenerateOperator(
+        task_id="b", requests=requests, endpoint=KONTEXT_EDIT, flux_conn_id=flux_conn, max_in_flight=2
+    )
+    results = op.execute(_context(_Store()))
+    assert [r["status"] for r in results] == ["completed"] * 6
+    assert len(emulator.calls(kind="submit")) == 6
+    for result in results:
+        job = emulator.jobs[result["request_id"]]
+        assert job.input["prompt"] == result["prompt"]
+        assert not job.input["image_url"].startswith("s3://")  # fal got a URL it can fetch
+        assert str(result["inputs"]).count(f"s3://{s3.bucket}/in/ok.png") == 1
