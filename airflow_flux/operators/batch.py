@@ -30,6 +30,7 @@ from airflow_flux.identity import DEFAULT_CONN_ID, StoredRequest
 from airflow_flux.links import FluxGalleryLink
 from airflow_flux.models import RequestOptions, build_payload
 from airflow_flux.operators.batch_items import check_failures, result_line, results_place
+from airflow_flux.operators.batch_requests import closing, open_requests, where
 from airflow_flux.operators.flux import REQUEST_FIELDS
 from airflow_flux.operators.inputs import InputResolver, check_inputs, has_s3_inputs
 from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, default_deferrable
@@ -73,7 +74,9 @@ class FluxBatchGenerateOperator(BaseOperator):
     takes either as its ``source``.
 
     :param requests: the batch (templated; an XComArg too): prompt strings, or dicts of
-        request fields (an item's own fields win over the shared ones below).
+        request fields (an item's own fields win over the shared ones below); or the
+        ``s3://`` URI of a JSON Lines file of them, one per line, read with ``aws_conn_id``
+        a line at a time (a batch of 100,000 then holds neither the DB nor the worker's memory).
     :param endpoint: fal model path for the whole batch; default the connection's.
     :param flux_conn_id: the ``flux`` connection.
     :param max_images: refuse, before any submit, a batch that would generate more images.
@@ -176,32 +179,24 @@ class FluxBatchGenerateOperator(BaseOperator):
 
     # -- before any call -------------------------------------------------------------------
 
-    def _items(self) -> list[Any]:
-        """The batch's items as given (prompt strings or dicts)."""
-        try:
-            if isinstance(self.requests, str | Mapping):
-                raise TypeError
-            # A slice, not iteration: a mapped upstream's lazy XCom sequence then fetches
-            # every item in one request (iterating probes one past the end).
-            items = list(self.requests[:]) if hasattr(self.requests, "__getitem__") else list(self.requests)
-        except TypeError:
-            raise FluxValidationError(
-                f"requests: must be a list of prompts or of dicts of request fields (got {type(self.requests).__name__})"
-            ) from None
-        if not items:
-            raise FluxValidationError("requests: the batch is empty")
-        return items
+    def _items(self) -> Sequence[Any]:
+        """The batch's items as given (prompt strings or dicts), or a JSON Lines file's in S3."""
+        return open_requests(self.requests, aws_conn_id=self.aws_conn_id, log=self.log)
 
     def _payload(self, items: Sequence[Any], index: int, endpoint: str) -> dict[str, Any]:
         """Item ``index`` as the payload sent, validated; refused naming its index and field."""
         item = items[index]
         shared = {name: getattr(self, name) for name in REQUEST_FIELDS if getattr(self, name) is not None}
-        fields = {**shared, "prompt": item} if isinstance(item, str) else {**shared, **dict(item)}
+        if not isinstance(item, str | Mapping):
+            raise FluxValidationError(
+                f"{where(items, index)}: a {type(item).__name__}; each request is a prompt or a dict of request fields"
+            )
+        fields = {**shared, "prompt": item} if isinstance(item, str) else {**shared, **item}
         try:
             payload = build_payload(fields, endpoint)
             check_inputs(payload)
         except FluxValidationError as exc:
-            raise FluxValidationError(f"requests[{index}]: {exc}", errors=exc.errors) from None
+            raise FluxValidationError(f"{where(items, index)}: {exc}", errors=exc.errors) from None
         return payload
 
     def _check_images(self, requests: int, images: int) -> None:
@@ -213,7 +208,9 @@ class FluxBatchGenerateOperator(BaseOperator):
 
     def _payloads(self, endpoint: str, items: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         """Every item validated, in order; refuses the batch naming an item's index and field."""
-        items = self._items() if items is None else items
+        if items is None:
+            with closing(self._items()) as items:
+                return self._payloads(endpoint, items)
         payloads = [self._payload(items, index, endpoint) for index in range(len(items))]
         self._check_images(len(payloads), sum(int(p.get("num_images") or 1) for p in payloads))
         return payloads
@@ -228,7 +225,10 @@ class FluxBatchGenerateOperator(BaseOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]] | dict[str, Any]:
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
-        items = self._items()
+        with closing(self._items()) as items:
+            return self._execute(context, endpoint, items)
+
+    def _execute(self, context: Context, endpoint: str, items: Sequence[Any]) -> list[dict[str, Any]] | dict[str, Any]:
         window = self._window_size()
         if len(items) > min(window, SINGLE_WAIT_LIMIT):
             return self._execute_window(context, endpoint, items, window)
@@ -470,7 +470,7 @@ class FluxBatchGenerateOperator(BaseOperator):
     # -- a window (a batch larger than max_in_flight) ---------------------------------------
 
     def _execute_window(
-        self, context: Context, endpoint: str, items: list[Any], max_in_flight: int
+        self, context: Context, endpoint: str, items: Sequence[Any], max_in_flight: int
     ) -> list[dict[str, Any]] | dict[str, Any]:
         from airflow_flux.operators.batch_window import run_window
 

@@ -29,7 +29,7 @@ import asyncio
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow_flux.exceptions import FluxError, FluxValidationError
@@ -397,7 +397,7 @@ class BatchWindow:
 
 
 def run_window(
-    op: Any, context: Context, endpoint: str, items: list[Any], max_in_flight: int
+    op: Any, context: Context, endpoint: str, items: Sequence[Any], max_in_flight: int
 ) -> list[dict[str, Any]] | dict[str, Any]:
     """Run the batch as a window in the worker (:mod:`~airflow_flux.operators.batch_window`)."""
     from airflow_flux.operators.batch_items import S3Checkpoints, StateCheckpoints
