@@ -12,7 +12,7 @@ state bytes left and the largest trigger kwargs in the DB, the results file's si
 submits paid for, the images listed in S3.
 
 Run: ``python bench/batch_scale.py --sizes 1000 --concurrency 10 --seconds 3``
-(``--no-copy`` skips the copy to S3).
+(``--no-copy`` skips the copy to S3; ``--input conf`` puts the prompts in the run's conf).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import os
 with DAG(
     "flux_bench_scale",
     schedule=None,
-    params={"requests": Param([], type="array")},
+    params={"requests": Param([], type=["array", "string"])},
     render_template_as_native_obj=True,
 ):
     batch = FluxBatchGenerateOperator(
@@ -71,9 +71,9 @@ def child(size: int) -> dict[str, Any]:
     from sqlalchemy import text
 
     dag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).get_dag("flux_bench_scale")
-    prompts = [f"a scale fox number {i}, watercolour" for i in range(size)]
+    requests: Any = os.environ.get("BENCH_REQUESTS_URI") or prompts_of(size)
     started = time.time()
-    dr = dag.test(run_conf={"requests": prompts})
+    dr = dag.test(run_conf={"requests": requests})
     wall = time.time() - started
     with Session() as session:
 
@@ -99,6 +99,10 @@ def child(size: int) -> dict[str, Any]:
     return figures
 
 
+def prompts_of(size: int) -> list[str]:
+    return [f"a scale fox number {i}, watercolour" for i in range(size)]
+
+
 def _duration(task: list[str] | None) -> float | None:
     from datetime import datetime
 
@@ -108,7 +112,15 @@ def _duration(task: list[str] | None) -> float | None:
     return (end - start).total_seconds()
 
 
-def run_size(size: int, *, concurrency: int, seconds: float, emulator: Emulator, s3_url: str, copy: bool) -> dict:
+def run_size(
+    size: int, *, concurrency: int, seconds: float, emulator: Emulator, s3_url: str, copy: bool, input_file: bool
+) -> dict:
+    uri = ""
+    if input_file:
+        key = f"_inputs/{size}.jsonl"
+        body = "".join(json.dumps(p) + "\n" for p in prompts_of(size)).encode()
+        _s3(s3_url).put_object(Bucket=BUCKET, Key=key, Body=body)
+        uri = f"s3://{BUCKET}/{key}"
     home = tempfile.mkdtemp(prefix=f"flux-scale-{size}-")
     dags = Path(home, "dags")
     dags.mkdir()
@@ -123,6 +135,7 @@ def run_size(size: int, *, concurrency: int, seconds: float, emulator: Emulator,
         AIRFLOW__STATE_STORE__MAX_VALUE_STORAGE_BYTES="65536",
         BENCH_MAX_IN_FLIGHT=str(2 * concurrency),
         BENCH_COPY="1" if copy else "0",
+        BENCH_REQUESTS_URI=uri,
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")])),
         AIRFLOW_CONN_FLUX_DEFAULT=json.dumps(
             {"conn_type": "flux", "host": emulator.base_url, "password": TOKEN, "extra": {"concurrency": concurrency}}
@@ -157,15 +170,7 @@ def run_size(size: int, *, concurrency: int, seconds: float, emulator: Emulator,
     emulator.reset()
     uri = (figures.get("summary") or {}).get("results_uri", "")
     if uri:
-        import boto3
-
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=s3_url,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        )
+        s3 = _s3(s3_url)
         key = uri.split("/", 3)[3]
         figures["results_bytes"] = s3.head_object(Bucket=BUCKET, Key=key)["ContentLength"]
         if copy:
@@ -176,12 +181,21 @@ def run_size(size: int, *, concurrency: int, seconds: float, emulator: Emulator,
     return figures
 
 
+def _s3(url: str) -> Any:
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000", help="comma-separated batch sizes")
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=3.0, help="generation time T")
     parser.add_argument("--no-copy", action="store_true")
+    parser.add_argument("--input", choices=("file", "conf"), default="file", help="prompts in S3 or in the conf")
     parser.add_argument("--json")
     parser.add_argument("--child", type=int)
     parser.add_argument("--out")
@@ -194,15 +208,7 @@ def main() -> int:
     print(f"Command: {command_line()}\n")
     rows, results = [], {}
     with moto_server() as s3_url:
-        import boto3
-
-        boto3.client(
-            "s3",
-            endpoint_url=s3_url,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        ).create_bucket(Bucket=BUCKET)
+        _s3(s3_url).create_bucket(Bucket=BUCKET)
         with Emulator(
             queue_seconds=0, run_seconds=args.seconds, extra_args=["--concurrency", str(args.concurrency)]
         ) as emulator:
@@ -214,6 +220,7 @@ def main() -> int:
                     emulator=emulator,
                     s3_url=s3_url,
                     copy=not args.no_copy,
+                    input_file=args.input == "file",
                 )
                 results[size] = f
                 ratio = f["batch_s"] / f["floor_s"] if f.get("batch_s") else None
@@ -225,6 +232,7 @@ def main() -> int:
                         fmt(f.get("copy_s"), 1),
                         fmt(f["peak_rss_mb"], 0),
                         f"{f['xcom_bytes']:,}",
+                        f"{f['conf_bytes']:,}",
                         f"{f['task_state_bytes']:,} ({f['task_state_rows']} rows)",
                         f"{f['trigger_kwargs_max']:,}",
                         f"{f.get('results_bytes', 0):,}",
@@ -245,6 +253,7 @@ def main() -> int:
                 "copy (s)",
                 "peak RSS (MB)",
                 "XCom (bytes)",
+                "run conf (bytes)",
                 "task state left (bytes)",
                 "largest trigger kwargs (bytes)",
                 "results file (bytes)",
