@@ -204,6 +204,12 @@ def get_provider_info() -> dict[str, Any]:
                         "Empty: each endpoint's published price.",
                         "schema": {"type": ["number", "null"], "minimum": 0},
                     },
+                    "price_per_megapixel": {
+                        "label": "Price per megapixel (USD)",
+                        "description": "This connection's price per megapixel, for endpoints priced per "
+                        "megapixel (FLUX.2; an aggregator's). Empty: each endpoint's published price.",
+                        "schema": {"type": ["number", "null"], "minimum": 0},
+                    },
                 },
             }
         ],

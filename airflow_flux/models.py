@@ -1,5 +1,6 @@
-"""Pydantic models of the FLUX.1 Kontext [pro] request, the queue status, the request handle
-and the result.
+"""Pydantic models of the queue status, the request handle and the result, and the request
+validation every endpoint goes through (the request models themselves are each model
+family's, in :mod:`airflow_flux.families`; the Kontext ones are importable from here too).
 
 Requests are strict (a bad value fails before anything is paid for, with a message that
 names the field and what is allowed); responses are tolerant (unknown fields are kept,
@@ -16,13 +17,12 @@ built by the worker or triggerer that uses them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, get_args, get_origin
 
-from annotated_types import Ge, Gt, Le, Lt
+from annotated_types import Ge, Gt, Le, Lt, MaxLen
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -31,47 +31,65 @@ from pydantic import (
 )
 
 from airflow_flux.exceptions import FluxValidationError
+from airflow_flux.families import REQUEST_MODELS as REQUEST_MODELS
+from airflow_flux.families import price_rule
+from airflow_flux.families.common import NO_OVERRIDE, PerImage, PerMegapixel, Prices, Size
+from airflow_flux.families.common import OUTPUT_FORMATS as OUTPUT_FORMATS
+from airflow_flux.families.common import OutputFormat as OutputFormat
+from airflow_flux.families.kontext import ASPECT_RATIOS as ASPECT_RATIOS
+from airflow_flux.families.kontext import KONTEXT_EDIT as KONTEXT_EDIT
+from airflow_flux.families.kontext import KONTEXT_MAX_EDIT as KONTEXT_MAX_EDIT
+from airflow_flux.families.kontext import KONTEXT_MAX_MULTI as KONTEXT_MAX_MULTI
+from airflow_flux.families.kontext import KONTEXT_MAX_TEXT_TO_IMAGE as KONTEXT_MAX_TEXT_TO_IMAGE
+from airflow_flux.families.kontext import KONTEXT_MULTI as KONTEXT_MULTI
+from airflow_flux.families.kontext import KONTEXT_TEXT_TO_IMAGE as KONTEXT_TEXT_TO_IMAGE
+from airflow_flux.families.kontext import AspectRatio as AspectRatio
+from airflow_flux.families.kontext import KontextEditRequest as KontextEditRequest
+from airflow_flux.families.kontext import KontextMaxEditRequest as KontextMaxEditRequest
+from airflow_flux.families.kontext import KontextMaxMultiRequest as KontextMaxMultiRequest
+from airflow_flux.families.kontext import KontextMaxTextToImageRequest as KontextMaxTextToImageRequest
+from airflow_flux.families.kontext import KontextMultiRequest as KontextMultiRequest
+from airflow_flux.families.kontext import KontextTextToImageRequest as KontextTextToImageRequest
 from airflow_flux.redact import redact_presigned
 
-#: The fal model this provider is built for, and the rest of the FLUX.1 Kontext family.
-KONTEXT_TEXT_TO_IMAGE = "fal-ai/flux-pro/kontext/text-to-image"
-KONTEXT_EDIT = "fal-ai/flux-pro/kontext"
-KONTEXT_MULTI = "fal-ai/flux-pro/kontext/multi"
-KONTEXT_MAX_TEXT_TO_IMAGE = "fal-ai/flux-pro/kontext/max/text-to-image"
-KONTEXT_MAX_EDIT = "fal-ai/flux-pro/kontext/max"
-KONTEXT_MAX_MULTI = "fal-ai/flux-pro/kontext/max/multi"
-
-#: Published price per generated image, in US dollars (Black Forest Labs' and fal's lists:
-#: [pro] $0.04, [max] $0.08). An aggregator resells at its own price: the connection's
-#: ``price_per_image`` extra overrides these.
-PRICE_PER_IMAGE_USD: dict[str, float] = {
-    KONTEXT_TEXT_TO_IMAGE: 0.04,
-    KONTEXT_EDIT: 0.04,
-    KONTEXT_MULTI: 0.04,
-    KONTEXT_MAX_TEXT_TO_IMAGE: 0.08,
-    KONTEXT_MAX_EDIT: 0.08,
-    KONTEXT_MAX_MULTI: 0.08,
-}
 #: Request fields that carry input images (the caller's URIs; see ``operators.inputs``).
 IMAGE_INPUT_FIELDS: tuple[str, ...] = ("image_url", "image_urls")
 
 
-def cost_usd(endpoint: str | None, images: int, *, price_per_image: float | None = None) -> float | None:
-    """What ``images`` images of ``endpoint`` cost: ``price_per_image`` or the published price.
+def _size(image: Any) -> Size:
+    get = image.get if isinstance(image, Mapping) else lambda name: getattr(image, name, None)
+    width, height = get("width"), get("height")
+    return (width if isinstance(width, int) else None, height if isinstance(height, int) else None)
 
-    None when neither is known (an endpoint outside the family, with no price set).
+
+def cost_usd(
+    endpoint: str | None,
+    images: Sequence[Any] | int,
+    *,
+    inputs: Iterable[Size] | None = None,
+    billable_units: float | None = None,
+    prices: Prices = NO_OVERRIDE,
+) -> float | None:
+    """What one request's ``images`` cost, by its endpoint's price rule (or the connection's prices).
+
+    :param images: the result's images (each with its ``width`` and ``height``), or their number.
+    :param inputs: the input images' sizes, for endpoints that bill them (None: not known).
+    :param billable_units: what fal said it billed (``X-Fal-Billable-Units``), when it did.
+    :param prices: the connection's own prices (an aggregator's), overriding the published ones.
+    :returns: None when it cannot be known: an endpoint with no published price and no price
+        on the connection, or a size a per-megapixel price needs missing from the result.
     """
-    price = price_per_image if price_per_image is not None else PRICE_PER_IMAGE_USD.get((endpoint or "").strip("/"))
-    return None if price is None else round(price * images, 6)
+    outputs = [(None, None)] * images if isinstance(images, int) else [_size(i) for i in images]
+    rule = price_rule(endpoint)
+    if rule is not None:
+        return rule.cost(outputs, inputs, prices, billable_units)
+    # Outside the registered families: the connection's price, if it says one.
+    if prices.per_image is not None:
+        return PerImage(prices.per_image).cost(outputs)
+    if prices.per_megapixel is not None:
+        return PerMegapixel(prices.per_megapixel, prices.per_megapixel).cost(outputs, (), prices, billable_units)
+    return None
 
-
-ASPECT_RATIOS: tuple[str, ...] = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
-OUTPUT_FORMATS: tuple[str, ...] = ("jpeg", "png")
-SAFETY_TOLERANCES: tuple[str, ...] = ("1", "2", "3", "4", "5", "6")
-
-AspectRatio = Literal["21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21"]
-OutputFormat = Literal["jpeg", "png"]
-SafetyTolerance = Literal["1", "2", "3", "4", "5", "6"]
 
 # Status values of fal's queue. There is deliberately no FAILED: a failed request ends
 # COMPLETED, with ``error``/``error_type`` in the status or an error on the result.
@@ -80,107 +98,11 @@ IN_PROGRESS = "IN_PROGRESS"
 COMPLETED = "COMPLETED"
 
 
-def _tolerance_to_str(value: Any) -> Any:
-    # The API wants a string ("2"), but users naturally write 2; ints are accepted and
-    # normalised. bool is an int subclass and is left alone so it fails validation.
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return value
-
-
-class _KontextRequest(BaseModel):
-    """The fields every FLUX.1 Kontext endpoint shares.
-
-    :param prompt: what to draw (or how to edit); must not be empty.
-    :param seed: makes the output reproducible for the same prompt and settings.
-    :param guidance_scale: how closely to follow the prompt, 1 to 20 (API default 3.5).
-    :param num_images: images to generate, 1 to 4 (API default 1).
-    :param output_format: ``jpeg`` or ``png`` (API default ``jpeg``).
-    :param safety_tolerance: ``"1"`` (strictest) to ``"6"`` (API default ``"2"``).
-    :param aspect_ratio: one of 21:9, 16:9, 4:3, 3:2, 1:1, 2:3, 3:4, 9:16, 9:21 (text-to-image
-        default 1:1; an edit keeps its input's when unset).
-    :param enhance_prompt: let the API rewrite the prompt before generating.
-    :param sync_mode: return images inline as ``data:`` URIs instead of CDN URLs.
-    """
-
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True, defer_build=True)
-
-    endpoint: ClassVar[str]
-
-    prompt: str = Field(min_length=1)
-    seed: int | None = None
-    guidance_scale: float | None = Field(default=None, ge=1, le=20)
-    num_images: int | None = Field(default=None, ge=1, le=4)
-    output_format: OutputFormat | None = None
-    safety_tolerance: Annotated[SafetyTolerance | None, BeforeValidator(_tolerance_to_str)] = None
-    aspect_ratio: AspectRatio | None = None
-    enhance_prompt: bool | None = None
-    sync_mode: bool | None = None
-
-    def to_payload(self) -> dict[str, Any]:
-        """The JSON body to send: only what the user set, so the API's own defaults apply."""
-        return self.model_dump(exclude_none=True)
-
-
-class KontextTextToImageRequest(_KontextRequest):
-    """Input of ``fal-ai/flux-pro/kontext/text-to-image``: the shared fields."""
-
-    endpoint: ClassVar[str] = KONTEXT_TEXT_TO_IMAGE
-
-
-class KontextEditRequest(_KontextRequest):
-    """Input of ``fal-ai/flux-pro/kontext`` (an edit of one image).
-
-    :param image_url: the image to edit: a URL fal can fetch without credentials, or a
-        ``data:`` URI (the operators turn ``s3://`` URIs into one of these).
-    """
-
-    endpoint: ClassVar[str] = KONTEXT_EDIT
-
-    image_url: str = Field(min_length=1)
-
-
-class KontextMultiRequest(_KontextRequest):
-    """Input of ``fal-ai/flux-pro/kontext/multi`` (several reference images).
-
-    :param image_urls: the reference images, at least one (URLs or ``data:`` URIs).
-    """
-
-    endpoint: ClassVar[str] = KONTEXT_MULTI
-
-    image_urls: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
-
-
-class KontextMaxTextToImageRequest(KontextTextToImageRequest):
-    """Input of ``fal-ai/flux-pro/kontext/max/text-to-image``."""
-
-    endpoint: ClassVar[str] = KONTEXT_MAX_TEXT_TO_IMAGE
-
-
-class KontextMaxEditRequest(KontextEditRequest):
-    """Input of ``fal-ai/flux-pro/kontext/max``."""
-
-    endpoint: ClassVar[str] = KONTEXT_MAX_EDIT
-
-
-class KontextMaxMultiRequest(KontextMultiRequest):
-    """Input of ``fal-ai/flux-pro/kontext/max/multi``."""
-
-    endpoint: ClassVar[str] = KONTEXT_MAX_MULTI
-
-
-#: Request models by endpoint. Endpoints not listed here take a free-form JSON object.
-REQUEST_MODELS: dict[str, type[BaseModel]] = {
-    model.endpoint: model
-    for model in (
-        KontextTextToImageRequest,
-        KontextEditRequest,
-        KontextMultiRequest,
-        KontextMaxTextToImageRequest,
-        KontextMaxEditRequest,
-        KontextMaxMultiRequest,
-    )
-}
+def _literal_values(annotation: Any) -> list[Any]:
+    """The values of the ``Literal`` types in an annotation (``Literal[...] | None``, ``Annotated``)."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    return [value for arg in get_args(annotation) for value in _literal_values(arg)]
 
 
 def _allowed_values(model: type[BaseModel], field: str) -> str | None:
@@ -196,19 +118,17 @@ def _allowed_values(model: type[BaseModel], field: str) -> str | None:
             hi = meta.le if isinstance(meta, Le) else meta.lt
     if lo is not None and hi is not None:
         return f"a number from {lo} to {hi}"
-    choices = {
-        "aspect_ratio": ASPECT_RATIOS,
-        "output_format": OUTPUT_FORMATS,
-        "safety_tolerance": SAFETY_TOLERANCES,
-    }.get(field)
-    if choices and field in model.model_fields:
+    if choices := _literal_values(info.annotation):
         return "one of " + ", ".join(repr(c) for c in choices)
     if field == "prompt":
         return "a non-empty string"
     if field == "image_url":
         return "a non-empty image URL (s3://, https:// or data:)"
     if field.startswith("image_urls"):
-        return "a non-empty list of image URLs (s3://, https:// or data:)"
+        most = next((m.max_length for m in info.metadata if isinstance(m, MaxLen)), None)
+        if most is None:
+            return "a non-empty list of image URLs (s3://, https:// or data:)"
+        return f"a list of 1 to {most} image URLs (s3://, https:// or data:)"
     return None
 
 
@@ -221,6 +141,8 @@ def validation_error_from(exc: ValidationError, model: type[BaseModel], endpoint
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(model.model_fields)
             msg = f"unknown field for endpoint {endpoint}; allowed fields: {allowed}"
+            if field == "num_images":  # FLUX.2 [pro] and [max]
+                msg = f"{endpoint} makes one image a request (a batch sends one per image); allowed fields: {allowed}"
         elif err["type"] == "missing":
             msg = "is required"
         else:
@@ -425,8 +347,11 @@ class FluxResult(BaseModel):
     endpoint: str | None = None
     #: The caller's input images of an edit (see :attr:`FluxRequestHandle.inputs`).
     inputs: list[str] | None = None
-    #: What the request cost: price per image (published, or the connection's) x images.
+    #: What the request cost, by its endpoint's price rule (per image, or per megapixel of
+    #: the images' real sizes), at the published prices or the connection's.
     cost_usd: float | None = None
+    #: What fal billed, in the endpoint's unit, when its answer said (``X-Fal-Billable-Units``).
+    billable_units: float | None = None
     #: The connection the request was made with (an id, never a secret): the copy downloads
     #: the images under its ``allowed_image_hosts``, as a handle's ``flux_conn_id``.
     flux_conn_id: str | None = None

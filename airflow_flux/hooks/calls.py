@@ -22,6 +22,7 @@ from airflow_flux.hooks.responses import (
     parse_result,
     parse_status,
     result_error,
+    with_billable_units,
 )
 from airflow_flux.models import FluxRequestHandle, FluxResult, FluxStatus, RequestOptions, build_payload
 
@@ -64,12 +65,15 @@ class ApiCall(Generic[T]):
     idempotent: bool = True
     on_error: Callable[[FluxAPIError], T] | None = None
     headers: Mapping[str, str] | None = None
+    #: Whether the answer carries what the request was billed (``X-Fal-Billable-Units``).
+    billed: bool = False
 
     def answer(self, status: int, headers: Mapping[str, str], raw: bytes) -> Any:
         """The JSON body of a successful answer to this call, or the typed API error raised."""
-        return check_response(
+        body = check_response(
             status, headers, raw, what=self.what, request_id=self.request_id, idempotent=self.idempotent
         )
+        return with_billable_units(body, headers) if self.billed else body
 
 
 def handle_from(handle: HandleLike, settings: FluxConnectionSettings, flux_conn_id: str) -> FluxRequestHandle:
@@ -149,6 +153,7 @@ def result_call(h: FluxRequestHandle) -> ApiCall[FluxResult]:
         lambda body: parse_result(body, h),
         request_id=h.request_id,
         on_error=on_error,
+        billed=True,
     )
 
 

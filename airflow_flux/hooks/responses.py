@@ -184,6 +184,22 @@ def parse_status(body: Any, h: FluxRequestHandle) -> FluxStatus:
         ) from None
 
 
+#: What fal billed for a request, in the endpoint's billing unit (images, or megapixels).
+BILLABLE_UNITS_HEADER = "X-Fal-Billable-Units"
+
+
+def with_billable_units(body: Any, headers: Mapping[str, str]) -> Any:
+    """A result's body with ``billable_units`` from fal's header, when it sends one (a number)."""
+    raw = headers.get(BILLABLE_UNITS_HEADER)
+    if raw is None or not isinstance(body, Mapping):
+        return body
+    try:
+        units = float(raw)
+    except ValueError:
+        return body  # not a number: not ours to guess at
+    return {**body, "billable_units": units}
+
+
 def parse_result(body: Any, h: FluxRequestHandle) -> FluxResult:
     try:
         result = FluxResult.model_validate(body)

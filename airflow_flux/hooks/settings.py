@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from airflow_flux.exceptions import FluxConfigError, FluxUntrustedURLError
+from airflow_flux.families.common import Prices
 from airflow_flux.hooks.egress import DEFAULT_MAX_IMAGE_MIB, HostPattern, ImageHostPolicy
 from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE
 
@@ -68,11 +69,18 @@ class FluxConnectionSettings:
     media_expires_in: int | None = None
     #: What one image costs on this connection (an aggregator's price); None: the published price.
     price_per_image: float | None = None
+    #: What one megapixel costs on this connection (endpoints priced per megapixel); None: published.
+    price_per_megapixel: float | None = None
     #: Requests the account runs at once (``concurrency``); None: not said.
     concurrency: int | None = None
     #: Where images may be downloaded from and how large they may be (``allowed_image_hosts``,
     #: ``max_image_mib``); None: fal's media CDN only, the default size cap.
     image_policy: ImageHostPolicy | None = None
+
+    @property
+    def prices(self) -> Prices:
+        """This connection's own prices, overriding the published ones where set."""
+        return Prices(per_image=self.price_per_image, per_megapixel=self.price_per_megapixel)
 
     @classmethod
     def from_connection(cls, conn: Connection) -> FluxConnectionSettings:
@@ -146,6 +154,7 @@ class FluxConnectionSettings:
             store_io=_as_bool(opt("store_io", True)),
             media_expires_in=number("media_expires_in", int),
             price_per_image=number("price_per_image", float),
+            price_per_megapixel=number("price_per_megapixel", float),
             concurrency=number("concurrency", int),
         )
 

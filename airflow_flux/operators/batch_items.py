@@ -25,6 +25,7 @@ from airflow_flux.results import list_parts, read_part, write_part
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from airflow_flux.families.common import Prices
     from airflow_flux.operators.batch_window import BatchWindow
     from airflow_flux.results import Tally
     from airflow_flux.state import TaskState
@@ -110,7 +111,7 @@ def result_line(
     *,
     endpoint: str,
     flux_conn_id: str,
-    price_per_image: float | None,
+    prices: Prices,
     inputs: Any = None,
 ) -> dict[str, Any]:
     """One request's item, as the batch returns it (or writes it as a line of its results file).
@@ -129,7 +130,9 @@ def result_line(
     }
     if outcome.get("status") == "completed":
         result = dict(outcome.get("result") or {})
-        result["cost_usd"] = cost_usd(endpoint, len(result.get("images") or []), price_per_image=price_per_image)
+        result["cost_usd"] = cost_usd(
+            endpoint, result.get("images") or [], billable_units=result.get("billable_units"), prices=prices
+        )
         return {**result, **common, "request_id": outcome.get("request_id"), "status": "completed"}
     error = outcome.get("error")
     if outcome.get("status") == "pending":
@@ -274,6 +277,6 @@ def window_lines(w: BatchWindow) -> Iterator[dict[str, Any]]:
             outcome,
             endpoint=w.endpoint,
             flux_conn_id=w.flux_conn_id,
-            price_per_image=w.price,
+            prices=w.price,
             inputs=w.unfinished.get(index, {}).get("inputs"),
         )

@@ -108,7 +108,7 @@ class BatchWindow:
         )
         self.max_tries = getattr(ti, "max_tries", None)
         self.try_number = getattr(ti, "try_number", None)
-        self.price = hook.settings.price_per_image
+        self.price = hook.settings.prices
         self.base_url = hook.settings.base_url
         # The task's supervisor: Airflow's task runner has a process group of its own, so a
         # worker killed as a group (an OOM kill, a kill -9) leaves this process running on,
@@ -180,7 +180,7 @@ class BatchWindow:
             outcome.model_dump(mode="json", exclude_none=True),
             endpoint=self.endpoint,
             flux_conn_id=self.flux_conn_id,
-            price_per_image=self.price,
+            prices=self.price,
             inputs=handle.get("inputs"),
         )
         self.count_line(line)

@@ -158,7 +158,12 @@ class FluxWaitMixin(_Operator):
 
     def _return_value(self, result: dict[str, Any], handle: Mapping[str, Any], waited: float | None) -> dict[str, Any]:
         images = len(result.get("images") or [])
-        cost = cost_usd(handle.get("endpoint"), images, price_per_image=self.hook.settings.price_per_image)
+        cost = cost_usd(
+            handle.get("endpoint"),
+            result.get("images") or [],
+            billable_units=result.get("billable_units"),
+            prices=self.hook.settings.prices,
+        )
         # waited_seconds: time spent waiting for completion (None when it was not measured).
         result = {
             **result,
@@ -175,7 +180,7 @@ class FluxWaitMixin(_Operator):
             handle["request_id"],
             images,
             result.get("seed"),
-            "unknown (no price for this endpoint)" if cost is None else f"${cost:.4f}",
+            "unknown (no price for this endpoint, or an image's size missing)" if cost is None else f"${cost:.4f}",
         )
         return result
 

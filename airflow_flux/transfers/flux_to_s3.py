@@ -261,7 +261,7 @@ class FluxToS3Operator(BaseOperator):
             hook = self._api_hook(conn_id)
             result = hook.get_result(handle)
             endpoint = handle.get("endpoint")
-            cost = cost_usd(endpoint, len(result.images), price_per_image=hook.settings.price_per_image)
+            cost = cost_usd(endpoint, result.images, billable_units=result.billable_units, prices=hook.settings.prices)
             results.append(
                 result.model_copy(
                     update={

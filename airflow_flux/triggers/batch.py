@@ -85,7 +85,9 @@ def unpack_handles(packed: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
 def compact_result(result: FluxResult) -> dict[str, Any]:
     """What the copy needs of a result (and what the operator returns), without the prompt."""
     return result.model_dump(
-        mode="json", include={"images", "seed", "has_nsfw_concepts", "timings", "request_id"}, exclude_none=True
+        mode="json",
+        include={"images", "seed", "has_nsfw_concepts", "timings", "request_id", "billable_units"},
+        exclude_none=True,
     )
 
 
