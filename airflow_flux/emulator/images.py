@@ -104,6 +104,7 @@ def render_image(
     min_bytes: int | None = None,
     blank: bool = False,
     inputs: Sequence[bytes] | None = None,
+    dimensions: tuple[int, int] | None = None,
 ) -> bytes:
     """Render one image and return its encoded bytes.
 
@@ -113,13 +114,14 @@ def render_image(
     ``min_bytes`` pads the file with an ignorable segment/chunk so that it is at least
     that large while staying a valid image of the same size and format.
 
+    ``dimensions`` (width, height) win over ``aspect_ratio`` (FLUX.2's ``image_size``).
     ``inputs`` (the encoded input images of an edit or multi request) replace the
     gradient: see :func:`_derived_base` for how the output is derived from them. The
     caption band is drawn on either.
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    width, height = image_size(aspect_ratio)
+    width, height = dimensions or image_size(aspect_ratio)
     fmt = normalize_format(output_format)
     digest = hashlib.sha256(f"{prompt}\x00{seed}\x00{index}".encode()).digest()
 

@@ -3,8 +3,7 @@
 Images are rendered by :mod:`airflow_flux.emulator.images` off the event loop, once per
 image even under concurrency, and kept in an LRU. Edit and multi outputs are derived from
 the job's input images (``images._derived_base`` documents how), with the same caption;
-their size follows ``aspect_ratio`` when given, else the supported ratio nearest to the
-first input's. ``images.render_image`` is looked up at
+their size is the model family's (:func:`~airflow_flux.emulator.families.output_size`). ``images.render_image`` is looked up at
 call time (``bench/_emulator.py`` replaces it). A mixin on
 :class:`~airflow_flux.emulator.core._CoreState`; see ``app`` for the routes.
 """
@@ -21,6 +20,7 @@ from aiohttp import web
 
 from airflow_flux.emulator import images
 from airflow_flux.emulator.core import _CoreState, _json
+from airflow_flux.emulator.families import billable_units, output_size
 from airflow_flux.emulator.jobs import COMPLETED
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class _OutputHandlers(_CoreState):
         fmt = images.normalize_format(job.input.get("output_format"))
         ext = images.extension_for(fmt)
         content_type = images.content_type_for(fmt)
-        width, height = images.image_size(_aspect_ratio(job))
+        width, height = _output_size(job)
         blobs = await asyncio.gather(*(self._image_bytes(job, i) for i in range(job.num_images)))
         sync_mode = job.input.get("sync_mode") is True
         out: list[dict[str, Any]] = []
@@ -97,6 +97,8 @@ class _OutputHandlers(_CoreState):
                     "file_size": len(data),
                 }
             )
+        inputs = [(f.width, f.height) for f in job.input_fetches if f.ok and f.width and f.height]
+        units = billable_units(job.model_path, len(out), (width, height), inputs)
         return _json(
             {
                 "images": out,
@@ -104,7 +106,9 @@ class _OutputHandlers(_CoreState):
                 "seed": job.seed,
                 "has_nsfw_concepts": _nsfw_flags(job),
                 "prompt": prompt,
-            }
+            },
+            200,
+            {"X-Fal-Billable-Units": f"{units:g}"},
         )
 
     async def _image_bytes(self, job: Job, index: int) -> bytes:
@@ -121,7 +125,7 @@ class _OutputHandlers(_CoreState):
                 str(job.input.get("prompt", "")),
                 job.seed,
                 index,
-                aspect_ratio=_aspect_ratio(job),
+                dimensions=_output_size(job),
                 output_format=job.input.get("output_format"),
                 min_bytes=job.scenario.image_bytes,
                 blank=_nsfw_flags(job)[index],
@@ -183,15 +187,9 @@ class _OutputHandlers(_CoreState):
         return response
 
 
-def _aspect_ratio(job: Job) -> str:
-    value = job.input.get("aspect_ratio")
-    if isinstance(value, str) and value in images.ASPECT_RATIO_SIZES:
-        return value
-    # An edit without aspect_ratio keeps (the nearest supported ratio to) its first input's.
-    first = next((f for f in job.input_fetches if f.ok), None)
-    if first is not None and first.width and first.height:
-        return images.nearest_aspect_ratio(first.width, first.height)
-    return "1:1"
+def _output_size(job: Job) -> tuple[int, int]:
+    first = next((f for f in job.input_fetches if f.ok and f.width and f.height), None)
+    return output_size(job.model_path, job.input, (first.width or 0, first.height or 0) if first else None)
 
 
 def _nsfw_flags(job: Job) -> list[bool]:

@@ -17,16 +17,11 @@ from typing import Any
 from aiohttp import web
 
 from airflow_flux.emulator.core import _current_stream, _json, _record
+from airflow_flux.emulator.families import input_image_refs, validate_input
 from airflow_flux.emulator.fetch import _InputFetchHandlers
 from airflow_flux.emulator.jobs import COMPLETED, IN_QUEUE, Job
 from airflow_flux.emulator.scenarios import _CANCEL_CODES
-from airflow_flux.emulator.validation import (
-    KONTEXT_ENDPOINTS,
-    _validation_error,
-    input_image_refs,
-    validate_kontext_input,
-    validate_request_headers,
-)
+from airflow_flux.emulator.validation import _validation_error, validate_request_headers
 
 
 class _QueueHandlers(_InputFetchHandlers):
@@ -63,8 +58,7 @@ class _QueueHandlers(_InputFetchHandlers):
             return self._error_response(code, retry_after=scenario.retry_after, prompt=prompt)
 
         options, errors = validate_request_headers(request.headers)
-        if model_path in KONTEXT_ENDPOINTS:
-            errors += validate_kontext_input(body, KONTEXT_ENDPOINTS[model_path])
+        errors += validate_input(model_path, body)
         if errors:
             return _json({"detail": errors}, 422)
 

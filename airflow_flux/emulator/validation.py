@@ -104,13 +104,8 @@ def _image_errors(body: dict[str, Any], image_field: str) -> list[dict[str, Any]
     ]
 
 
-def validate_kontext_input(body: dict[str, Any], image_field: str | None = None) -> list[dict[str, Any]]:
-    """Validate a FLUX.1 Kontext body; returns pydantic-style errors.
-
-    ``image_field`` is the endpoint's input-image field (see :data:`KONTEXT_ENDPOINTS`):
-    None validates text-to-image; with one, ``aspect_ratio`` may also be null (no default:
-    the output keeps the input's aspect ratio).
-    """
+def prompt_errors(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Errors of ``prompt``: required, a string, not blank (every family's)."""
     errors: list[dict[str, Any]] = []
     if "prompt" not in body:
         errors.append(_validation_error("prompt", "Field required", "missing", body))
@@ -126,6 +121,17 @@ def validate_kontext_input(body: dict[str, Any], image_field: str | None = None)
                 {"min_length": 1},
             )
         )
+    return errors
+
+
+def validate_kontext_input(body: dict[str, Any], image_field: str | None = None) -> list[dict[str, Any]]:
+    """Validate a FLUX.1 Kontext body; returns pydantic-style errors.
+
+    ``image_field`` is the endpoint's input-image field (see :data:`KONTEXT_ENDPOINTS`):
+    None validates text-to-image; with one, ``aspect_ratio`` may also be null (no default:
+    the output keeps the input's aspect ratio).
+    """
+    errors = prompt_errors(body)
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         errors.append(_validation_error("seed", "Input should be a valid integer", "int_type", seed))
@@ -177,16 +183,6 @@ def validate_kontext_input(body: dict[str, Any], image_field: str | None = None)
     if image_field is not None:
         errors.extend(_image_errors(body, image_field))
     return errors
-
-
-def input_image_refs(model_path: str, body: dict[str, Any]) -> list[tuple[str, list[str | int], str]]:
-    """``(field label, loc, url)`` of each input image of a valid body, in order."""
-    image_field = KONTEXT_ENDPOINTS.get(model_path)
-    if image_field == "image_url":
-        return [("image_url", ["body", "image_url"], body["image_url"])]
-    if image_field == "image_urls":
-        return [(f"image_urls[{i}]", ["body", "image_urls", i], url) for i, url in enumerate(body["image_urls"])]
-    return []
 
 
 def validate_request_headers(headers: Mapping[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
