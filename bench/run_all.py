@@ -137,6 +137,10 @@ def _verdict(g: dict[str, Any]) -> str:
     return f"{verdict}: {g['note']}" if g.get("note") else verdict
 
 
+#: What follows this line in RESULTS.md is not this script's (see main).
+KEPT_MARKER = "<!-- kept by run_all.py: runs of their own below -->"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="every part's --quick form (a smoke run)")
@@ -151,7 +155,13 @@ def main() -> None:
     t0 = time.monotonic()
     parts = [run_part(name, args.quick, results) for name, _ in PARTS if not args.only or name in args.only]
     total = time.monotonic() - t0
-    Path(args.output).write_text(render(parts, facts, started_at, total, args.quick))
+    report = render(parts, facts, started_at, total, args.quick)
+    # Figures too long for one run (batch_scale.py's hours) follow the marker, each with its
+    # own command and date; a rerun keeps them.
+    previous = Path(args.output).read_text() if Path(args.output).exists() else ""
+    if KEPT_MARKER in previous:
+        report += "\n" + previous[previous.index(KEPT_MARKER) :]
+    Path(args.output).write_text(report)
     print(f"\nWrote {args.output} ({total / 60:.1f} min).")
     sys.exit(1 if any(p["returncode"] for p in parts) else 0)
 

@@ -30,7 +30,7 @@ from airflow_flux.identity import DEFAULT_CONN_ID, StoredRequest
 from airflow_flux.links import FluxGalleryLink
 from airflow_flux.models import RequestOptions, build_payload
 from airflow_flux.operators.batch_items import check_failures, result_line, results_place
-from airflow_flux.operators.batch_requests import closing, open_requests, where
+from airflow_flux.operators.batch_requests import closing, fan_out, open_requests, where
 from airflow_flux.operators.flux import REQUEST_FIELDS
 from airflow_flux.operators.inputs import InputResolver, check_inputs, has_s3_inputs
 from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, default_deferrable
@@ -179,9 +179,11 @@ class FluxBatchGenerateOperator(BaseOperator):
 
     # -- before any call -------------------------------------------------------------------
 
-    def _items(self) -> Sequence[Any]:
-        """The batch's items as given (prompt strings or dicts), or a JSON Lines file's in S3."""
-        return open_requests(self.requests, aws_conn_id=self.aws_conn_id, log=self.log)
+    def _items(self, endpoint: str) -> Sequence[Any]:
+        """The batch's requests (see :func:`~airflow_flux.operators.batch_requests.fan_out`)."""
+        items = open_requests(self.requests, aws_conn_id=self.aws_conn_id, log=self.log)
+        shared = {"num_images": getattr(self, "num_images", None), "seed": getattr(self, "seed", None)}
+        return fan_out(items, endpoint, **shared, check=lambda n: self._check_images(len(items), n), log=self.log)
 
     def _payload(self, items: Sequence[Any], index: int, endpoint: str) -> dict[str, Any]:
         """Item ``index`` as the payload sent, validated; refused naming its index and field."""
@@ -192,6 +194,7 @@ class FluxBatchGenerateOperator(BaseOperator):
                 f"{where(items, index)}: a {type(item).__name__}; each request is a prompt or a dict of request fields"
             )
         fields = {**shared, "prompt": item} if isinstance(item, str) else {**shared, **item}
+        fields = {name: value for name, value in fields.items() if value is not None}  # None: not sent
         try:
             payload = build_payload(fields, endpoint)
             check_inputs(payload)
@@ -209,7 +212,7 @@ class FluxBatchGenerateOperator(BaseOperator):
     def _payloads(self, endpoint: str, items: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         """Every item validated, in order; refuses the batch naming an item's index and field."""
         if items is None:
-            with closing(self._items()) as items:
+            with closing(self._items(endpoint)) as items:
                 return self._payloads(endpoint, items)
         payloads = [self._payload(items, index, endpoint) for index in range(len(items))]
         self._check_images(len(payloads), sum(int(p.get("num_images") or 1) for p in payloads))
@@ -225,7 +228,7 @@ class FluxBatchGenerateOperator(BaseOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]] | dict[str, Any]:
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
-        with closing(self._items()) as items:
+        with closing(self._items(endpoint)) as items:
             return self._execute(context, endpoint, items)
 
     def _execute(self, context: Context, endpoint: str, items: Sequence[Any]) -> list[dict[str, Any]] | dict[str, Any]:
@@ -408,7 +411,7 @@ class FluxBatchGenerateOperator(BaseOperator):
         timed_out: bool,
         inputs: Mapping[int, Any] | None = None,
     ) -> list[dict[str, Any]] | dict[str, Any]:
-        price = self.hook.settings.price_per_image
+        price = self.hook.settings.prices
         results = [
             result_line(
                 index,
@@ -416,7 +419,7 @@ class FluxBatchGenerateOperator(BaseOperator):
                 outcomes.get(index) or {"status": "pending"},
                 endpoint=endpoint,
                 flux_conn_id=self.flux_conn_id,
-                price_per_image=price,
+                prices=price,
                 inputs=inputs.get(index) if inputs else None,
             )
             for index, payload in enumerate(payloads)

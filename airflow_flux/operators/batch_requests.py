@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any, overload
 
 from airflow_flux.exceptions import FluxValidationError
+from airflow_flux.families import one_image_per_request
 
 
 def open_requests(requests: Any, *, aws_conn_id: str | None, log: Any) -> Sequence[Any]:
@@ -57,9 +58,101 @@ def open_requests(requests: Any, *, aws_conn_id: str | None, log: Any) -> Sequen
     return items
 
 
+class _Requests(Sequence[Any]):
+    """A sequence of requests read by index, one at a time (slices give lists)."""
+
+    @overload
+    def __getitem__(self, index: int) -> Any: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Any]: ...
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self._get(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._get(index)
+
+    def _get(self, index: int) -> Any:
+        raise NotImplementedError
+
+
+class FannedOut(_Requests):
+    """A batch for a model that makes one image a request (FLUX.2 [pro], [max], [flex]): an
+    item asking ``num_images=N`` is N requests, in order, each without ``num_images``.
+
+    Where a seed is set, copy ``k`` of an item gets ``seed + k``: N different images, as one
+    request's ``num_images`` would give (the same seed would give the same image N times).
+
+    :param items: the batch's items (a list, or a :class:`RequestsFile`).
+    :param num_images: the batch's shared ``num_images`` (an item's own wins).
+    :param seed: the batch's shared ``seed`` (an item's own wins).
+    :param check: called with the number of requests so far, to refuse a batch past its
+        ``max_images`` before it is all counted.
+    """
+
+    def __init__(self, items: Sequence[Any], *, num_images: Any, seed: Any, check: Any) -> None:
+        self.items, self._seed = items, seed
+        self._item, self._copy = array("q"), array("q")
+        for index in range(len(items)):
+            item = items[index]
+            asked = item.get("num_images") if isinstance(item, Mapping) else None
+            copies = _count(num_images if asked is None else asked, where(items, index))
+            check(len(self._item) + copies)
+            self._item.extend([index] * copies)
+            self._copy.extend(range(copies))
+
+    def __len__(self) -> int:
+        return len(self._item)
+
+    def _get(self, index: int) -> Any:
+        item, copy = self.items[self._item[index]], self._copy[index]
+        fields = {"prompt": item} if isinstance(item, str) else dict(item)
+        fields["num_images"] = None  # None: not sent (it wins over the shared value)
+        seed = fields.get("seed", self._seed)
+        if copy and isinstance(seed, int) and not isinstance(seed, bool):
+            fields["seed"] = seed + copy
+        return fields
+
+    def where(self, index: int) -> str:
+        """The item a request was made from, and which of its images it is."""
+        return f"{where(self.items, self._item[index])} (image {self._copy[index] + 1})"
+
+    def close(self) -> None:
+        if isinstance(self.items, RequestsFile):
+            self.items.close()
+
+
+def fan_out(items: Sequence[Any], endpoint: str, *, num_images: Any, seed: Any, check: Any, log: Any) -> Sequence[Any]:
+    """The batch's requests: ``items`` as they are, or, for a model that makes one image a
+    request and an item asking more, a :class:`FannedOut` view (one request per image)."""
+    if not one_image_per_request(endpoint):
+        return items
+    fanned = FannedOut(items, num_images=num_images, seed=seed, check=check)
+    if len(fanned) == len(items):
+        return items  # one image each: the items as they are
+    log.info("FLUX batch: %d item(s) make %d request(s), one image each", len(items), len(fanned))
+    return fanned
+
+
+def _count(value: Any, where: str) -> int:
+    if value is None:
+        return 1
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1 or isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise FluxValidationError(f"{where}: num_images: must be a whole number, 1 or more (got {value!r})")
+    return count
+
+
 def where(items: Sequence[Any], index: int) -> str:
     """How a message names item ``index`` of a batch (a file's names its line too)."""
-    return items.where(index) if isinstance(items, RequestsFile) else f"requests[{index}]"
+    return items.where(index) if isinstance(items, RequestsFile | FannedOut) else f"requests[{index}]"
 
 
 @contextmanager
@@ -68,11 +161,11 @@ def closing(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
     try:
         yield items
     finally:
-        if isinstance(items, RequestsFile):
+        if isinstance(items, RequestsFile | FannedOut):
             items.close()
 
 
-class RequestsFile(Sequence[Any]):
+class RequestsFile(_Requests):
     """The requests of a JSON Lines file, by index (a prompt string or a dict of fields).
 
     Thread-safe reads (``os.pread``): the window parses an item in its loop's thread while
@@ -130,19 +223,7 @@ class RequestsFile(Sequence[Any]):
     def __len__(self) -> int:
         return len(self._starts)
 
-    @overload
-    def __getitem__(self, index: int) -> Any: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[Any]: ...
-
-    def __getitem__(self, index: int | slice) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def _get(self, index: int) -> Any:
         start = self._starts[index]
         raw = os.pread(self._fd, self._ends[index] - start, start)
         where = self.where(index)

@@ -41,10 +41,23 @@ REQUEST_FIELDS: tuple[str, ...] = (
     "sync_mode",
     "image_url",
     "image_urls",
+    # FLUX.2's (airflow_flux.families.flux2)
+    "image_size",
+    "enable_safety_checker",
+    "num_inference_steps",
+    "enable_prompt_expansion",
 )
 #: What a completed request's record keeps of its result, for a retry after fal dropped it
 #: (the fields the worker adds, cost and inputs, are computed again).
-KEPT_RESULT_FIELDS: tuple[str, ...] = ("images", "seed", "has_nsfw_concepts", "timings", "prompt", "metrics")
+KEPT_RESULT_FIELDS: tuple[str, ...] = (
+    "images",
+    "seed",
+    "has_nsfw_concepts",
+    "timings",
+    "prompt",
+    "metrics",
+    "billable_units",
+)
 #: Stand-ins for required fields that are only known after rendering (checked then).
 _TEMPLATED = {
     "prompt": "(templated)",
@@ -65,7 +78,7 @@ def _is_templated(value: Any) -> bool:
 
 
 class FluxSubmitOperator(BaseOperator):
-    """Validate a FLUX.1 Kontext [pro] request and submit it to fal's queue.
+    """Validate a FLUX request (FLUX.1 Kontext [pro] by default, or FLUX.2) and submit it to fal's queue.
 
     Returns the request handle (``request_id``, ``status_url``, ``response_url``,
     ``cancel_url``, ``endpoint``, ``flux_conn_id``) as XCom, for
@@ -86,18 +99,27 @@ class FluxSubmitOperator(BaseOperator):
     :param guidance_scale: 1 to 20.
     :param num_images: 1 to 4.
     :param output_format: ``jpeg`` or ``png``.
-    :param safety_tolerance: ``"1"`` (strictest) to ``"6"``.
+    :param safety_tolerance: ``"1"`` (strictest) to ``"6"`` (FLUX.2: to ``"5"``).
     :param aspect_ratio: 21:9, 16:9, 4:3, 3:2, 1:1, 2:3, 3:4, 9:16 or 9:21.
     :param enhance_prompt: let the API rewrite the prompt.
     :param sync_mode: images inline as ``data:`` URIs (large XCom; prefer the default).
     :param image_url: the image to edit (``fal-ai/flux-pro/kontext`` and ``.../max``):
         ``s3://bucket/key`` (sent presigned, or inlined with ``input_delivery="data_uri"``),
         an ``https://`` URL or a ``data:`` URI.
-    :param image_urls: the reference images of the ``.../multi`` endpoints, the same forms.
+    :param image_urls: the reference images of the ``.../multi`` endpoints and of FLUX.2's
+        ``/edit`` endpoints, the same forms.
+    :param image_size: FLUX.2's output size: a preset (``square_hd``, ``square``,
+        ``portrait_4_3``, ``portrait_16_9``, ``landscape_4_3``, ``landscape_16_9``) or
+        ``{"width": W, "height": H}``; an edit may ask ``auto``.
+    :param enable_safety_checker: FLUX.2: let the API check the output.
+    :param num_inference_steps: FLUX.2 [flex] and [dev]: denoising steps.
+    :param enable_prompt_expansion: FLUX.2 [flex] and [dev]: let the API expand the prompt.
     :param extra_input: more input fields, for other fal endpoints (explicit arguments win).
     :param endpoint: fal model path; defaults to the connection's (Kontext text-to-image).
         The typed family: ``fal-ai/flux-pro/kontext`` (edit), ``.../kontext/multi``,
-        ``.../kontext/max``, ``.../kontext/max/multi``, ``.../kontext/max/text-to-image``.
+        ``.../kontext/max``, ``.../kontext/max/multi``, ``.../kontext/max/text-to-image``;
+        FLUX.2: ``fal-ai/flux-2-pro``, ``fal-ai/flux-2-flex``, ``fal-ai/flux-2-max``,
+        ``fal-ai/flux-2`` ([dev]), each with ``/edit`` (see :mod:`airflow_flux.families`).
     :param start_timeout: seconds the request may wait to start (queue included), more than 1
         (``X-Fal-Request-Timeout``); when it passes the task fails, nothing is billed.
     :param priority: ``normal`` or ``low`` (``X-Fal-Queue-Priority``), e.g. low for backfills.
@@ -141,6 +163,10 @@ class FluxSubmitOperator(BaseOperator):
         sync_mode: bool | str | None = None,
         image_url: str | None = None,
         image_urls: list[str] | str | None = None,
+        image_size: str | dict[str, int] | None = None,
+        enable_safety_checker: bool | str | None = None,
+        num_inference_steps: int | str | None = None,
+        enable_prompt_expansion: bool | str | None = None,
         extra_input: dict[str, Any] | None = None,
         endpoint: str | None = None,
         webhook_url: str | None = None,
@@ -167,6 +193,10 @@ class FluxSubmitOperator(BaseOperator):
         self.sync_mode = sync_mode
         self.image_url = image_url
         self.image_urls = image_urls
+        self.image_size = image_size
+        self.enable_safety_checker = enable_safety_checker
+        self.num_inference_steps = num_inference_steps
+        self.enable_prompt_expansion = enable_prompt_expansion
         self.extra_input = extra_input
         self.endpoint = endpoint
         self.webhook_url = webhook_url
@@ -275,7 +305,7 @@ class FluxSubmitOperator(BaseOperator):
 
 
 class FluxGenerateOperator(FluxWaitMixin, FluxSubmitOperator):
-    """Submit a FLUX.1 Kontext [pro] request and wait for its result, in one task.
+    """Submit a FLUX request and wait for its result, in one task.
 
     The wait is deferred to the triggerer by default (no worker slot held). Returns the
     result (``images``, ``seed``, ``has_nsfw_concepts``, ``prompt``, ``timings``,

@@ -60,6 +60,7 @@ def test_every_dag_file_imports_without_errors_or_network(bag):
         "flux_edit_from_s3",
         "flux_batch_pipeline",
         "flux_review_and_publish",
+        "flux2_product_shots",
     }
     assert {Path(dag.fileloc).name for dag in bag.dags.values()} == {p.name for p in DAGS.glob("*.py")}
     for dag in bag.dags.values():
@@ -145,6 +146,13 @@ def test_flux_edit_from_s3_shape(bag):
     assert uris(["p/a.png", "p/", "p/notes.txt", "p/b.JPG"], "shop", 5) == ["s3://shop/p/a.png", "s3://shop/p/b.JPG"]
     with pytest.raises(ValueError, match="max_images"):
         uris([f"p/{i}.png" for i in range(3)], "shop", 2)
+
+
+def test_flux2_product_shots_is_one_batch_of_flux2_edits_then_the_copy(bag):
+    dag = bag.dags.get("flux2_product_shots")
+    assert set(dag.task_ids) == {"shots", "to_s3"}
+    assert _upstream(dag, "to_s3") == {"shots"}
+    assert dag.get_task("shots").endpoint == "fal-ai/flux-2-pro/edit"
 
 
 def test_flux_review_and_publish_shape(bag):
