@@ -165,6 +165,8 @@ def write_results(
             spool.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
             count += 1
         spool.seek(0)
+        from boto3.s3.transfer import TransferConfig
+
         client.upload_fileobj(
             spool,
             bucket,
@@ -174,6 +176,9 @@ def write_results(
                 "Metadata": {**owner_metadata(owner), "flux-lines": str(count)},
                 "ChecksumAlgorithm": "SHA256",
             },
+            # One part in memory at a time: boto3's default (10 threads of 8 MiB parts) held
+            # 64 MB more for the 51 MB file of 100,000 results (bench/ANALYSIS.md).
+            Config=TransferConfig(use_threads=False),
         )
     return count
 

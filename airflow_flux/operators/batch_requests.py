@@ -199,6 +199,7 @@ class RequestsFile(_Requests):
         :param client: a boto3 S3 client (the task's ``aws_conn_id``).
         :raises FluxValidationError: not an ``s3://bucket/key`` URI, or it cannot be read.
         """
+        from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError
 
         from airflow_flux.manifest import split_s3_uri
@@ -211,7 +212,8 @@ class RequestsFile(_Requests):
         # Anonymous (unlinked at once): nothing is left behind, whatever kills the task.
         fileobj = tempfile.TemporaryFile(prefix="flux-requests-")  # noqa: SIM115 (the RequestsFile owns it)
         try:
-            client.download_fileobj(bucket, key, fileobj)
+            # One part in memory at a time (boto3's default is 10 threads of 8 MiB parts).
+            client.download_fileobj(bucket, key, fileobj, Config=TransferConfig(use_threads=False))
         except (ClientError, BotoCoreError) as exc:
             fileobj.close()
             raise FluxValidationError(f"requests: the JSON Lines file {uri} cannot be read: {exc}") from None
