@@ -65,6 +65,7 @@ def test_the_wheel_installs_in_a_fresh_venv_and_the_example_dags_parse(tmp_path)
     assert result["package"].startswith(str(venv)), result["package"]  # the wheel's copy, not the source
     assert result["errors"] == {}
     assert result["dags"] == [
+        "flux2_product_shots",
         "flux_batch_pipeline",
         "flux_content_pipeline",
         "flux_edit_from_s3",
