@@ -67,7 +67,11 @@ bench-scale: venv ## one batch of SCALE_SIZES prompts (issue #24; 1,000 at C=10,
 COMPAT_AIRFLOW ?= 3.1.8 3.2.2 lowest
 COMPAT_TESTS ?= tests/test_state.py tests/test_identity.py tests/test_models.py tests/operators tests/hooks/test_connection_form.py \
 	tests/dags_examples/test_example_dags.py::test_every_dag_file_imports_without_errors_or_network \
-	tests/system/test_real_airflow.py::test_retry_reuses_and_clear_after_a_list_change_submits_anew
+	tests/system/test_real_airflow.py::test_retry_reuses_and_clear_after_a_list_change_submits_anew \
+	--ignore=tests/operators/test_flux2.py --ignore=tests/operators/test_batch_requests.py --durations=15
+# Left out above (they run on the newest Airflow in `make test`): FLUX.2's request fields and the
+# batch's requests file touch nothing that differs between Airflow releases (validation, the
+# emulator, S3), and they cost CI about 100 s a release, out of its 45 minutes.
 # What Airflow 3.2.2's constraints file pinned, where newer releases break 3.2.2 itself:
 # from fastapi 0.137 its execution API cannot be built (pydantic: "TITerminalStatePayload
 # needs a discriminator"; 3.3 caps fastapi below 0.137), and with svcs 26 its in-process
