@@ -52,10 +52,10 @@ def output_size(model_path: str, body: dict[str, Any], first_input: tuple[int, i
     return images.image_size("1:1")
 
 
-def billable_units(model_path: str, images: int, size: tuple[int, int], inputs: list[tuple[int, int]]) -> float:
+def billable_units(model_path: str, count: int, size: tuple[int, int], inputs: list[tuple[int, int]]) -> float:
     """What a result is billed, as ``X-Fal-Billable-Units`` says it: images, or for FLUX.2 the
     megapixels (1024 x 1024 pixels, each image rounded up) of the outputs and an edit's inputs."""
     if model_path not in flux2.FLUX2_ENDPOINTS:
-        return float(images)
-    counted = [size] * images + (inputs if image_field(model_path) else [])
+        return float(count)
+    counted = [size] * count + (inputs if image_field(model_path) else [])
     return float(sum(max(1, math.ceil(w * h / (1024 * 1024))) for w, h in counted))
