@@ -27,9 +27,23 @@ typecheck: venv ## mypy over the package
 # The browser tests save a screenshot of each gallery page here, for a person to look at.
 SCREENSHOTS := $(CURDIR)/build/screenshots
 
+# Two phases. The tests that start stacks of their own (a real scheduler and triggerer, the
+# CeleryExecutor stack, the demo's processes) run one at a time, alone on the machine, so that
+# no heartbeat or health check of theirs competes with other tests for CPU. The rest run first
+# in PYTEST_WORKERS processes (pytest-xdist): each process has its own AIRFLOW_HOME, metadata DB
+# and moto server (tests/conftest.py), and takes whole test files, so module fixtures start once.
+# Exit status 5 (nothing collected, e.g. PYTEST_ARGS="-k ..." selects one phase only) is no failure.
+PYTEST_WORKERS ?= 2
+PYTEST_ALONE := tests/distributed tests/system tests/dags_examples
+define run_phase
+$(1); s=$$?; if [ $$s -ne 0 ] && [ $$s -ne 5 ]; then status=$$s; fi;
+endef
+
 pytest: venv
 	@rm -rf $(SCREENSHOTS)
-	@FLUX_SCREENSHOTS_DIR=$(SCREENSHOTS) $(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
+	@export FLUX_SCREENSHOTS_DIR=$(SCREENSHOTS); status=0; \
+	  $(call run_phase,$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=10 $(addprefix --ignore=,$(PYTEST_ALONE)) $(PYTEST_ARGS)) \
+	  $(call run_phase,$(PY) -m pytest -q --durations=10 $(PYTEST_ALONE) $(PYTEST_ARGS)) \
 	  if ls $(SCREENSHOTS)/*.png >/dev/null 2>&1; then \
 	    echo "Gallery screenshots (headless Chromium): $(SCREENSHOTS)"; fi; \
 	  exit $$status
@@ -67,14 +81,16 @@ bench-scale: venv ## one batch of SCALE_SIZES prompts (issue #24; 1,000 at C=10,
 COMPAT_AIRFLOW ?= 3.1.8 3.2.2 lowest
 COMPAT_TESTS ?= tests/test_state.py tests/test_identity.py tests/test_models.py tests/operators tests/hooks/test_connection_form.py \
 	tests/dags_examples/test_example_dags.py::test_every_dag_file_imports_without_errors_or_network \
-	tests/system/test_real_airflow.py::test_retry_reuses_and_clear_after_a_list_change_submits_anew \
-	--ignore=tests/operators/test_flux2.py --ignore=tests/operators/test_batch_requests.py --durations=15
+	--ignore=tests/operators/test_flux2.py --ignore=tests/operators/test_batch_requests.py
+# The real scheduler and triggerer's run, alone after the rest (as in make test).
+COMPAT_ALONE ?= tests/system/test_real_airflow.py::test_retry_reuses_and_clear_after_a_list_change_submits_anew
 # The lowest leg answers for the dependency floors (amazon provider, boto3, moto, Pillow,
 # pydantic...); the Airflow behaviour of its release (3.1) is the 3.1.8 leg's, so it skips the
 # three slowest tests of that behaviour (the real scheduler's retry, the retries' reuse over
 # dag.test(), a mapped expand): about 3.5 minutes of CI's 45.
-COMPAT_SKIP_lowest := --deselect tests/system/test_real_airflow.py::test_retry_reuses_and_clear_after_a_list_change_submits_anew \
-	--deselect tests/operators/test_reuse.py::test_retries_reuse_only_the_request_they_would_submit \
+COMPAT_ALONE_lowest :=
+compat_alone = $(if $(filter undefined,$(origin COMPAT_ALONE_$(V))),$(COMPAT_ALONE),$(COMPAT_ALONE_$(V)))
+COMPAT_SKIP_lowest := --deselect tests/operators/test_reuse.py::test_retries_reuse_only_the_request_they_would_submit \
 	--deselect tests/operators/test_flux_operators.py::test_expand_over_five_prompts
 # Left out above (they run on the newest Airflow in `make test`): FLUX.2's request fields and the
 # batch's requests file touch nothing that differs between Airflow releases (validation, the
@@ -114,7 +130,9 @@ endif
 	mkdir -p build/compat-$(V)/src && cp -r tests dags demo pyproject.toml build/compat-$(V)/src/
 	cd build/compat-$(V)/src && ../venv/bin/python -c "import airflow_flux, airflow; \
 	  assert 'site-packages' in airflow_flux.__file__, airflow_flux.__file__; print('airflow', airflow.__version__, airflow_flux.__file__)"
-	cd build/compat-$(V)/src && ../venv/bin/python -m pytest -q -p no:randomly $(COMPAT_TESTS) $(COMPAT_SKIP_$(V)) $(PYTEST_ARGS)
+	cd build/compat-$(V)/src && ../venv/bin/python -m pytest -q -p no:randomly -n $(PYTEST_WORKERS) --dist loadfile \
+	  --durations=15 $(COMPAT_TESTS) $(COMPAT_SKIP_$(V)) $(PYTEST_ARGS)
+	$(if $(strip $(compat_alone)),cd build/compat-$(V)/src && ../venv/bin/python -m pytest -q -p no:randomly $(compat_alone) $(PYTEST_ARGS))
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build
