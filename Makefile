@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@test -x $(UV) || $(PY) -m pip install -q uv
-	$(UV) pip install -q -p $(PY) -e ".[emulator,thumbnails,test]"
+	$(UV) pip install -q -p $(PY) -e ".[emulator,thumbnails,openlineage,test]"
 	@touch $(STAMP)
 
 venv: $(STAMP) ## create .venv and install the package with its test extras
@@ -79,7 +79,7 @@ bench-scale: venv ## one batch of SCALE_SIZES prompts (issue #24; 1,000 at C=10,
 # pyproject allows at its floors (uv's lowest-direct: apache-airflow 3.1.1, the amazon
 # provider's 9.6, ...), the rest at the newest versions those allow.
 COMPAT_AIRFLOW ?= 3.1.8 3.2.2 lowest
-COMPAT_TESTS ?= tests/test_state.py tests/test_identity.py tests/test_models.py tests/operators tests/hooks/test_connection_form.py \
+COMPAT_TESTS ?= tests/test_state.py tests/test_identity.py tests/test_models.py tests/test_lineage.py tests/operators tests/hooks/test_connection_form.py \
 	tests/dags_examples/test_example_dags.py::test_every_dag_file_imports_without_errors_or_network \
 	--ignore=tests/operators/test_flux2.py --ignore=tests/operators/test_batch_requests.py
 # The real scheduler and triggerer's run, alone after the rest (as in make test).
@@ -104,7 +104,7 @@ COMPAT_PINS_3.2.2 := 'fastapi<0.137' 'svcs<26'
 # break it: structlog 25.5 renamed dev.Styles, PyJWT 2.11 refuses the token's empty issuer
 # (3.1.8 needs neither pin).
 COMPAT_PINS_lowest := 'structlog<25.5' 'pyjwt<2.11'
-WHEEL_EXTRAS := emulator,thumbnails,test
+WHEEL_EXTRAS := emulator,thumbnails,openlineage,test
 
 test-compat: venv ## identity/resume tests, example DAGs' parse, a real scheduler+triggerer retry on each COMPAT_AIRFLOW (3.1.8 3.2.2 lowest), from a wheel
 	rm -rf build/dist

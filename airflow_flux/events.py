@@ -107,6 +107,7 @@ class BatchOutcome(BaseModel):
     :param status_code: the HTTP status behind a failure.
     :param retryable: whether paying for it again can succeed (an infrastructure failure)
         rather than meet the same refusal (422 validation or content policy).
+    :param waited_seconds: from the start of its wait (its submit, in a window) to its outcome.
     """
 
     model_config = ConfigDict(extra="forbid", defer_build=True)
@@ -119,6 +120,7 @@ class BatchOutcome(BaseModel):
     error_type: str | None = None
     status_code: int | None = None
     retryable: bool | None = None
+    waited_seconds: float | None = None
 
 
 class FluxBatchEvent(_Event):

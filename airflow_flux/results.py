@@ -20,13 +20,16 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, ConfigDict
 
 from airflow_flux.exceptions import FluxError, FluxImageExistsError, s3_not_found
 from airflow_flux.manifest import split_s3_uri
+
+if TYPE_CHECKING:
+    from airflow_flux.lineage import FluxLineage
 
 #: The summary's marker: a mapping with this ``kind`` names a results file.
 RESULTS_KIND = "flux_batch_results"
@@ -67,13 +70,17 @@ def default_results_key(owner: Mapping[str, Any]) -> str:
 class Tally:
     """Counts, images and cost of result lines, added one at a time (a file need not fit in memory)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lineage: FluxLineage | None = None) -> None:
         self.requests = self.completed = self.images = 0
         self.cost: float | None = None
+        #: Where the lines' inputs and request ids go too (bounded), for the task's lineage.
+        self.lineage = lineage
 
     def add(self, line: Mapping[str, Any]) -> None:
         """Count one line (a result item as the operator returns it)."""
         self.requests += 1
+        if self.lineage is not None:
+            self.lineage.add_request(line)
         if line.get("status") == "completed":
             self.completed += 1
             self.images += len(line.get("images") or [])

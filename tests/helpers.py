@@ -222,3 +222,65 @@ def dag_bag(folder: str) -> Any:
     except ImportError:  # Airflow 3.1
         from airflow.models.dagbag import DagBag  # type: ignore[no-redef]
     return DagBag(dag_folder=folder)
+
+
+class StatsdListener:
+    """A StatsD server in a thread, on a free UDP port of 127.0.0.1: every metric line it got.
+
+    Point Airflow at it with ``AIRFLOW__METRICS__STATSD_ON=True``, ``..._STATSD_HOST`` and
+    ``..._STATSD_PORT`` (:meth:`env`); :meth:`values` are the numbers a metric was sent with.
+    """
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.lines: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="statsd-listener", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65535)
+            except OSError:
+                continue
+            self.lines.extend(line for line in data.decode(errors="replace").splitlines() if line)
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AIRFLOW__METRICS__STATSD_ON": "True",
+            "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+            "AIRFLOW__METRICS__STATSD_PORT": str(self.port),
+        }
+
+    def values(self, name: str, since: int = 0) -> list[tuple[float, str]]:
+        """``(value, type)`` of each line of metric ``name`` (``c`` counter, ``ms`` timer, ``g`` gauge),
+        from line ``since`` on (``len(listener.lines)`` before a run: that run's)."""
+        found = []
+        for line in self.lines[since:]:
+            metric, _, rest = line.partition(":")
+            if metric == name:
+                value, _, kind = rest.partition("|")
+                found.append((float(value), kind.split("|")[0]))
+        return found
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+def openlineage_events(folder: Path) -> list[dict[str, Any]]:
+    """The OpenLineage events the file transport wrote under ``folder`` (one JSON file each)."""
+    import json
+
+    events = []
+    for path in sorted(folder.glob("*")):
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(path.read_text()))
+    return events

@@ -9,7 +9,7 @@ and any layer below:
     links                                    extra links (operators list them)
     triggers                                 the triggerer's side
     hooks                                    the only HTTP client of the API
-    leaf modules                             models, families, exceptions, redact, compat, identity, events, manifest, manifest_store, results, xcom_keys, state
+    leaf modules                             models, families, lineage, metrics, exceptions, redact, compat, identity, events, manifest, manifest_store, results, xcom_keys, state
 
 ``get_provider_info`` (what Airflow reads of the provider) imports nothing of the package;
 any module may read it. ``emulator`` stands apart: it imports nothing of the client it checks, and nothing imports it.
@@ -30,6 +30,8 @@ LAYERS: dict[str, int] = {
     "compat": 0,
     "redact": 0,
     "families": 0,
+    "lineage": 0,
+    "metrics": 0,
     "models": 1,
     "xcom_keys": 1,
     "manifest": 1,

@@ -16,7 +16,6 @@ and a final refusal (422 validation or content policy, which fal may bill) stays
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
@@ -25,12 +24,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
 
-from airflow_flux.exceptions import FluxError, FluxValidationError
+from airflow_flux.exceptions import FluxValidationError
 from airflow_flux.identity import DEFAULT_CONN_ID, StoredRequest
+from airflow_flux.lineage import FluxLineage, FluxLineageMixin
 from airflow_flux.links import FluxGalleryLink
+from airflow_flux.metrics import request_finished
 from airflow_flux.models import RequestOptions, build_payload
 from airflow_flux.operators.batch_items import check_failures, result_line, results_place
 from airflow_flux.operators.batch_requests import closing, fan_out, open_requests, where
+from airflow_flux.operators.batch_submit import first_event, read_dict
 from airflow_flux.operators.flux import REQUEST_FIELDS
 from airflow_flux.operators.inputs import InputResolver, check_inputs, has_s3_inputs
 from airflow_flux.operators.wait import DEFAULT_WAIT_TIMEOUT, default_deferrable
@@ -61,7 +63,7 @@ DEFAULT_MAX_IN_FLIGHT = 20
 SINGLE_WAIT_LIMIT = 100
 
 
-class FluxBatchGenerateOperator(BaseOperator):
+class FluxBatchGenerateOperator(FluxLineageMixin, BaseOperator):
     """Generate a batch of FLUX.1 Kontext images in one task: submit all, wait once, return all.
 
     Returns a list in input order: each item the single result's fields (``images``,
@@ -228,6 +230,7 @@ class FluxBatchGenerateOperator(BaseOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]] | dict[str, Any]:
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
+        self.flux_lineage = FluxLineage(endpoint=endpoint)
         with closing(self._items(endpoint)) as items:
             return self._execute(context, endpoint, items)
 
@@ -245,8 +248,8 @@ class FluxBatchGenerateOperator(BaseOperator):
         store = task_state(context)
         # One read on a first try: the per-request records are only read when an earlier try
         # (or run) of this task has submitted anything.
-        marker = _read(store, MARKER_KEY)
-        known = (_read(store, OUTCOMES_KEY) or {}) if marker is not None else {}
+        marker = read_dict(store, MARKER_KEY)
+        known = (read_dict(store, OUTCOMES_KEY) or {}) if marker is not None else {}
         outcomes: dict[int, dict[str, Any]] = {}
         waiting: dict[int, dict[str, Any]] = {}
         to_submit: list[int] = []
@@ -282,7 +285,7 @@ class FluxBatchGenerateOperator(BaseOperator):
                 method_name="execute_complete",
                 timeout=timedelta(seconds=float(self.wait_timeout) + 120),
             )
-        event = asyncio.run(_first_event(trigger))  # no triggerer: the same wait, in the worker
+        event = first_event(trigger)  # no triggerer: the same wait, in the worker
         return self.execute_complete(context, event)
 
     def state_keys(self) -> list[str]:
@@ -366,11 +369,12 @@ class FluxBatchGenerateOperator(BaseOperator):
 
         batch = FluxBatchEvent.from_payload(event)
         endpoint = (self.endpoint or self.hook.settings.endpoint).strip("/")
+        self.flux_lineage = FluxLineage(endpoint=endpoint)
         payloads = self._payloads(endpoint)
         self._requests = len(payloads)
         store = task_state(context)
         # What earlier tries kept (completed, or refused for good), then this wait's outcomes.
-        known = _read(store, OUTCOMES_KEY) or {}
+        known = read_dict(store, OUTCOMES_KEY) or {}
         for outcome in batch.outcomes:
             record = outcome.model_dump(mode="json", exclude_none=True)
             if outcome.status != "pending":
@@ -392,7 +396,11 @@ class FluxBatchGenerateOperator(BaseOperator):
             if has_s3_inputs(payload):
                 stored = StoredRequest.load(store.get(STATE_KEY.format(index=index))) if store is not None else None
                 pinned[index] = stored.handle.get("inputs") if stored is not None else None
-        return self._finish(context, endpoint, payloads, outcomes, timed_out=batch.status == "timeout", inputs=pinned)
+        # This wait's outcomes are new; those kept from earlier tries were counted by those tries.
+        fresh = {o.index: o.waited_seconds for o in batch.outcomes if o.status != "pending"}
+        return self._finish(
+            context, endpoint, payloads, outcomes, timed_out=batch.status == "timeout", inputs=pinned, fresh=fresh
+        )
 
     def _cancel(self, handle: dict[str, Any]) -> None:
         """Cancel an unfinished request (its URLs are built from its id on the connection)."""
@@ -410,7 +418,10 @@ class FluxBatchGenerateOperator(BaseOperator):
         *,
         timed_out: bool,
         inputs: Mapping[int, Any] | None = None,
+        fresh: Mapping[int, float | None] | None = None,
     ) -> list[dict[str, Any]] | dict[str, Any]:
+        """The batch's items; ``fresh``: the requests whose outcome this try learned (counted in
+        the metrics), with the seconds each was awaited."""
         price = self.hook.settings.prices
         results = [
             result_line(
@@ -424,9 +435,11 @@ class FluxBatchGenerateOperator(BaseOperator):
             )
             for index, payload in enumerate(payloads)
         ]
-        tally = Tally()
+        tally = Tally(self.flux_lineage)
         for line in results:
             tally.add(line)
+            if fresh is not None and line["index"] in fresh:
+                request_finished(line, waited_seconds=fresh[line["index"]])
         self._log_totals(tally)
         # Written before a failure is raised: what was paid for is on record either way.
         summary = self._write_results(context, results, endpoint) if self.results_s3_bucket else None
@@ -467,6 +480,8 @@ class FluxBatchGenerateOperator(BaseOperator):
 
         write_results(client, str(self.results_s3_bucket), key, counted(), owner=owner)
         summary = tally.summary(f"s3://{self.results_s3_bucket}/{key}", endpoint, self.flux_conn_id)
+        if self.flux_lineage is not None:
+            self.flux_lineage.add_output(summary.results_uri)
         self.log.info("FLUX batch: results of %d request(s) written to %s", tally.requests, summary.results_uri)
         return summary.model_dump(mode="json")
 
@@ -483,15 +498,3 @@ class FluxBatchGenerateOperator(BaseOperator):
         """Cancel the window's requests in flight (a deferred batch's trigger cancels its own)."""
         if self._window is not None:
             self._window.cancel_in_flight()
-
-
-def _read(store: Any, key: str) -> dict[str, Any] | None:
-    """A dict stored under ``key``, or None (no store, nothing stored, or not a dict)."""
-    value = store.get(key) if store is not None else None
-    return dict(value) if isinstance(value, Mapping) else None
-
-
-async def _first_event(trigger: Any) -> dict[str, Any]:
-    async for event in trigger.run():
-        return dict(event.payload)
-    raise FluxError("The FLUX batch trigger ended without an event")

@@ -9,7 +9,9 @@ naming its item.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -118,3 +120,20 @@ def submit_all(
             f"recorded (a retry does not pay for them again); {len(indices) - len(handles) - 1} not submitted"
         ) from exc
     return handles
+
+
+def read_dict(store: Any, key: str) -> dict[str, Any] | None:
+    """A dict stored under ``key`` of a task state store, or None (no store, nothing stored, or not a dict)."""
+    value = store.get(key) if store is not None else None
+    return dict(value) if isinstance(value, Mapping) else None
+
+
+def first_event(trigger: Any) -> dict[str, Any]:
+    """Run ``trigger`` in this process (no triggerer) until its first event's payload."""
+
+    async def first() -> dict[str, Any]:
+        async for event in trigger.run():
+            return dict(event.payload)
+        raise FluxError("The FLUX batch trigger ended without an event")
+
+    return asyncio.run(first())

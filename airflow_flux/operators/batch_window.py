@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_flux.exceptions import FluxError, FluxValidationError
 from airflow_flux.identity import RequestIdentity, StoredRequest
+from airflow_flux.metrics import request_finished
 from airflow_flux.models import RequestOptions
 from airflow_flux.operators.batch_items import (
     CHECKPOINT_FIELDS,
@@ -184,6 +185,7 @@ class BatchWindow:
             inputs=handle.get("inputs"),
         )
         self.count_line(line)
+        request_finished(line, waited_seconds=outcome.waited_seconds)
         line.update(fingerprint=identity.fingerprint, max_tries=self.max_tries, retryable=bool(outcome.retryable))
         if not self.buffer:
             self.buffered_since = time.monotonic()
@@ -463,7 +465,7 @@ def run_window(
     try:
         window.run()
         failed: list[dict[str, Any]] = []
-        tally = Tally()
+        tally = Tally(op.flux_lineage)
 
         def lines() -> Iterator[dict[str, Any]]:
             for line in window.lines():

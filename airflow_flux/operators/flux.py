@@ -10,6 +10,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_flux.exceptions import FluxRequestFailedError, FluxValidationError
 from airflow_flux.identity import DEFAULT_CONN_ID, STATE_KEY
+from airflow_flux.lineage import FluxLineage, FluxLineageMixin
 from airflow_flux.links import FluxGalleryLink, FluxRequestLink
 from airflow_flux.models import KONTEXT_TEXT_TO_IMAGE, RequestOptions, build_payload
 from airflow_flux.operators.inputs import (
@@ -77,7 +78,7 @@ def _is_templated(value: Any) -> bool:
     return not isinstance(value, int | float | bool | type(None))
 
 
-class FluxSubmitOperator(BaseOperator):
+class FluxSubmitOperator(FluxLineageMixin, BaseOperator):
     """Validate a FLUX request (FLUX.1 Kontext [pro] by default, or FLUX.2) and submit it to fal's queue.
 
     Returns the request handle (``request_id``, ``status_url``, ``response_url``,
@@ -294,6 +295,8 @@ class FluxSubmitOperator(BaseOperator):
             self.log.info("Submitted FLUX request %s", handle["request_id"])
         # XCom right away: if the worker dies now, the id is still on record.
         context["ti"].xcom_push(key=LINK_XCOM_KEY, value=handle["response_url"])
+        self.flux_lineage = FluxLineage()
+        self.flux_lineage.add_request({**handle, "status": "submitted"})
         return handle
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -342,7 +345,7 @@ class FluxGenerateOperator(FluxWaitMixin, FluxSubmitOperator):
             # away. Deferring would only add a round trip, and a trigger that fires before this
             # worker has exited can make the scheduler fail the task (apache/airflow#66374).
             if self._kept_result is not None:
-                return self._return_value(self._kept_result, handle, 0.0)
+                return self._return_value(self._kept_result, handle, 0.0, fresh=False)
             return self._keep_outcome(context, handle, lambda: self._result(handle, 0.0))
         if self.deferrable:
             self._defer_wait(handle)

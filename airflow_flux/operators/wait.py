@@ -19,6 +19,8 @@ from airflow.sdk.bases.operator import BaseOperatorMeta
 
 from airflow_flux.exceptions import FluxAPIError, FluxRequestFailedError, FluxTimeoutError
 from airflow_flux.identity import DEFAULT_CONN_ID, conn_id_for
+from airflow_flux.lineage import FluxLineage, FluxLineageMixin
+from airflow_flux.metrics import request_finished
 from airflow_flux.models import cost_usd
 
 if TYPE_CHECKING:
@@ -51,7 +53,7 @@ def default_deferrable() -> bool:
     return value if explicit or value else True
 
 
-class FluxWaitMixin(_Operator):
+class FluxWaitMixin(FluxLineageMixin, _Operator):
     """The wait of a FLUX request: deferred to the triggerer, or polled from the worker.
 
     Takes the wait's own arguments (as ``ResumableJobMixin`` takes ``durable``) and passes the
@@ -135,6 +137,7 @@ class FluxWaitMixin(_Operator):
 
     def _failed(self, status: FluxStatus, handle: Mapping[str, Any]) -> FluxRequestFailedError:
         rid = handle["request_id"]
+        self._count_failure(handle, status.error_type)
         return FluxRequestFailedError(
             f"FLUX request {rid} failed: {status.error_type or 'error'}: {status.error or 'no reason given'}",
             status_code=200,
@@ -147,6 +150,7 @@ class FluxWaitMixin(_Operator):
         try:
             result = self.hook.get_result(handle)
         except FluxAPIError as exc:
+            self._count_failure(handle, exc.error_type)
             raise FluxRequestFailedError(
                 f"FLUX request {handle['request_id']} completed but has no result: {exc}",
                 status_code=exc.status_code,
@@ -156,7 +160,18 @@ class FluxWaitMixin(_Operator):
             ) from None
         return self._return_value(result.model_dump(mode="json"), handle, waited)
 
-    def _return_value(self, result: dict[str, Any], handle: Mapping[str, Any], waited: float | None) -> dict[str, Any]:
+    def _count_failure(self, handle: Mapping[str, Any], error_type: str | None) -> None:
+        """A request that failed: counted once, and named in this try's lineage (it was paid for)."""
+        failed = {**handle, "status": "failed", "error_type": error_type}
+        request_finished(failed)
+        self.flux_lineage = FluxLineage()
+        self.flux_lineage.add_request(failed)
+
+    def _return_value(
+        self, result: dict[str, Any], handle: Mapping[str, Any], waited: float | None, *, fresh: bool = True
+    ) -> dict[str, Any]:
+        """The task's return value of a completed request (its cost added), counted in the metrics
+        unless ``fresh`` is False (an earlier try's kept result), and kept as this try's lineage."""
         images = len(result.get("images") or [])
         cost = cost_usd(
             handle.get("endpoint"),
@@ -182,6 +197,10 @@ class FluxWaitMixin(_Operator):
             result.get("seed"),
             "unknown (no price for this endpoint, or an image's size missing)" if cost is None else f"${cost:.4f}",
         )
+        if fresh:
+            request_finished(result)
+        self.flux_lineage = FluxLineage()
+        self.flux_lineage.add_request(result)
         return result
 
     def _cancel_quietly(self, handle: Mapping[str, Any]) -> None:
@@ -235,4 +254,6 @@ class FluxWaitMixin(_Operator):
             if self.cancel_on_timeout:
                 self._cancel_quietly(handle)
             raise self._timeout_error(wait.message)
+        if wait.status == "failed":  # the API's refusal; an "error" is the wait giving up, not an outcome
+            self._count_failure(handle, wait.error_type)
         raise wait.failure()

@@ -117,20 +117,15 @@ def index(request: Request, user: GetUserDep, session: SessionDep, embed: _EMBED
         refs = _records(request).manifest_refs(session, dag_id, [r.run_id for r in runs])
         latest[dag_id] = [(r.run_id, refs[r.run_id]) for r in runs]
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(dags)))) as pool:
-        images = dict(
-            zip(
-                latest,
-                pool.map(lambda d: store.latest_images(latest[d], THUMBS_PER_DAG), latest),
-                strict=True,
-            )
-        )
+        recent = dict(zip(latest, pool.map(lambda d: store.recent_runs(latest[d]), latest), strict=True))
     items = [
         {
             "dag_id": dag_id,
             "runs": runs,
             "url": page_url(request, dag_path(dag_id)),
-            "thumbs": [pages.thumb(request, dag_id, i) for i in images.get(dag_id, [])],
-            "hidden": dag_id not in images,
+            "thumbs": [pages.thumb(request, dag_id, i) for i in pages.stored(recent.get(dag_id, []), THUMBS_PER_DAG)],
+            "costs": pages.run_costs(request, dag_id, recent.get(dag_id, [])),
+            "hidden": dag_id not in recent,
         }
         for dag_id, runs in dags
     ]
@@ -168,6 +163,7 @@ def dag_page(
                 "when": pages.when(run.run_after),
                 "url": page_url(request, dag_path(dag_id, run.run_id)),
                 "count": len(shown),
+                "cost": pages.cost_label(gallery.cost_usd),
                 "skipped": len(gallery.images) - len(shown),
                 "errors": gallery.errors,
                 "thumbs": [pages.thumb(request, dag_id, i) for i in shown[:THUMBS_PER_RUN]],

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from fastapi import Request
 
-    from airflow_flux.plugins.store import GalleryImage
+    from airflow_flux.plugins.store import GalleryImage, RunGallery
 
 Embed = Literal["nav", "dag", "run"]
 #: How deep each embedded scope starts: crumbs above it are left out.
@@ -183,6 +183,23 @@ def task_url(dag_id: str, image: GalleryImage) -> str:
 
 def cost_label(value: Any) -> str:
     return f"${value:.3f}".rstrip("0").rstrip(".") if isinstance(value, int | float) else ""
+
+
+def stored(galleries: list[RunGallery], limit: int) -> list[GalleryImage]:
+    """The first ``limit`` stored images of ``galleries`` (runs, latest first)."""
+    return [i for g in galleries for i in g.images if i.stored and i.sha256][:limit]
+
+
+def run_costs(request: Request, dag_id: str, galleries: list[RunGallery]) -> dict[str, Any]:
+    """Each recent run's cost (a link to it) and their total, for the index."""
+    known = [g.cost_usd for g in galleries if g.cost_usd is not None]
+    return {
+        "runs": [
+            {"run_id": g.run_id, "url": page_url(request, dag_path(dag_id, g.run_id)), "cost": cost_label(g.cost_usd)}
+            for g in galleries
+        ],
+        "total": cost_label(round(sum(known), 6)) if known else "",
+    }
 
 
 def thumb(request: Request, dag_id: str, image: GalleryImage) -> dict[str, Any]:

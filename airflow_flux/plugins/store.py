@@ -128,6 +128,12 @@ class RunGallery:
         """The stored image with this SHA-256 (same digest, same bytes: any such entry will do)."""
         return next((i for i in self.images if i.stored and i.sha256 == sha256), None)
 
+    @property
+    def cost_usd(self) -> float | None:
+        """What the run's images cost (each entry's share of its request's cost), or None when none is priced."""
+        costs = [float(i.entry["cost_usd"]) for i in self.images if isinstance(i.entry.get("cost_usd"), int | float)]
+        return round(sum(costs), 6) if costs else None
+
 
 def content_disposition(filename: str) -> str:
     """``attachment`` with the file's name (RFC 6266: an ASCII fallback and the UTF-8 name)."""
@@ -283,19 +289,9 @@ class GalleryStore:
                 )
         return gallery
 
-    def latest_images(self, runs: Sequence[tuple[str, list[ManifestRef]]], limit: int) -> list[GalleryImage]:
-        """Up to ``limit`` stored images of ``runs`` (latest first), reading no more manifests than needed.
-
-        :param runs: ``(run_id, its manifests)``, latest run first (a run may have stored nothing).
-        :param limit: images to return.
-        """
-        images: list[GalleryImage] = []
-        for run_id, refs in runs:
-            stored = [i for i in self.run_gallery(run_id, refs).images if i.stored and i.sha256]
-            images += stored[: limit - len(images)]
-            if len(images) >= limit:
-                break
-        return images
+    def recent_runs(self, runs: Sequence[tuple[str, list[ManifestRef]]]) -> list[RunGallery]:
+        """The galleries of ``runs`` (``(run_id, its manifests)``, latest first): a DAG's recent runs."""
+        return [self.run_gallery(run_id, refs) for run_id, refs in runs]
 
     def open_image(self, image: GalleryImage) -> tuple[Iterator[bytes], dict[str, Any]]:
         """Stream an image from S3: ``(chunks, head)`` where head has ContentType and ContentLength.

@@ -18,9 +18,11 @@ from airflow_flux.exceptions import (
     FluxTransportError,
 )
 from airflow_flux.identity import DEFAULT_CONN_ID, coerce_handle, conn_id_for
+from airflow_flux.lineage import MAX_DATASETS, FluxLineage, FluxLineageMixin
 from airflow_flux.links import FluxCopiedImagesLink
-from airflow_flux.manifest import ImageStatus, ManifestImage, split_s3_uri
+from airflow_flux.manifest import ImageStatus, ManifestImage
 from airflow_flux.manifest_store import ManifestPart, check_manifest_key, write_manifest
+from airflow_flux.metrics import images_copied
 from airflow_flux.models import FluxResult, cost_usd
 from airflow_flux.transfers.planning import (
     ImageJob,
@@ -65,7 +67,7 @@ def _total_cost(jobs: list[ImageJob]) -> float | None:
     return round(sum(costs.values()), 6) if costs else None
 
 
-class FluxToS3Operator(BaseOperator):
+class FluxToS3Operator(FluxLineageMixin, BaseOperator):
     """Copy the images of FLUX results into S3, streaming, with metadata and a manifest.
 
     Each image is streamed from its URL (no token sent; only from the connection's own host,
@@ -370,12 +372,17 @@ class FluxToS3Operator(BaseOperator):
         stored = kept = failed_count = skipped = 0
         cost: float | None = None
         items = self._items(context)
+        lineage = self.flux_lineage = FluxLineage()
         try:
             # CHUNK results at a time: a batch's results file may have 100,000 lines, and what
             # is kept of a chunk once copied is its manifest entries (on disk) and the keys it created.
             while chunk := list(islice(items, CHUNK)):
                 results, failed = self._results_of(chunk)
                 jobs = self._copy_all(results, created)
+                for result in results:  # the edits' inputs, and the requests that made these images
+                    lineage.add_request(result.model_dump(include={"request_id", "endpoint", "inputs", "seed"}))
+                for endpoint in {j.result.endpoint for j in jobs}:
+                    images_copied(sum(j.stored for j in jobs if j.result.endpoint == endpoint), endpoint=endpoint)
                 if part is not None:
                     part.add([*(j.manifest_entry(self.s3_bucket) for j in jobs), *failed])
                 stored += sum(j.stored for j in jobs)
@@ -390,7 +397,9 @@ class FluxToS3Operator(BaseOperator):
             self._rollback(created, kept)
             raise
         manifest_uri = self._write_manifest(part, cost, context) if part is not None else None
-        self._record_lineage(uris if len(uris) == stored <= MANY_IMAGES else None, stored, manifest_uri, context)
+        lineage.images, lineage.cost_usd = stored, cost
+        # The manifest and each image, or (too many for one event) the manifest and their prefix.
+        self._record_lineage(uris if len(uris) == stored < MAX_DATASETS else None, stored, manifest_uri, context)
         if self._from_summary:  # a batch's: as small as its summary, whatever the batch's size
             return {
                 "kind": "flux_copy",
@@ -467,14 +476,11 @@ class FluxToS3Operator(BaseOperator):
         return uri
 
     def _record_lineage(self, uris: list[str] | None, count: int, manifest_uri: str | None, context: Context) -> None:
-        from airflow.providers.common.compat.lineage.hook import get_hook_lineage_collector
-
-        collector = get_hook_lineage_collector()
         # Many images are one dataset, their prefix: lineage events stay bounded.
         named = uris if uris is not None else [f"s3://{self.s3_bucket}/{self.s3_key_prefix.strip('/')}/"]
-        for uri in [*named, *([manifest_uri] if manifest_uri else [])]:
-            bucket, key = split_s3_uri(uri)
-            collector.add_output_asset(context=self.s3_hook, scheme="s3", asset_kwargs={"bucket": bucket, "key": key})
+        for uri in [*([manifest_uri] if manifest_uri else []), *named]:
+            if self.flux_lineage is not None:
+                self.flux_lineage.add_output(uri)
         # Downstream DAGs scheduled on this task's outlets get the manifest and the count.
         outlet_events = context.get("outlet_events")
         for outlet in self.outlets or []:

@@ -200,6 +200,11 @@ def publish_images(
             )
         raise
     withdrawn = _withdraw(client, dest_bucket, staging.prefix.strip("/"), prefix, rejected, merged)
+    _report_lineage(
+        s3_hook,
+        (staging.bucket, staging_manifest_uri, staging.prefix, [str(image.key) for image, _ in plan]),
+        (dest_bucket, f"s3://{dest_bucket}/{manifest_key}", prefix, [key for _, key in plan]),
+    )
     return PublishResult(
         manifest_uri=f"s3://{dest_bucket}/{manifest_key}",
         published=published,
@@ -322,6 +327,27 @@ def _check_destinations(
             "(replace=True overwrites). Nothing was written."
         )
     return destinations
+
+
+def _report_lineage(
+    s3_hook: S3Hook, source: tuple[str, str, str, list[str]], dest: tuple[str, str, str, list[str]]
+) -> None:
+    """The staged images read and the published ones written, through Airflow's hook lineage
+    collector (a publish runs in a TaskFlow task, which has no operator to carry OpenLineage
+    facets): each ``(bucket, manifest URI, prefix, keys)`` as the manifest and its images, or the
+    manifest and their prefix when they are too many for one event (as the copy does)."""
+    from airflow.providers.common.compat.lineage.hook import get_hook_lineage_collector
+
+    from airflow_flux.lineage import MAX_DATASETS
+
+    collector = get_hook_lineage_collector()
+    for (bucket, manifest_uri, prefix, keys), add in (
+        (source, collector.add_input_asset),
+        (dest, collector.add_output_asset),
+    ):
+        named = keys if len(keys) < MAX_DATASETS else [f"{prefix.strip('/')}/"]
+        for key in [split_s3_uri(manifest_uri)[1], *named]:
+            add(context=s3_hook, scheme="s3", asset_kwargs={"bucket": bucket, "key": key})
 
 
 def _cost(images: list[ManifestImage]) -> float | None:

@@ -429,7 +429,11 @@ class BatchWait:
             )
             return
         self.outcomes[index] = BatchOutcome(
-            index=index, request_id=rid, status="completed", result=compact_result(result)
+            index=index,
+            request_id=rid,
+            status="completed",
+            result=compact_result(result),
+            waited_seconds=round(time.monotonic() - self.added[index], 3),
         )
 
     async def _call_failed(self, index: int, exc: FluxAPIError) -> None:

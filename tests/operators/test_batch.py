@@ -118,7 +118,8 @@ def test_a_bad_batch_is_refused_before_any_call(emulator, flux_conn, kwargs, mes
         ),
     ],
 )
-def test_a_retry_pays_only_for_the_transient_failure(dags, flux_default, capfd, dag_id, kept):
+def test_a_retry_pays_only_for_the_transient_failure(dags, flux_default, capfd, dag_id, kept, monkeypatch):
+    sent = _record_metrics(monkeypatch)
     flux_default.add_scenario(POLICY, match="policy")
     flux_default.add_scenario(DISCONNECT, match="disconnect")
     prompts = ["fox one", "a policy fox", "fox two", "a disconnect fox"]
@@ -136,6 +137,28 @@ def test_a_retry_pays_only_for_the_transient_failure(dags, flux_default, capfd, 
             assert len(calls) == 1
     assert [r["status"] for r in results] == ["completed", "failed", "completed", "failed"]
     assert results[3]["error_type"] == "runner_disconnected"
+    # Each outcome counted by the try that learned it: the two completed and the refusal once
+    # (kept by try 2), the disconnected request twice (paid for twice).
+    assert sent.count("flux.requests_completed") == 2
+    assert sent.count("flux.requests_failed") == 3
+    assert sent.count("flux.cost_usd") == 2 and sent.count("flux.generation_time") == 2
+
+
+def _record_metrics(monkeypatch) -> list[str]:
+    """The metric names ``airflow_flux.metrics`` sends while the test runs (in this process)."""
+    from airflow_flux import metrics
+
+    sent: list[str] = []
+
+    class Recorder:
+        def incr(self, stat, count=None, rate=None, *, tags=None):
+            sent.append(stat)
+
+        def timing(self, stat, dt, *, tags=None):
+            sent.append(stat)
+
+    monkeypatch.setattr(metrics, "_stats", Recorder)
+    return sent
 
 
 def test_the_deadline_cancels_what_is_unfinished(emulator, flux_conn):

@@ -257,6 +257,18 @@ def test_index_shows_the_latest_images_of_each_dag(gallery_env: GalleryEnv) -> N
     links = re.findall(r'<a href="([^"]+/images/[0-9a-f]{64}/view)"', sections[DAG_ID])
     assert [link.rsplit("/", 2)[-2] for link in links] == thumbs
     assert DAG_ID not in env.get("/flux-gallery/", "bob").text
+    # Each of its latest runs' cost (what its images cost: $0.04 each, skipped ones included: they
+    # were paid for), and their total.
+    costs = re.findall(r'runs/([^"/]+)">[^<]+</a> <span class="cost">\$([0-9.]+)</span>', sections[DAG_ID])
+    by_run = {run_id: label for label, run_id in env.runs.items()}
+    expected = {run: 0.04 * len(env.manifest(by_run[unquote(run)])["images"]) for run, _ in costs}
+    assert len(costs) == 3 and {run: float(cost) for run, cost in costs} == pytest.approx(expected)
+    total = re.search(r'<strong class="total">\$([0-9.]+)</strong> in all', sections[DAG_ID])
+    assert total and float(total.group(1)) == pytest.approx(sum(expected.values()))
+    # The DAG's page says each run's cost too.
+    dag_page = env.get(f"/flux-gallery/dags/{DAG_ID}", "alice").text
+    foxes = dag_page.split(quote(env.runs["foxes"], safe=""), 1)[1].split("</h2>", 1)[0]
+    assert '<span class="cost">$0.16</span>' in foxes  # four images of one request
 
 
 def test_image_page_shows_everything_known_and_downloads(gallery_env: GalleryEnv) -> None:

@@ -27,6 +27,7 @@ only the picked images are published, copied inside S3 from staging.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import sqlite3
 import time
@@ -39,7 +40,7 @@ import pytest
 from airflow_flux.compat import HAS_TASK_STATE_STORE
 from airflow_flux.emulator import FluxEmulator, Scenario
 from tests.airflow_processes import AirflowProcesses
-from tests.helpers import TOKEN, moto_aws_conn, moto_s3_client, releasing
+from tests.helpers import TOKEN, StatsdListener, moto_aws_conn, moto_s3_client, openlineage_events, releasing
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -54,6 +55,7 @@ REUSE_DAG_ID = "flux_system_reuse"
 REUSE_BUCKET = "flux-system"
 REVIEW_DAG_ID = "flux_review_and_publish"
 REVIEW_BUCKET = "flux-review"
+LINEAGE_DAG_ID = "flux_system_lineage"
 DAGS_FOLDER = Path(__file__).resolve().parent / "dags"
 COMPONENTS: dict[str, list[str]] = {
     # --skip-serve-logs: no log server sockets (logs are local files here).
@@ -156,7 +158,10 @@ class _Stack:
     emu: FluxEmulator  # flux_default: the triggerer-kill test
     reuse_emu: FluxEmulator  # flux_reuse: the retry-and-clear test
     review_emu: FluxEmulator  # flux_review: the review-before-publishing test
+    lineage_emu: FluxEmulator  # flux_lineage: the lineage-and-metrics test
     s3: Any
+    statsd: StatsdListener  # every process's metrics ([metrics] statsd_on)
+    openlineage: Path  # the openlineage provider's file transport writes one file per event here
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +171,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory, moto_server: str) -> Iterato
     s3 = moto_s3_client(moto_server)
     s3.create_bucket(Bucket=REUSE_BUCKET)
     s3.create_bucket(Bucket=REVIEW_BUCKET)
+    openlineage = home / "openlineage"
+    openlineage.mkdir()
+    statsd = StatsdListener()
     with (
         FluxEmulator(queue_seconds=3, run_seconds=12) as emu,
         FluxEmulator(queue_seconds=0.5, run_seconds=2) as reuse_emu,
         FluxEmulator(queue_seconds=0.5, run_seconds=1) as review_emu,
+        FluxEmulator(queue_seconds=0.3, run_seconds=0.5) as lineage_emu,
+        contextlib.closing(statsd),
     ):
         af = _Airflow(
             home,
@@ -181,7 +191,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory, moto_server: str) -> Iterato
                 "AIRFLOW_CONN_FLUX_REVIEW": json.dumps(
                     {"conn_type": "flux", "host": review_emu.base_url, "password": TOKEN}
                 ),
+                "AIRFLOW_CONN_FLUX_LINEAGE": json.dumps(
+                    {"conn_type": "flux", "host": lineage_emu.base_url, "password": TOKEN}
+                ),
                 "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(moto_aws_conn(moto_server)),
+                # Lineage and metrics as a deployment would have them (without the openlineage
+                # provider installed, as in the compat legs, the first is ignored).
+                "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
+                    {"type": "file", "log_file_path": str(openlineage / "event")}
+                ),
+                **statsd.env(),
             },
         )
         try:
@@ -190,11 +209,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory, moto_server: str) -> Iterato
             af.start()
             af.wait_until("a healthy scheduler, triggerer and dag-processor", af.healthy, timeout=120)
             af.mark("healthy")
-            for dag_id in (DAG_ID, REUSE_DAG_ID, REVIEW_DAG_ID):
+            for dag_id in (DAG_ID, REUSE_DAG_ID, REVIEW_DAG_ID, LINEAGE_DAG_ID):
                 af.dag_id = dag_id
                 af.wait_until(f"DAG {dag_id} to be parsed", af.dag_parsed, timeout=90)
             af.mark("dags parsed")
-            yield _Stack(af=af, home=home, emu=emu, reuse_emu=reuse_emu, review_emu=review_emu, s3=s3)
+            yield _Stack(
+                af=af,
+                home=home,
+                emu=emu,
+                reuse_emu=reuse_emu,
+                review_emu=review_emu,
+                lineage_emu=lineage_emu,
+                s3=s3,
+                statsd=statsd,
+                openlineage=openlineage,
+            )
         except BaseException:
             print(f"\n---------- Airflow output (home {home}) ----------\n{af.tails()}")
             raise
@@ -476,4 +505,121 @@ def test_review_then_publish_only_the_picked_images(stack: _Stack) -> None:
         # ---- nothing generated twice: one paid submit per prompt, all on the run's own connection
         assert sorted(job.input["prompt"] for job in emu.jobs.values()) == sorted(prompts)
         assert len(emu.calls(kind="submit")) == len(prompts)
+
+        # ---- lineage of the publish (a TaskFlow task: through the hook lineage collector)
+        if _has_openlineage():
+            events = af.wait_until(
+                "the publish's COMPLETE event",
+                lambda: _complete_events(stack, REVIEW_DAG_ID, run_id).get("publish"),
+                timeout=60,
+            )
+            bucket = f"s3://{REVIEW_BUCKET}"
+            assert _names(events["inputs"]) == {
+                (bucket, staging_key),
+                *((bucket, i["key"]) for i in picked),
+            }
+            assert _names(events["outputs"]) == {(bucket, f"{published_prefix}/manifest.json")} | {
+                (bucket, k) for k in expected_keys
+            }
         print(f"\nreview test: {time.monotonic() - started:.1f}s ({', '.join(af.timings[-4:])})")
+
+
+def _has_openlineage() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("airflow.providers.openlineage") is not None
+
+
+def _complete_events(stack: _Stack, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
+    """The COMPLETE events of a run's tasks, by task id (the file transport's files)."""
+    found = {}
+    for event in openlineage_events(stack.openlineage):
+        airflow = event.get("run", {}).get("facets", {}).get("airflow", {})
+        if event.get("eventType") != "COMPLETE" or airflow.get("dagRun", {}).get("run_id") != run_id:
+            continue
+        job = event["job"]["name"]
+        if job.startswith(f"{dag_id}."):
+            found[job.removeprefix(f"{dag_id}.")] = event
+    return found
+
+
+def _names(datasets: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(d["namespace"], d["name"]) for d in datasets}
+
+
+def test_lineage_and_metrics_of_an_edit_its_copy_and_a_batch(stack: _Stack) -> None:
+    """What the openlineage provider's listener and a StatsD server get from a real run.
+
+    An edit of ``s3://flux-system/in/x.jpg``, copied under ``lineage/{run_id}/``: the COMPLETE
+    events name that input (namespace ``s3://flux-system``, name ``in/x.jpg``) and the copy's
+    outputs under the prefix, with the request, seed and cost in the run facet ``flux``. A batch
+    of three (one refused, allowed) names its results file. The metrics arrive at the StatsD
+    server from the task processes, with the figures of the run.
+    """
+    pytest.importorskip("airflow.providers.openlineage")
+    from PIL import Image
+
+    af, emu, s3 = stack.af, stack.lineage_emu, stack.s3
+    run_id = "lineage_run"
+    emu.add_scenario(Scenario(result_error_always=422), match="refused")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (20, 120, 220)).save(buf, format="JPEG")
+    s3.put_object(Bucket=REUSE_BUCKET, Key="in/x.jpg", Body=buf.getvalue(), ContentType="image/jpeg")
+    metrics = stack.statsd
+    since = len(metrics.lines)  # the other tests' runs sent metrics to the same listener
+    with _tails_on_failure(stack):
+        af.cli("dags", "unpause", LINEAGE_DAG_ID)
+        af.post(f"dags/{LINEAGE_DAG_ID}/dagRuns", {"dag_run_id": run_id, "logical_date": None})
+        state, states, _, _ = _watch_run(af, timeout=150, dag_id=LINEAGE_DAG_ID, run_id=run_id)
+        assert state == "success", states
+        # The listener emits from a process of its own, after the task's state is set.
+        events = af.wait_until(
+            "the COMPLETE events of edit, copy and batch",
+            lambda: (
+                (found := _complete_events(stack, LINEAGE_DAG_ID, run_id)).keys() >= {"edit", "copy", "batch"} and found
+            ),
+            timeout=60,
+        )
+    the_input = ("s3://flux-system", "in/x.jpg")
+    (request_id,) = [job.request_id for job in emu.jobs.values() if job.input.get("image_url")]
+
+    edit = events["edit"]
+    assert _names(edit["inputs"]) == {the_input}
+    assert edit["outputs"] == []
+    flux = edit["run"]["facets"]["flux"]
+    assert flux["endpoint"] == "fal-ai/flux-pro/kontext"
+    assert flux["requestIds"] == [request_id] and flux["requests"] == 1 and flux["images"] == 1
+    assert flux["costUsd"] == 0.04 and len(flux["seeds"]) == 1
+
+    copy = events["copy"]
+    assert _names(copy["inputs"]) == {the_input}
+    outputs = _names(copy["outputs"])
+    listed = s3.list_objects_v2(Bucket=REUSE_BUCKET, Prefix=f"lineage/{run_id}/")["Contents"]
+    assert outputs == {("s3://flux-system", o["Key"]) for o in listed}  # the image and the manifest
+    assert ("s3://flux-system", f"lineage/{run_id}/manifest.json") in outputs and len(outputs) == 2
+    assert copy["run"]["facets"]["flux"]["requestIds"] == [request_id]
+    assert copy["run"]["facets"]["flux"]["images"] == 1
+
+    batch = events["batch"]
+    assert batch["inputs"] == []
+    assert _names(batch["outputs"]) == {("s3://flux-system", f"flux/{LINEAGE_DAG_ID}/{run_id}/_results/batch.jsonl")}
+    flux = batch["run"]["facets"]["flux"]
+    assert flux["requests"] == 3 and len(flux["requestIds"]) == 3 and flux["images"] == 2
+    assert flux["costUsd"] == 0.08
+    # No token, no signed URL in any event.
+    text = json.dumps(list(events.values()))
+    assert TOKEN not in text and "Signature=" not in text and "X-Amz-" not in text
+
+    # ---- the metrics: sent by the task processes as each outcome was learned
+    def total(name: str) -> float:
+        return sum(value for value, _ in metrics.values(f"airflow.flux.{name}", since))
+
+    af.wait_until("the flux metrics", lambda: total("images_copied") >= 1, timeout=30)
+    assert total("requests_completed") == 3  # the edit and two of the batch
+    assert total("requests_failed") == 1
+    assert round(total("cost_usd"), 6) == 0.12
+    assert total("images_copied") == 1
+    for timer in ("generation_time", "queue_time"):
+        timings = metrics.values(f"airflow.flux.{timer}", since)
+        assert len(timings) == 3 and {kind for _, kind in timings} == {"ms"}, timings
+    assert all(value >= 0 for value, _ in metrics.values("airflow.flux.queue_time", since))

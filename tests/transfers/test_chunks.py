@@ -100,22 +100,19 @@ def test_a_clash_in_a_later_chunk_deletes_what_the_earlier_chunks_wrote(emulator
     assert _keys(s3, "out/") == [taken]  # the first two chunks' six images were deleted again
 
 
-@pytest.mark.parametrize(("many", "named"), [(3, "images"), (2, "prefix")])
-def test_lineage_names_each_image_or_past_many_their_prefix(emulator, flux_conn, s3, monkeypatch, many, named):
-    # The hook lineage collector (the openlineage provider's source) is recorded here; past
-    # MANY_IMAGES one dataset, the prefix, stands for the images, so events stay bounded.
-    monkeypatch.setattr("airflow_flux.transfers.flux_to_s3.MANY_IMAGES", many)
-    outputs: list[dict[str, str]] = []
-    collector = SimpleNamespace(add_output_asset=lambda **kw: outputs.append(kw["asset_kwargs"]))
-    # Modules that import the function by name must have done so before it is patched, or they
-    # would keep the fake for the rest of the session (the S3 hook does, at its import).
-    import airflow.providers.amazon.aws.hooks.s3  # noqa: F401
-
-    monkeypatch.setattr("airflow.providers.common.compat.lineage.hook.get_hook_lineage_collector", lambda: collector)
+@pytest.mark.parametrize(("bound", "named"), [(4, "images"), (3, "prefix")])
+def test_lineage_names_each_image_or_past_many_their_prefix(emulator, flux_conn, s3, monkeypatch, bound, named):
+    # The record the openlineage provider's listener reads (get_openlineage_facets_on_complete):
+    # from the bound on, one dataset, the prefix, stands for the images, so events stay bounded.
+    pytest.importorskip("airflow.providers.openlineage")
+    monkeypatch.setattr("airflow_flux.transfers.flux_to_s3.MAX_DATASETS", bound)
     # A list of results (a batch's summary always names the prefix: its images are many).
     op = FluxToS3Operator(task_id="to_s3", source=_lines(flux_conn, 3), s3_bucket=s3.bucket, s3_key_prefix="out")
     op.execute(_context())
     images = [k for k in _keys(s3, "out/") if not k.endswith("manifest.json")]
-    expected = images if named == "images" else ["out/"]
-    assert sorted(o["key"] for o in outputs) == sorted([*expected, "out/manifest.json"])
-    assert {o["bucket"] for o in outputs} == {s3.bucket}
+    expected = images if named == "images" else ["out"]
+    lineage = op.get_openlineage_facets_on_complete(None)
+    assert sorted(d.name for d in lineage.outputs) == sorted([*expected, "out/manifest.json"])
+    assert {d.namespace for d in lineage.outputs} == {f"s3://{s3.bucket}"}
+    facet = lineage.run_facets["flux"]
+    assert facet.requests == 3 and facet.images == 3 and len(facet.requestIds) == 3
