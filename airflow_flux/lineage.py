@@ -16,7 +16,6 @@ never while a DAG file is parsed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -42,25 +41,28 @@ def dataset_name(uri: str) -> tuple[str, str] | None:
     return None
 
 
-@dataclass
 class FluxLineage:
     """The inputs, outputs and requests of one task try, each list bounded.
+
+    A plain class, not a dataclass: operator modules import it while a DAG file is parsed, and
+    a dataclass's generated methods cost about a millisecond there.
 
     :param endpoint: the fal model path, when one endpoint made everything.
     """
 
-    endpoint: str | None = None
-    inputs: list[str] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)
-    request_ids: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    requests: int = 0
-    images: int = 0
-    cost_usd: float | None = None
-    #: Inputs and outputs left out over the bound (said in the facet, never silently).
-    inputs_left_out: int = 0
-    outputs_left_out: int = 0
-    _seen: set[str] = field(default_factory=set, repr=False)
+    def __init__(self, endpoint: str | None = None) -> None:
+        self.endpoint = endpoint
+        self.inputs: list[str] = []
+        self.outputs: list[str] = []
+        self.request_ids: list[str] = []
+        self.seeds: list[int] = []
+        self.requests = 0
+        self.images = 0
+        self.cost_usd: float | None = None
+        #: Inputs and outputs left out over the bound (said in the facet, never silently).
+        self.inputs_left_out = 0
+        self.outputs_left_out = 0
+        self._seen: set[str] = set()
 
     def add_inputs(self, uris: Iterable[Any] | None) -> None:
         """Add the images a request was made from (``s3://`` URIs, unsigned URLs; others skipped)."""
