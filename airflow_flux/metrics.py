@@ -6,8 +6,9 @@ Names, under Airflow's prefix (``[metrics] statsd_prefix``, ``airflow`` by defau
 - ``flux.requests_completed``, ``flux.requests_failed``: counters, one per request outcome a
   task learns (a retry that keeps an earlier try's outcome does not count it again);
 - ``flux.cost_usd``: counter, the completed requests' cost in US dollars (a fraction);
-- ``flux.queue_time``, ``flux.generation_time``: timers (milliseconds), from the submit to the
-  start, and the API's own generation time (``timings.inference``);
+- ``flux.queue_time``, ``flux.generation_time``: timers (milliseconds): the wait (from the
+  submit, or the start of the wait) less the generation, i.e. the time in fal's queue and in
+  transit; and the API's own generation time (``timings.inference``);
 - ``flux.images_copied``: counter, the images a copy wrote to S3.
 
 Each is tagged ``endpoint`` (the fal model path; failures ``error_type`` too) where the backend
@@ -31,8 +32,7 @@ def _stats() -> Any:
 
 
 def _tags(endpoint: Any, **more: Any) -> dict[str, str]:
-    tags = {"endpoint": str(endpoint or "unknown"), **{k: str(v) for k, v in more.items() if v is not None}}
-    return tags
+    return {"endpoint": str(endpoint or "unknown"), **{k: str(v) for k, v in more.items() if v is not None}}
 
 
 def request_finished(item: Mapping[str, Any], *, waited_seconds: float | None = None) -> None:
