@@ -41,6 +41,12 @@ def dataset_name(uri: str) -> tuple[str, str] | None:
     return None
 
 
+def named_or_prefix(names: list[str] | None, prefix: str) -> list[str]:
+    """``names`` (objects a task read or wrote), or ``[prefix]`` when they are unknown or too many
+    for one event beside their manifest: the one rule of the copy and the publish."""
+    return names if names is not None and len(names) < MAX_DATASETS else [prefix]
+
+
 class FluxLineage:
     """The inputs, outputs and requests of one task try, each list bounded.
 
@@ -63,6 +69,13 @@ class FluxLineage:
         self.inputs_left_out = 0
         self.outputs_left_out = 0
         self._seen: set[str] = set()
+
+    @classmethod
+    def of(cls, item: Mapping[str, Any]) -> FluxLineage:
+        """The record of one request (:meth:`add_request`): a single request's task."""
+        lineage = cls()
+        lineage.add_request(item)
+        return lineage
 
     def add_inputs(self, uris: Iterable[Any] | None) -> None:
         """Add the images a request was made from (``s3://`` URIs, unsigned URLs; others skipped)."""

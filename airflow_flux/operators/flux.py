@@ -295,8 +295,7 @@ class FluxSubmitOperator(FluxLineageMixin, BaseOperator):
             self.log.info("Submitted FLUX request %s", handle["request_id"])
         # XCom right away: if the worker dies now, the id is still on record.
         context["ti"].xcom_push(key=LINK_XCOM_KEY, value=handle["response_url"])
-        self.flux_lineage = FluxLineage()
-        self.flux_lineage.add_request({**handle, "status": "submitted"})
+        self.flux_lineage = FluxLineage.of({**handle, "status": "submitted"})
         return handle
 
     def execute(self, context: Context) -> dict[str, Any]:

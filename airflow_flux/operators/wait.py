@@ -164,8 +164,7 @@ class FluxWaitMixin(FluxLineageMixin, _Operator):
         """A request that failed: counted once, and named in this try's lineage (it was paid for)."""
         failed = {**handle, "status": "failed", "error_type": error_type}
         request_finished(failed)
-        self.flux_lineage = FluxLineage()
-        self.flux_lineage.add_request(failed)
+        self.flux_lineage = FluxLineage.of(failed)
 
     def _return_value(
         self, result: dict[str, Any], handle: Mapping[str, Any], waited: float | None, *, fresh: bool = True
@@ -199,8 +198,7 @@ class FluxWaitMixin(FluxLineageMixin, _Operator):
         )
         if fresh:
             request_finished(result)
-        self.flux_lineage = FluxLineage()
-        self.flux_lineage.add_request(result)
+        self.flux_lineage = FluxLineage.of(result)
         return result
 
     def _cancel_quietly(self, handle: Mapping[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import cached_property
@@ -18,7 +19,7 @@ from airflow_flux.exceptions import (
     FluxTransportError,
 )
 from airflow_flux.identity import DEFAULT_CONN_ID, coerce_handle, conn_id_for
-from airflow_flux.lineage import MAX_DATASETS, FluxLineage, FluxLineageMixin
+from airflow_flux.lineage import FluxLineage, FluxLineageMixin, named_or_prefix
 from airflow_flux.links import FluxCopiedImagesLink
 from airflow_flux.manifest import ImageStatus, ManifestImage
 from airflow_flux.manifest_store import ManifestPart, check_manifest_key, write_manifest
@@ -381,8 +382,8 @@ class FluxToS3Operator(FluxLineageMixin, BaseOperator):
                 jobs = self._copy_all(results, created)
                 for result in results:  # the edits' inputs, and the requests that made these images
                     lineage.add_request(result.model_dump(include={"request_id", "endpoint", "inputs", "seed"}))
-                for endpoint in {j.result.endpoint for j in jobs}:
-                    images_copied(sum(j.stored for j in jobs if j.result.endpoint == endpoint), endpoint=endpoint)
+                for endpoint, count in Counter(j.result.endpoint for j in jobs if j.stored).items():
+                    images_copied(count, endpoint=endpoint)
                 if part is not None:
                     part.add([*(j.manifest_entry(self.s3_bucket) for j in jobs), *failed])
                 stored += sum(j.stored for j in jobs)
@@ -398,8 +399,7 @@ class FluxToS3Operator(FluxLineageMixin, BaseOperator):
             raise
         manifest_uri = self._write_manifest(part, cost, context) if part is not None else None
         lineage.images, lineage.cost_usd = stored, cost
-        # The manifest and each image, or (too many for one event) the manifest and their prefix.
-        self._record_lineage(uris if len(uris) == stored < MAX_DATASETS else None, stored, manifest_uri, context)
+        self._record_lineage(lineage, uris if len(uris) == stored else None, stored, manifest_uri, context)
         if self._from_summary:  # a batch's: as small as its summary, whatever the batch's size
             return {
                 "kind": "flux_copy",
@@ -475,12 +475,13 @@ class FluxToS3Operator(FluxLineageMixin, BaseOperator):
         context["ti"].xcom_push(key=MANIFEST_XCOM_KEY, value=uri)
         return uri
 
-    def _record_lineage(self, uris: list[str] | None, count: int, manifest_uri: str | None, context: Context) -> None:
-        # Many images are one dataset, their prefix: lineage events stay bounded.
-        named = uris if uris is not None else [f"s3://{self.s3_bucket}/{self.s3_key_prefix.strip('/')}/"]
+    def _record_lineage(
+        self, lineage: FluxLineage, uris: list[str] | None, count: int, manifest_uri: str | None, context: Context
+    ) -> None:
+        # The manifest and each image, or (too many for one event) the manifest and their prefix.
+        named = named_or_prefix(uris, f"s3://{self.s3_bucket}/{self.s3_key_prefix.strip('/')}/")
         for uri in [*([manifest_uri] if manifest_uri else []), *named]:
-            if self.flux_lineage is not None:
-                self.flux_lineage.add_output(uri)
+            lineage.add_output(uri)
         # Downstream DAGs scheduled on this task's outlets get the manifest and the count.
         outlet_events = context.get("outlet_events")
         for outlet in self.outlets or []:

@@ -338,15 +338,14 @@ def _report_lineage(
     manifest and their prefix when they are too many for one event (as the copy does)."""
     from airflow.providers.common.compat.lineage.hook import get_hook_lineage_collector
 
-    from airflow_flux.lineage import MAX_DATASETS
+    from airflow_flux.lineage import named_or_prefix
 
     collector = get_hook_lineage_collector()
     for (bucket, manifest_uri, prefix, keys), add in (
         (source, collector.add_input_asset),
         (dest, collector.add_output_asset),
     ):
-        named = keys if len(keys) < MAX_DATASETS else [f"{prefix.strip('/')}/"]
-        for key in [split_s3_uri(manifest_uri)[1], *named]:
+        for key in [split_s3_uri(manifest_uri)[1], *named_or_prefix(keys, f"{prefix.strip('/')}/")]:
             add(context=s3_hook, scheme="s3", asset_kwargs={"bucket": bucket, "key": key})
 
 

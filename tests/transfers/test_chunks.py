@@ -105,7 +105,7 @@ def test_lineage_names_each_image_or_past_many_their_prefix(emulator, flux_conn,
     # The record the openlineage provider's listener reads (get_openlineage_facets_on_complete):
     # from the bound on, one dataset, the prefix, stands for the images, so events stay bounded.
     pytest.importorskip("airflow.providers.openlineage")
-    monkeypatch.setattr("airflow_flux.transfers.flux_to_s3.MAX_DATASETS", bound)
+    monkeypatch.setattr("airflow_flux.lineage.MAX_DATASETS", bound)
     # A list of results (a batch's summary always names the prefix: its images are many).
     op = FluxToS3Operator(task_id="to_s3", source=_lines(flux_conn, 3), s3_bucket=s3.bucket, s3_key_prefix="out")
     op.execute(_context())
